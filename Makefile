@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets everything up.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test lint clean
+
+setup: $(STAMP)
+
+# pip (not uv/poetry) so torch comes from the machine's local index, pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package (MIT). Only root can apt-get; others are told what to supply.
+data:
+	@if [ -f "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ] || [ -n "$$DIFFDISTILL_FMNIST" ]; then \
+	  echo "Fashion-MNIST: found"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) && \
+	  echo "Fashion-MNIST: installed to $(FMNIST_DIR)"; \
+	else \
+	  echo "Fashion-MNIST is missing. Run 'sudo apt-get install dataset-fashion-mnist' or set"; \
+	  echo "DIFFDISTILL_FMNIST to a folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz"; exit 1; \
+	fi
+
+demo: setup data
+	$(VENV)/bin/diffdistill demo
+
+test: setup data
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check diffdistill trainers eval tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

@@ -1,0 +1,1 @@
+"""The embedded tiny world (Fashion-MNIST, two teachers, metric networks)."""

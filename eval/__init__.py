@@ -1,0 +1,1 @@
+"""Evaluation harness (installed as ``diffdistill.eval``)."""

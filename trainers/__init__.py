@@ -1,0 +1,1 @@
+"""Method trainers (installed as ``diffdistill.trainers``)."""
