@@ -1,0 +1,158 @@
+"""Small diffusers models built from configs (no download), with the real architectures.
+
+Used by the tests (every structure the toolkit supports: SD-style, SDXL-style with two text
+encoders, pixel class-conditional) and, with larger widths, by the embedded world. Each
+factory returns a stock diffusers object, so everything downstream runs the real code paths.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SD_SCHEDULER = dict(  # Stable Diffusion 1.5's scheduler config
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+_TOKENIZER_DIR: Optional[Path] = None
+
+
+def clip_tokenizer_dir() -> Path:
+    """A process-wide cached CLIP tokenizer folder built from open_clip's bundled BPE."""
+    global _TOKENIZER_DIR
+    if _TOKENIZER_DIR is None or not (_TOKENIZER_DIR / "vocab.json").exists():
+        from .tokenizer import write_clip_tokenizer
+
+        root = Path(os.environ.get("DIFFDISTILL_CACHE", tempfile.gettempdir()))
+        _TOKENIZER_DIR = write_clip_tokenizer(root / "diffdistill-clip-tokenizer")
+    return _TOKENIZER_DIR
+
+
+def tiny_text_encoder(hidden: int = 32, layers: int = 2, with_projection: bool = False,
+                      projection_dim: int = 32, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+        num_hidden_layers=layers, vocab_size=49408, max_position_embeddings=77,
+        projection_dim=projection_dim, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def tiny_vae(channels=(32, 64), latent_channels: int = 4, seed: int = 0, norm_groups: int = 32,
+             scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        block_out_channels=tuple(channels),
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1, norm_num_groups=norm_groups, sample_size=32,
+        scaling_factor=scaling_factor,
+    ).eval()
+
+
+def tiny_cond_unet(channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 16,
+                   time_cond_proj_dim: Optional[int] = None, sdxl: bool = False,
+                   text_embed_dim: int = 32, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    kw = {}
+    if sdxl:
+        kw = dict(
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + text_embed_dim,
+        )
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4,
+        block_out_channels=tuple(channels), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
+        time_cond_proj_dim=time_cond_proj_dim, **kw,
+    )
+
+
+def tiny_pixel_unet(channels=(32, 64), num_classes: Optional[int] = 10, sample_size: int = 16,
+                    seed: int = 0):
+    """Class-conditional pixel UNet2DModel (``num_class_embeds = num_classes + 1``: the last
+    index is the null class used for classifier-free guidance)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=3, out_channels=3,
+        block_out_channels=tuple(channels), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8, norm_num_groups=32,
+        num_class_embeds=(num_classes + 1) if num_classes else None,
+    )
+
+
+def tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 16,
+                     time_cond_proj_dim: Optional[int] = None):
+    """A real ``StableDiffusionPipeline`` (SD1.5 structure) with tiny parts."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .tokenizer import load_clip_tokenizer
+
+    sched = DDIMScheduler(**SD_SCHEDULER, prediction_type=prediction_type)
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_text_encoder(seed=seed),
+        tokenizer=load_clip_tokenizer(clip_tokenizer_dir()),
+        unet=tiny_cond_unet(seed=seed, sample_size=sample_size,
+                            time_cond_proj_dim=time_cond_proj_dim),
+        scheduler=sched, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 16):
+    """A real ``StableDiffusionXLPipeline`` structure: two text encoders, pooled + time ids."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from .tokenizer import load_clip_tokenizer
+
+    tok = load_clip_tokenizer(clip_tokenizer_dir())
+    sched = EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items()
+                                      if k not in ("clip_sample", "set_alpha_to_one")},
+                                   prediction_type=prediction_type)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_text_encoder(seed=seed),
+        text_encoder_2=tiny_text_encoder(seed=seed + 1, with_projection=True),
+        tokenizer=tok, tokenizer_2=tok,
+        unet=tiny_cond_unet(seed=seed, sample_size=sample_size, cross_attention_dim=64,
+                            sdxl=True, text_embed_dim=32),
+        scheduler=sched, force_zeros_for_empty_prompt=True,
+    )
+
+
+def tiny_pixel_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 16,
+                        num_classes: int = 10):
+    """A pixel class-conditional teacher: ``DDPMPipeline`` (UNet2DModel + DDPMScheduler)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                          prediction_type=prediction_type, clip_sample=False)
+    return DDPMPipeline(unet=tiny_pixel_unet(seed=seed, sample_size=sample_size,
+                                             num_classes=num_classes), scheduler=sched)
