@@ -56,7 +56,7 @@ import tarfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -313,7 +313,8 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 
 def _fmnist_to_uint8_rgb(gray: np.ndarray, resolution: int) -> torch.Tensor:
     """uint8 [N,28,28] -> uint8 [N,3,R,R]: pad 2 px of background, then resize if R != 32."""
-    x = torch.from_numpy(np.ascontiguousarray(gray)).unsqueeze(1)  # copy-free view
+    # np.array copies: the cached arrays are read-only and torch warns about sharing them.
+    x = torch.from_numpy(np.array(gray, dtype=np.uint8)).unsqueeze(1)
     x = F.pad(x, (2, 2, 2, 2), value=0)  # 28 -> 32, background is 0 in Fashion-MNIST
     if resolution != 32:
         y = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear",
@@ -458,7 +459,7 @@ class _ImageTransform:
             image = image.resize((new_w, new_h), resample=self.resample)
         rng = random.Random(_stable_int("crop-flip", self.seed, key, epoch))
         if self.center_crop:
-            top, left = int(round((new_h - res) / 2.0)), int(round((new_w - res) / 2.0))
+            top, left = round((new_h - res) / 2.0), round((new_w - res) / 2.0)
         else:
             top, left = rng.randint(0, new_h - res), rng.randint(0, new_w - res)
         image = image.crop((left, top, left + res, top + res))
@@ -520,7 +521,7 @@ class _ImageFileDataset(Dataset):
                 continue
             try:
                 image = load_image_rgb(path)
-            except Exception as error:  # any decoder error: PIL raises many kinds
+            except Exception as error:  # noqa: BLE001 - PIL raises many kinds of errors
                 self._bad.add(current)
                 self.skipped.add(path, f"{type(error).__name__}: {error}")
                 continue
@@ -562,7 +563,8 @@ def _read_metadata(path: Path) -> list[dict]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object per line")
+                raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument
+                    f"{path}:{line_number}: expected a JSON object per line")
             rows.append(row)
     return rows
 
@@ -713,7 +715,7 @@ def _split_key(member_name: str) -> tuple[str, str]:
 def _distributed_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class WebDatasetShards(IterableDataset):
@@ -804,6 +806,9 @@ class WebDatasetShards(IterableDataset):
             return
         finally:
             if process is not None:
+                # Closing the pipe first stops a writer that is blocked on a full pipe when
+                # the reader stops early; waiting then reaps it.
+                process.stdout.close()
                 process.wait()
         if key is not None:
             yield key, fields
@@ -858,7 +863,7 @@ class WebDatasetShards(IterableDataset):
                     continue
                 try:
                     item = self._decode(shard, key, position, fields)
-                except Exception as error:  # corrupt sample: skip, never stop the run
+                except Exception as error:  # noqa: BLE001 - corrupt sample: skip, never stop
                     self.skipped.add(f"{shard}/{key}", f"{type(error).__name__}: {error}")
                     continue
                 if not item["caption"]:
@@ -949,9 +954,9 @@ class EmbeddingCache:
         for shard in sorted(self.directory.glob("*.safetensors")):
             try:
                 with safe_open(str(shard), framework="pt") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                         self._index[key] = shard
-            except Exception as error:  # e.g. a foreign file: ignore it, do not crash
+            except Exception as error:  # noqa: BLE001 - a foreign file: ignore, do not crash
                 logger.warning("ignoring unreadable cache shard %s: %s", shard, error)
 
     def __contains__(self, key: str) -> bool:
