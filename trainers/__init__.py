@@ -1,1 +1,37 @@
-"""Method trainers (installed as ``diffdistill.trainers``)."""
+"""Method trainers (installed as ``diffdistill.trainers``), one file per method.
+
+``TRAINERS`` maps a config's ``method`` to its trainer class, imported lazily so that
+``diffdistill --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+TRAINERS = {
+    "pretrain": ("diffdistill.trainers.pretrain", "PretrainTrainer"),
+}
+
+
+def get_trainer_class(method: str):
+    from diffdistill.config import ConfigError
+
+    if method not in TRAINERS:
+        raise ConfigError(
+            f"method={method!r} is unknown; choose one of {', '.join(sorted(TRAINERS))}"
+        )
+    module, name = TRAINERS[method]
+    return getattr(importlib.import_module(module), name)
+
+
+def load_run_config(path, overrides=()):
+    """YAML file + dotted overrides → (trainer class, validated config)."""
+    from diffdistill.config import ConfigError, build_config, deep_merge, load_yaml, parse_overrides
+
+    data = deep_merge(load_yaml(path), parse_overrides(list(overrides)))
+    method = data.get("method")
+    if not method:
+        raise ConfigError(f"{path}: the config has no 'method' key (one of "
+                          f"{', '.join(sorted(TRAINERS))})")
+    cls = get_trainer_class(method)
+    return cls, build_config(cls.config_class, data)
