@@ -1,0 +1,129 @@
+"""The ``diffdistill`` command: train, sample, export, demo.
+
+``diffdistill train CONFIG [key=value ...]`` runs one process; for several, use
+``accelerate launch -m diffdistill.train CONFIG [key=value ...]`` (same arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EPILOG_TRAIN = """\
+Overrides use dotted keys, e.g.  train.lr=1e-5  adapter.type=lora  adapter.rank=16
+Public keys: model.path output_dir seed train.max_steps train.batch_size train.lr
+train.grad_accum train.mixed_precision(no|fp16|bf16) train.checkpoint_every
+adapter.type(lora|full) adapter.rank adapter.alpha.  Multi-GPU:
+  accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m diffdistill.train CONFIG
+"""
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config (its 'method' key picks the trainer)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
+    p.add_argument("--resume", default=None, metavar="latest|PATH",
+                   help="continue from the newest checkpoint in output_dir, or from PATH")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="diffdistill",
+        description="Distil diffusion models into fast 1-8 step generators.",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train with a YAML config", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(p)
+
+    p = sub.add_parser("sample", help="generate images from an export or base + LoRA")
+    p.add_argument("model", help="a full pipeline folder (an export), or the base model "
+                   "folder when --lora is given")
+    p.add_argument("--lora", default=None, help="folder with pytorch_lora_weights.safetensors")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt (repeatable); text-to-image models")
+    p.add_argument("--class-label", type=int, action="append", default=None,
+                   help="class index (repeatable); class-conditional pixel models")
+    p.add_argument("--steps", type=int, default=4, help="number of sampling steps")
+    p.add_argument("--sampler", default="auto",
+                   help="auto (from the folder's scheduler), onestep, lcm, tcd, ddim, euler, heun")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
+    p.add_argument("--num", type=int, default=4, help="images per prompt")
+    p.add_argument("--out", default="samples.png", help="output PNG (a grid)")
+
+    p = sub.add_parser("export", help="(re-)export a run's newest checkpoint")
+    p.add_argument("run_dir", help="a training output_dir (holds config.yaml and checkpoints/)")
+    p.add_argument("--checkpoint", default="latest", help="latest or a checkpoint folder")
+    p.add_argument("--out", default=None, help="export folder (default RUN_DIR/export)")
+
+    p = sub.add_parser("demo", help="the end-to-end demo on the embedded world")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes everything")
+    p.add_argument("--steps", type=int, default=300, help="training steps")
+    return ap
+
+
+def cmd_train(args) -> int:
+    from diffdistill.trainers import load_run_config
+
+    cls, cfg = load_run_config(args.config, args.overrides)
+    cls(cfg).fit(resume=args.resume)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import yaml
+
+    from diffdistill.config import build_config
+    from diffdistill.trainers import get_trainer_class
+
+    run = Path(args.run_dir)
+    cfg_file = run / "config.yaml"
+    if not cfg_file.exists():
+        print(f"error: {run} has no config.yaml; is it a training output_dir?", file=sys.stderr)
+        return 2
+    data = yaml.safe_load(cfg_file.read_text())
+    cls = get_trainer_class(data["method"])
+    cfg = build_config(cls.config_class, data)
+    trainer = cls(cfg)
+    trainer.setup(resume=args.checkpoint)
+    if trainer.last_checkpoint is None:
+        print(f"error: no checkpoint found in {run / 'checkpoints'}", file=sys.stderr)
+        return 2
+    out = trainer.export(Path(args.out) if args.out else run / "export")
+    print(f"exported {trainer.last_checkpoint} -> {out}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from diffdistill.generate_cli import sample_command
+
+    return sample_command(args)
+
+
+def cmd_demo(args) -> int:
+    from diffdistill.demo import run_demo
+
+    return run_demo(out=args.out, steps=args.steps)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from diffdistill.config import ConfigError
+
+    handlers = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample,
+                "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

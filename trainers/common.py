@@ -1,0 +1,136 @@
+"""Pieces every method trainer shares: loading the backbone from ``model.*``, turning a data
+batch into (x0, Cond), the EMA/online choice, and sampling a grid through the shared sampler.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from diffdistill.config import ConfigError
+from diffdistill.denoiser import Cond
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class BackboneMixin:
+    backbone = None
+
+    def load_backbone(self):
+        from diffdistill.backbone import load_backbone, set_attention_backend
+
+        m = self.cfg.model
+        bb = load_backbone(m.path, dtype=torch.float32, device=self.device)
+        if m.kind != "auto" and m.kind != bb.kind:
+            raise ConfigError(f"model.kind={m.kind!r} but {m.path} holds a {bb.kind!r} model")
+        if m.prediction_type is not None:
+            bb.prediction_type = m.prediction_type
+        if bb.kind != "pixel":
+            from diffdistill.data import check_resolution
+
+            try:
+                check_resolution(self.cfg.data.resolution, bb.vae_scale_factor)
+            except ValueError as e:
+                raise ConfigError(f"data.resolution: {e}") from None
+            frozen = _DTYPES[m.frozen_dtype]
+            for part in (bb.vae, bb.text_encoder, bb.text_encoder_2):
+                if part is not None:
+                    part.requires_grad_(False).eval().to(dtype=frozen)
+        set_attention_backend(bb.unet, m.attention)
+        self.backbone = bb
+        return bb
+
+    # -- batch → model inputs ---------------------------------------------------------
+    @torch.no_grad()
+    def encode_x0(self, batch: dict) -> torch.Tensor:
+        """Clean training targets: pixels for pixel models, scaled VAE latents otherwise."""
+        x = batch["pixel_values"].to(self.device, torch.float32)
+        if self.backbone.kind == "pixel":
+            return x
+        return self.backbone.encode_images(x, generator=self.generator).float()
+
+    def cond_for_batch(self, batch: dict, drop_prob: float = 0.0,
+                       with_uncond: bool = False) -> Cond:
+        """Conditioning for a batch; each item is made unconditional with ``drop_prob``."""
+        bb = self.backbone
+        n = len(batch["caption"]) if "caption" in batch else len(batch["class_label"])
+        drop = (self.rand(n) < drop_prob).cpu() if drop_prob > 0 else torch.zeros(n, dtype=bool)
+        if bb.kind == "pixel":
+            labels = batch["class_label"].to(self.device).clone()
+            if bb.num_classes is None:
+                return Cond()
+            if bool((labels < 0).any()):
+                raise ConfigError("a pixel class-conditional model needs class labels: use "
+                                  "data.kind=fashion_mnist or classfolder")
+            cond = bb.class_cond(labels, guidance=with_uncond)
+            if bool(drop.any()):
+                if bb.null_class is None:
+                    raise ConfigError("condition dropout needs a UNet with a null-class "
+                                      "embedding (num_class_embeds = classes + 1)")
+                cond.class_labels[drop.to(self.device)] = bb.null_class
+            return cond
+        prompts = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        return bb.encode_prompts(prompts, with_uncond=with_uncond)
+
+    # -- networks -------------------------------------------------------------------
+    def ema_or_online(self, name: str, module):
+        """A copy carrying the EMA weights if an EMA of ``name`` exists, else the online net."""
+        online = self.unwrap(module)
+        if name not in self.emas:
+            return online
+        copy_ = copy.deepcopy(online)
+        self.emas[name][0].copy_to(copy_)
+        return copy_
+
+    @torch.no_grad()
+    def sample_teacher_like(self, unet, seeds: list[int], *, sampler: str, num_steps: int,
+                            guidance_scale: float = 1.0, consistency: bool = False,
+                            timesteps=None) -> Optional[torch.Tensor]:
+        """uint8 samples from ``unet`` through the shared sampler (fixed seeds and prompts)."""
+        from diffdistill.denoiser import LCMConsistency
+        from diffdistill.sampling import generate
+
+        bb = self.backbone
+        model = bb.denoiser(unet)
+        if consistency:
+            model = LCMConsistency(model)
+        was_training = unet.training
+        unet.eval()
+        try:
+            shape = grid_shape(bb, self.cfg.data.resolution)
+
+            def cond_fn(idx):
+                ids = list(range(len(seeds)))[idx]
+                if bb.kind == "pixel":
+                    if bb.num_classes is None:
+                        return None
+                    labels = torch.tensor([s % bb.num_classes for s in ids], device=self.device)
+                    return bb.class_cond(labels, guidance=guidance_scale != 1.0)
+                return bb.encode_prompts([grid_prompt(s) for s in ids],
+                                         with_uncond=guidance_scale != 1.0)
+
+            return generate(model, seeds=seeds, shape=shape, cond_fn=cond_fn, sampler=sampler,
+                            num_steps=num_steps, timesteps=timesteps,
+                            guidance_scale=guidance_scale,
+                            decode=None if bb.kind == "pixel" else bb.decode_latents,
+                            output="uint8", progress=False)
+        finally:
+            unet.train(was_training)
+
+
+GRID_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                "sneaker", "bag", "ankle boot")
+
+
+def grid_prompt(i: int) -> str:
+    word = GRID_CLASSES[i % len(GRID_CLASSES)]
+    return f"a photo of {'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def grid_shape(bb, resolution: int) -> tuple[int, int, int]:
+    if bb.kind == "pixel":
+        return (bb.unet.config.in_channels, resolution, resolution)
+    f = bb.vae_scale_factor
+    return (bb.latent_channels, resolution // f, resolution // f)

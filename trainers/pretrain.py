@@ -1,0 +1,108 @@
+"""Plain denoising-diffusion training (Ho et al. 2020) — the tool that makes teachers.
+
+Trains the UNet of a local diffusers folder (SD-structured latent text-to-image, or a pixel
+class-conditional ``UNet2DModel``) with the ε or v objective, t ~ U{0..T−1}, condition
+dropout for classifier-free guidance (Ho & Salimans 2022) and optional min-SNR-γ loss
+weighting (Hang et al. 2023, Eq. 8: w(t) = min(SNR(t), γ) / SNR(t) for ε, / (SNR+1) for v).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from diffdistill.config import BaseConfig, ConfigError
+
+from .base import Trainer
+from .common import BackboneMixin
+
+
+@dataclass
+class PretrainSection:
+    target: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the folder's own
+    cond_dropout: float = 0.1  # probability of training unconditionally (enables CFG)
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023)
+    sample_steps: int = 25  # DDIM steps for the periodic sample grid
+    guidance_scale: float = 3.0  # CFG for the sample grid
+
+
+@dataclass
+class PretrainConfig(BaseConfig):
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.pretrain.cond_dropout < 1.0:
+            raise ConfigError("pretrain.cond_dropout must be in [0, 1)")
+        if self.pretrain.min_snr_gamma is not None and self.pretrain.min_snr_gamma <= 0:
+            raise ConfigError("pretrain.min_snr_gamma must be > 0 (or null to disable)")
+        if self.adapter.type != "full":
+            raise ConfigError("pretraining trains full weights: set adapter.type=full")
+
+
+class PretrainTrainer(BackboneMixin, Trainer):
+    method = "pretrain"
+    config_class = PretrainConfig
+
+    def build(self) -> None:
+        cfg = self.cfg
+        bb = self.load_backbone()
+        if cfg.pretrain.target is not None and cfg.pretrain.target != bb.prediction_type:
+            # The trained network's meaning changes: record it in the exported scheduler.
+            bb.prediction_type = cfg.pretrain.target
+            bb.scheduler_config["prediction_type"] = cfg.pretrain.target
+        unet = bb.unet
+        unet.requires_grad_(True)
+        unet.train()
+        if cfg.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.unet = self.add_optimizer("unet", unet)
+        if cfg.train.ema_decay > 0:
+            self.add_ema("unet", self.unet, cfg.train.ema_decay)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        p = self.cfg.pretrain
+        x0 = self.encode_x0(batch)
+        cond = self.cond_for_batch(batch, drop_prob=p.cond_dropout)
+        n = x0.shape[0]
+        sched = self.backbone.schedule
+        t = self.randint(0, sched.num_train_timesteps, (n,)).double()
+        noise = self.randn(*x0.shape)
+        xt = sched.add_noise(x0, noise, t.cpu())
+        alpha, sigma = (v.float().to(self.device).reshape(-1, 1, 1, 1)
+                        for v in sched.alpha_sigma(t.cpu()))
+        target = noise if self.backbone.prediction_type == "epsilon" else alpha * noise - sigma * x0
+        pred = self.backbone.denoiser(self.unet).raw(xt, t.float(), cond).float()
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if p.min_snr_gamma is not None:
+            snr = (alpha / sigma).reshape(-1) ** 2
+            w = snr.clamp(max=p.min_snr_gamma) / snr
+            if self.backbone.prediction_type == "v_prediction":
+                w = snr.clamp(max=p.min_snr_gamma) / (snr + 1)
+            per_sample = per_sample * w
+        loss = per_sample.mean()
+        self.step("unet", loss)
+        return {"loss": loss.detach()}
+
+    def generator_unet(self):
+        """The network to sample from / export: the EMA copy when EMA is on."""
+        return self.ema_or_online("unet", self.unet)
+
+    def sample_images(self, seeds: list[int]) -> Optional[torch.Tensor]:
+        p = self.cfg.pretrain
+        return self.sample_teacher_like(self.generator_unet(), seeds, sampler="ddim",
+                                        num_steps=p.sample_steps, guidance_scale=p.guidance_scale)
+
+    def export(self, out_dir: Path) -> Optional[Path]:
+        from diffdistill.export import save_full_pipeline, write_model_card
+
+        unet = self.generator_unet()
+        save_full_pipeline(self.backbone, unet, out_dir, scheduler="teacher")
+        write_model_card(out_dir, method="pretrain", base_model=self.cfg.model.path,
+                         steps=50, guidance_scale=self.cfg.pretrain.guidance_scale,
+                         scheduler="teacher", lora=False, kind=self.backbone.kind)
+        return out_dir
