@@ -10,6 +10,12 @@ import importlib
 
 TRAINERS = {
     "pretrain": ("diffdistill.trainers.pretrain", "PretrainTrainer"),
+    "ict": ("diffdistill.trainers.ict", "ICTTrainer"),
+    "lcd": ("diffdistill.trainers.lcd", "LCDTrainer"),
+    "rglcd": ("diffdistill.trainers.lcd", "RGLCDTrainer"),
+    "dmd2": ("diffdistill.trainers.dmd2", "DMD2Trainer"),
+    "fdistill": ("diffdistill.trainers.fdistill", "FDistillTrainer"),
+    "hypersd": ("diffdistill.trainers.hypersd", "HyperSDTrainer"),
 }
 
 

@@ -22,7 +22,7 @@ class BackboneMixin:
         from diffdistill.backbone import load_backbone, set_attention_backend
 
         m = self.cfg.model
-        bb = load_backbone(m.path, dtype=torch.float32, device=self.device)
+        bb = load_backbone(resolve_model_path(m.path), dtype=torch.float32, device=self.device)
         if m.kind != "auto" and m.kind != bb.kind:
             raise ConfigError(f"model.kind={m.kind!r} but {m.path} holds a {bb.kind!r} model")
         if m.prediction_type is not None:
@@ -118,6 +118,23 @@ class BackboneMixin:
                             output="uint8", progress=False)
         finally:
             unet.train(was_training)
+
+
+def resolve_model_path(path: str) -> str:
+    """``world:NAME`` → the embedded world's shipped folder ``diffdistill/world/assets/NAME``."""
+    if path.startswith("world:"):
+        from pathlib import Path
+
+        import diffdistill.world as world
+
+        folder = Path(world.__file__).parent / "assets" / path[len("world:"):]
+        if not folder.exists():
+            raise ConfigError(f"model.path={path!r}: the embedded world has no {folder.name!r} "
+                              "(build it with `diffdistill world build`)")
+        return str(folder)
+    if not path:
+        raise ConfigError("model.path is empty: give a local diffusers folder (or world:NAME)")
+    return path
 
 
 GRID_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
