@@ -1,0 +1,657 @@
+"""Backbones: load a local diffusers folder once and expose what every method needs.
+
+A :class:`Backbone` is the teacher of a distillation run plus the frozen parts around it:
+the UNet, the VAE (latent models), the text encoder(s) and tokenizer(s), and the noise
+schedule and prediction type read from the scheduler config. It answers the questions the
+trainers ask of a model family, so that no trainer has to know whether it runs on SD1.5,
+SDXL or a pixel-space class-conditional UNet:
+
+* :meth:`Backbone.encode_prompts` — text conditioning exactly as the stock pipelines build it
+  (SD: last hidden state of CLIP; SDXL: both encoders' penultimate hidden states
+  concatenated, encoder 2's pooled projection and the size/crop "time ids" of Podell et al.
+  2023, Sec. 2.2), with the unconditional counterpart for classifier-free guidance and an
+  in-memory cache so a prompt list that repeats is encoded once;
+* :meth:`Backbone.class_cond` — class labels with the null class as the unconditional input;
+* :meth:`Backbone.encode_images` / :meth:`Backbone.decode_latents` — pixels in [-1, 1] to
+  the model's (scaled, shifted) latent space and back; identity for pixel models;
+* :meth:`Backbone.denoiser` — the one :class:`~diffdistill.denoiser.Denoiser` interface
+  over the teacher or any student UNet with the same schedule.
+
+:func:`make_trainable` turns a UNet into a student (LoRA through peft, or full weights),
+:func:`adapters_disabled` runs the same UNet without its LoRA (the teacher pass of a LoRA
+student needs no second copy), :func:`set_attention_backend` picks SDPA or xformers, and
+:func:`clone_unet` copies a UNet for a fake score or an EMA.
+
+The toolkit never downloads: every path is a local folder (``HF_HUB_OFFLINE`` semantics).
+Components are loaded one by one with their own classes (the ones ``model_index.json``
+names) rather than through ``DiffusionPipeline.from_pretrained``, so a run only loads the
+parts it needs (``load_text=False`` when prompt embeddings are cached, ``load_vae=False``
+when latents are cached).
+
+Class-conditional pixel teachers and the null class: a toolkit teacher trained with label
+dropout has ``num_class_embeds = num_classes + 1`` and the last index is the null class
+(see :func:`diffdistill.tiny.tiny_pixel_unet`). The config cannot tell such a UNet from
+one whose every embedding is a real class, so the rule is by pipeline type, with an
+override: ``DDPMPipeline`` / ``DDIMPipeline`` / bare UNet folders are read as
+"classes + null"; ``ConsistencyModelPipeline`` folders (e.g. OpenAI's ImageNet-64 CMs) as
+"all classes, no null"; ``load_backbone(..., num_classes=N)`` overrides either, and a
+``diffdistill.json`` file in the folder (written by :mod:`diffdistill.export`) wins over
+the rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import json
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .denoiser import Cond, Denoiser
+from .schedule import NoiseSchedule, schedule_from_scheduler_config
+
+Tensor = torch.Tensor
+
+#: pipeline class -> backbone kind
+PIPELINE_KINDS = {
+    "StableDiffusionPipeline": "sd",
+    "LatentConsistencyModelPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "DDPMPipeline": "pixel",
+    "DDIMPipeline": "pixel",
+    "ConsistencyModelPipeline": "pixel",
+}
+#: the side file in which exported folders record facts their configs cannot hold
+SIDECAR = "diffdistill.json"
+
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The convolutional / projection layers LCM-LoRA (Luo et al. 2023) adapts as well.
+CONV_TARGETS = (
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+    "proj_in", "proj_out", "time_emb_proj",
+)
+FF_TARGETS = ("ff.net.0.proj", "ff.net.2")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _supported() -> str:
+    return ", ".join(sorted(PIPELINE_KINDS))
+
+
+def _validate_path(path) -> tuple[Path, Optional[dict]]:
+    """Return (folder, model_index or None for a bare UNet2DModel folder) or raise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_backbone expects a folder path, got {type(path).__name__}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        s = str(path)
+        if _HUB_ID.match(s) and not s.startswith((".", "~")):
+            raise FileNotFoundError(
+                f"{s!r} is not a local folder; it looks like a Hugging Face hub id. This "
+                f"toolkit never downloads; fetch it once (e.g. `hf download {s} --local-dir "
+                f"DIR`) and pass DIR."
+            )
+        raise FileNotFoundError(
+            f"model path {s!r} does not exist: pass a local diffusers pipeline folder (the "
+            f"directory holding model_index.json, as written by `save_pretrained`) of one of: "
+            f"{_supported()}"
+        )
+    if not p.is_dir():
+        raise NotADirectoryError(
+            f"{str(p)!r} is a file, not a diffusers pipeline folder: pass the directory that "
+            f"holds model_index.json"
+        )
+    index = p / "model_index.json"
+    if index.is_file():
+        return p, json.loads(index.read_text())
+    cfg = p / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel":
+        if _bare_scheduler_config_path(p) is None:
+            raise FileNotFoundError(
+                f"{str(p)!r} holds a UNet2DModel but no scheduler config (scheduler_config.json "
+                f"or scheduler/scheduler_config.json): the noise schedule cannot be known"
+            )
+        return p, None
+    raise ValueError(
+        f"{str(p)!r} is not a diffusers pipeline folder (no model_index.json, and not a "
+        f"UNet2DModel folder with config.json + scheduler_config.json)"
+    )
+
+
+def _bare_scheduler_config_path(p: Path) -> Optional[Path]:
+    for cand in (p / "scheduler_config.json", p / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _component_class(entry: Sequence[Optional[str]], name: str):
+    library, cls_name = entry
+    if library not in ("diffusers", "transformers"):
+        raise ValueError(
+            f"component {name!r} comes from library {library!r}; only diffusers and "
+            f"transformers components are loaded"
+        )
+    module = importlib.import_module(library)
+    try:
+        return getattr(module, cls_name)
+    except AttributeError as e:
+        raise ValueError(f"component {name!r}: {library} has no class {cls_name!r}") from e
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def _load_model(folder: Path, entry, name: str, dtype, device, variant):
+    """Load one weight component with its own class; safetensors whenever present."""
+    cls = _component_class(entry, name)
+    sub = folder / name
+    if not sub.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r}: component folder {name!r} is missing")
+    kw: dict[str, Any] = {}
+    if _has_safetensors(sub):
+        kw["use_safetensors"] = True
+    if variant is not None:
+        kw["variant"] = variant
+    if entry[0] == "diffusers":
+        model = cls.from_pretrained(str(sub), torch_dtype=dtype, **kw)
+    else:  # transformers: cast after loading (its dtype keyword changed name across majors)
+        model = cls.from_pretrained(str(sub), **kw).to(dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _square_size(sample_size) -> int:
+    if isinstance(sample_size, (list, tuple)):  # some configs store (height, width)
+        return int(max(sample_size))
+    return int(sample_size)
+
+
+def load_backbone(
+    path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    load_text: bool = True,
+    load_vae: bool = True,
+    num_classes: Optional[int] = None,
+    variant: Optional[str] = None,
+) -> "Backbone":
+    """Load a local diffusers folder (SD1.5-, SDXL- or pixel-structured) as a :class:`Backbone`.
+
+    ``num_classes`` overrides the null-class rule for class-conditional pixel UNets (see the
+    module docstring); ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``.
+    """
+    folder, index = _validate_path(path)
+    sidecar = _read_json(folder / SIDECAR) if (folder / SIDECAR).is_file() else {}
+
+    if index is None:  # bare UNet2DModel + scheduler config
+        unet = _load_model(folder.parent, ("diffusers", "UNet2DModel"), folder.name, dtype,
+                           device, variant)
+        sched_cfg = _read_json(_bare_scheduler_config_path(folder))
+        pipeline_class = "UNet2DModel"
+        kind = "pixel"
+        parts: dict[str, Any] = {}
+    else:
+        pipeline_class = index.get("_class_name", "")
+        if pipeline_class not in PIPELINE_KINDS:
+            raise ValueError(
+                f"{str(folder)!r} holds a {pipeline_class or 'unnamed'} pipeline, which this "
+                f"toolkit does not support; supported pipeline classes: {_supported()}"
+            )
+        kind = PIPELINE_KINDS[pipeline_class]
+        required_parts = ("unet", "scheduler") + (("vae",) if kind != "pixel" else ())
+        for required in required_parts:
+            if not index.get(required) or index[required][0] is None:
+                raise ValueError(f"{str(folder)!r}: model_index.json lists no {required!r}")
+        unet = _load_model(folder, index["unet"], "unet", dtype, device, variant)
+        sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
+        parts = {}
+        if kind in ("sd", "sdxl"):
+            vae_entry = index.get("vae")
+            if load_vae:
+                vae = _load_model(folder, vae_entry, "vae", dtype, device, variant)
+                if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+                    # SD/SDXL VAEs overflow in fp16 (the pipelines upcast for the same reason)
+                    vae = vae.to(torch.float32)
+                parts["vae"] = vae
+            parts["vae_config"] = _read_json(folder / "vae" / "config.json")
+            names = ["text_encoder", "tokenizer"] + (
+                ["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
+            if load_text:
+                for name in names:
+                    entry = index.get(name)
+                    if not entry or entry[0] is None:
+                        raise ValueError(f"{str(folder)!r}: model_index.json lists no {name!r}")
+                    if name.startswith("tokenizer"):
+                        parts[name] = _component_class(entry, name).from_pretrained(
+                            str(folder / name))
+                    else:
+                        parts[name] = _load_model(folder, entry, name, dtype, device, variant)
+            parts["force_zeros_for_empty_prompt"] = bool(
+                index.get("force_zeros_for_empty_prompt", kind == "sdxl"))
+
+    if pipeline_class == "ConsistencyModelPipeline":
+        prediction_type = "cm"
+        sched_cfg.setdefault("_class_name", "CMStochasticIterativeScheduler")
+    else:
+        prediction_type = sched_cfg.get("prediction_type", "epsilon")
+    schedule = schedule_from_scheduler_config(sched_cfg)
+
+    if kind == "pixel":
+        vae_scale_factor = 1
+        latent_channels = unet.config.in_channels
+        n_embeds = getattr(unet.config, "num_class_embeds", None)
+        null_class: Optional[int] = None
+        n_cls: Optional[int] = None
+        if n_embeds:
+            if num_classes is None and "num_classes" in sidecar:
+                num_classes = sidecar["num_classes"]
+            if num_classes is None:
+                num_classes = n_embeds if pipeline_class == "ConsistencyModelPipeline" else (
+                    n_embeds - 1)
+            if not 0 < num_classes <= n_embeds:
+                raise ValueError(
+                    f"num_classes={num_classes} does not fit a UNet with {n_embeds} class "
+                    f"embeddings")
+            n_cls = int(num_classes)
+            null_class = n_cls if n_embeds == n_cls + 1 else None
+    else:
+        vcfg = parts["vae_config"]
+        vae_scale_factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
+        latent_channels = unet.config.in_channels
+        n_cls, null_class = None, None
+
+    return Backbone(
+        kind=kind,
+        path=folder,
+        pipeline_class=pipeline_class,
+        unet=unet,
+        vae=parts.get("vae"),
+        vae_config=parts.get("vae_config"),
+        text_encoder=parts.get("text_encoder"),
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer=parts.get("tokenizer"),
+        tokenizer_2=parts.get("tokenizer_2"),
+        scheduler_config=sched_cfg,
+        schedule=schedule,
+        prediction_type=prediction_type,
+        vae_scale_factor=vae_scale_factor,
+        latent_channels=latent_channels,
+        resolution=_square_size(unet.config.sample_size) * vae_scale_factor,
+        num_classes=n_cls,
+        null_class=null_class,
+        force_zeros_for_empty_prompt=parts.get("force_zeros_for_empty_prompt", False),
+    )
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+@dataclass
+class Backbone:
+    """A loaded teacher and its frozen surroundings (see the module docstring)."""
+
+    kind: str  # "sd" | "sdxl" | "pixel"
+    path: Path
+    unet: nn.Module
+    scheduler_config: dict
+    schedule: NoiseSchedule
+    prediction_type: str  # "epsilon" | "v_prediction" | "sample" | "cm"
+    vae_scale_factor: int
+    latent_channels: int
+    resolution: int
+    pipeline_class: str = ""
+    vae: Optional[nn.Module] = None
+    vae_config: Optional[dict] = None
+    text_encoder: Optional[nn.Module] = None
+    text_encoder_2: Optional[nn.Module] = None
+    tokenizer: Any = None
+    tokenizer_2: Any = None
+    num_classes: Optional[int] = None
+    null_class: Optional[int] = None
+    force_zeros_for_empty_prompt: bool = False
+    #: most prompts kept by the in-memory embedding cache (least recently used dropped
+    #: first); an SD1.5 entry is ~0.24 MB in fp32, SDXL ~0.3 MB in fp16. Call
+    #: clear_prompt_cache() if the text encoders change.
+    prompt_cache_size: int = 1024
+    _prompt_cache: "OrderedDict[str, tuple]" = field(default_factory=OrderedDict, repr=False)
+
+    # -- networks -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def denoiser(self, unet: Optional[nn.Module] = None, **kw) -> Denoiser:
+        """The teacher as a :class:`Denoiser`, or ``unet`` with the teacher's schedule."""
+        if self.prediction_type == "cm":
+            kw.setdefault("sigma_data", self.scheduler_config.get("sigma_data", 0.5))
+        return Denoiser(self.unet if unet is None else unet, self.schedule,
+                        self.prediction_type, **kw)
+
+    # -- text -----------------------------------------------------------------------
+    def _require_text(self):
+        if self.kind == "pixel":
+            raise ValueError("a pixel backbone has no text encoder: use class_cond(labels)")
+        if self.text_encoder is None or self.tokenizer is None or (
+            self.kind == "sdxl" and (self.text_encoder_2 is None or self.tokenizer_2 is None)
+        ):
+            raise ValueError(
+                "this backbone was loaded with load_text=False: reload with load_text=True "
+                "to encode prompts")
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> list[tuple]:
+        """Per-prompt (hidden states [L, D], pooled [P] or None), as the stock pipelines do."""
+        if self.kind == "sd":
+            te, tok = self.text_encoder, self.tokenizer
+            inputs = tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                         truncation=True, return_tensors="pt")
+            mask = None
+            if getattr(te.config, "use_attention_mask", False):
+                mask = inputs.attention_mask.to(te.device)
+            hidden = te(inputs.input_ids.to(te.device), attention_mask=mask)[0].to(te.dtype)
+            return [(h.clone(), None) for h in hidden]  # clones: entries own their memory
+        hiddens, pooled = [], None
+        for te, tok in ((self.text_encoder, self.tokenizer),
+                        (self.text_encoder_2, self.tokenizer_2)):
+            inputs = tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                         truncation=True, return_tensors="pt")
+            out = te(inputs.input_ids.to(te.device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds (pooled projection)
+                pooled = out[0]
+            hiddens.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
+        dt = self.text_encoder_2.dtype
+        hidden = torch.cat(hiddens, dim=-1).to(dt)
+        if pooled is None:
+            raise ValueError("SDXL text_encoder_2 must return a pooled projection "
+                             "(CLIPTextModelWithProjection)")
+        return [(h.clone(), p.clone()) for h, p in zip(hidden, pooled)]
+
+    def _embed(self, prompts: list[str]) -> tuple[Tensor, Optional[Tensor]]:
+        cache = self._prompt_cache
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if missing:
+            for p, v in zip(missing, self._encode_uncached(missing)):
+                cache[p] = v
+        entries = [cache[p] for p in prompts]
+        for p in prompts:
+            cache.move_to_end(p)
+        while len(cache) > self.prompt_cache_size:
+            cache.popitem(last=False)
+        hidden = torch.stack([e[0] for e in entries])
+        pooled = torch.stack([e[1] for e in entries]) if entries[0][1] is not None else None
+        return hidden, pooled
+
+    def time_ids(self, batch: int, original_size=None, crops_coords_top_left=(0, 0),
+                 target_size=None, dtype=torch.float32) -> Tensor:
+        """SDXL micro-conditioning (original size, crop top-left, target size), per sample."""
+        res = (self.resolution, self.resolution)
+        ids = list(tuple(original_size or res) + tuple(crops_coords_top_left)
+                   + tuple(target_size or res))
+        cfg = self.unet.config
+        expected = self.unet.add_embedding.linear_1.in_features
+        passed = cfg.addition_time_embed_dim * len(ids) + self.text_encoder_2.config.projection_dim
+        if expected != passed:
+            raise ValueError(
+                f"the UNet expects an added embedding of {expected} features but time ids + "
+                f"pooled text give {passed}: UNet and text_encoder_2 do not match")
+        return torch.tensor([ids], dtype=dtype, device=self.device).repeat(batch, 1)
+
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        *,
+        with_uncond: bool = True,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+    ) -> Cond:
+        """Prompt conditioning as the stock pipeline builds it, ``uncond`` = empty prompt."""
+        self._require_text()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode_prompts needs at least one prompt")
+        hidden, pooled = self._embed(prompts)
+        dev = self.device
+        if self.kind == "sd":
+            cond = Cond(encoder_hidden_states=hidden.to(dev))
+            if with_uncond:
+                u, _ = self._embed([""])
+                cond.uncond = Cond(encoder_hidden_states=u.repeat(len(prompts), 1, 1).to(dev))
+            return cond
+        ids = self.time_ids(len(prompts), original_size, crops_coords_top_left, target_size,
+                            dtype=hidden.dtype)
+        cond = Cond(encoder_hidden_states=hidden.to(dev),
+                    added_cond_kwargs={"text_embeds": pooled.to(dev), "time_ids": ids})
+        if with_uncond:
+            if self.force_zeros_for_empty_prompt:  # SDXL's default negative: zeros
+                uh, up = torch.zeros_like(hidden), torch.zeros_like(pooled)
+            else:
+                uh, up = self._embed([""])
+                uh, up = uh.repeat(len(prompts), 1, 1), up.repeat(len(prompts), 1)
+            cond.uncond = Cond(encoder_hidden_states=uh.to(dev),
+                               added_cond_kwargs={"text_embeds": up.to(dev),
+                                                  "time_ids": ids.clone()})
+        return cond
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
+
+    # -- classes --------------------------------------------------------------------
+    def class_cond(self, labels, guidance: bool = True) -> Cond:
+        """Class-label conditioning; ``uncond`` is the null class when ``guidance``."""
+        if self.kind != "pixel" or self.num_classes is None:
+            raise ValueError("class_cond needs a class-conditional pixel backbone "
+                             f"(this one is kind={self.kind!r}, num_classes={self.num_classes})")
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"class labels must lie in [0, {self.num_classes})")
+        cond = Cond(class_labels=labels)
+        if guidance:
+            if self.null_class is None:
+                raise ValueError(
+                    "this UNet has no null-class embedding, so classifier-free guidance is "
+                    "impossible: call class_cond(labels, guidance=False)")
+            cond.uncond = Cond(class_labels=torch.full_like(labels, self.null_class))
+        return cond
+
+    # -- images <-> latents ----------------------------------------------------------
+    def _vae_affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(shift, scale) with latents = (z - shift) * scale, broadcast over channels."""
+        cfg = self.vae.config
+        scale = torch.tensor(float(cfg.scaling_factor), device=like.device)
+        shift = torch.tensor(float(getattr(cfg, "shift_factor", None) or 0.0), device=like.device)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:  # SDXL-style per-channel statistics
+            c = len(mean)
+            shift = torch.tensor(mean, device=like.device).view(1, c, 1, 1)
+            scale = scale / torch.tensor(std, device=like.device).view(1, c, 1, 1)
+        return shift, scale
+
+    def _require_vae(self):
+        if self.vae is None:
+            raise ValueError("this backbone was loaded with load_vae=False: reload with "
+                             "load_vae=True to encode or decode images")
+
+    def encode_images(self, pixels: Tensor, *, sample: bool = True, generator=None,
+                      chunk_size: int = 16) -> Tensor:
+        """Images in [-1, 1] -> model latents ``(z - shift) * scale`` (identity for pixels)."""
+        if self.kind == "pixel":
+            return pixels
+        self._require_vae()
+        vae = self.vae
+        outs = []
+        for chunk in pixels.split(chunk_size):
+            dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+            outs.append(dist.sample(generator) if sample else dist.mode())
+        z = torch.cat(outs).float()
+        shift, scale = self._vae_affine(z)
+        return (z - shift) * scale
+
+    def decode_latents(self, latents: Tensor, chunk_size: int = 16) -> Tensor:
+        """Model latents -> images in [-1, 1] (float32; not clamped; identity for pixels)."""
+        if self.kind == "pixel":
+            return latents
+        self._require_vae()
+        vae = self.vae
+        shift, scale = self._vae_affine(latents)
+        z = latents.float() / scale + shift
+        outs = [vae.decode(c.to(vae.device, vae.dtype)).sample.float()
+                for c in z.split(chunk_size)]
+        return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _has_adapters(unet: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+
+
+def lora_target_modules(targets: Iterable[str] = ATTENTION_TARGETS, *, conv: bool = False,
+                        ff: bool = False) -> list[str]:
+    out = list(dict.fromkeys(targets))
+    if conv:
+        out += [t for t in CONV_TARGETS if t not in out]
+    if ff:
+        out += [t for t in FF_TARGETS if t not in out]
+    return out
+
+
+def make_trainable(
+    unet: nn.Module,
+    *,
+    adapter: str = "lora",
+    rank: int = 64,
+    alpha: Optional[float] = None,  # default = rank, i.e. LoRA scale 1
+    target_modules: Sequence[str] = ATTENTION_TARGETS,
+    conv: bool = False,
+    ff: bool = False,
+    init="gaussian",
+    frozen_dtype: Optional[torch.dtype] = None,
+    gradient_checkpointing: bool = False,
+    adapter_name: str = "default",
+) -> list[nn.Parameter]:
+    """Make ``unet`` a student in place and return its trainable parameters.
+
+    ``adapter="lora"``: the base is frozen (cast to ``frozen_dtype`` if given) and a peft
+    LoRA of ``rank``/``alpha`` is added on ``target_modules`` (+ :data:`CONV_TARGETS` with
+    ``conv``, + :data:`FF_TARGETS` with ``ff``); the LoRA parameters are kept in float32.
+    ``adapter="full"``: every parameter is trained, in float32 (``frozen_dtype`` unused).
+    """
+    if adapter not in ("lora", "full"):
+        raise ValueError(f"adapter={adapter!r} is unknown; use 'lora' or 'full'")
+    if adapter == "full":
+        unet.to(torch.float32).requires_grad_(True)
+    else:
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if alpha is not None and alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        if frozen_dtype is not None:
+            unet.to(frozen_dtype)
+        targets = lora_target_modules(target_modules, conv=conv, ff=ff)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank if alpha is None else alpha,
+            init_lora_weights=True if init == "default" else init,
+            target_modules=targets,
+        )
+        unet.add_adapter(config, adapter_name=adapter_name)
+        for name, p in unet.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.float32)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"no trainable parameters: none of {list(target_modules)} matched")
+    return params
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
+    """Run ``unet`` without its LoRA inside the block (the teacher pass of a LoRA student)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError(
+            "this UNet carries no LoRA adapters, so disabling them would leave the student "
+            "in place of the teacher: keep a separate teacher UNet (e.g. clone_unet) instead")
+    was_disabled = all(m.disable_adapters for m in layers)
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        if not was_disabled:
+            unet.enable_adapters()
+
+
+def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:
+    """Choose the attention kernel: xformers (CUDA only) or PyTorch SDPA; returns the choice."""
+    if backend not in ("auto", "sdpa", "xformers"):
+        raise ValueError(f"attention backend {backend!r} is unknown; use auto, sdpa or xformers")
+    device = next(unet.parameters()).device
+    has_xformers = importlib.util.find_spec("xformers") is not None
+    if backend == "auto":
+        backend = "xformers" if (device.type == "cuda" and has_xformers) else "sdpa"
+    if backend == "xformers":
+        if device.type != "cuda":
+            raise ValueError(
+                f"xformers attention runs on CUDA only and this UNet is on {device}: use "
+                f"backend='sdpa' (or 'auto')")
+        if not has_xformers:
+            raise ImportError("backend='xformers' needs the xformers package (the 'gpu' extra)")
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    # Per module: UNet2DModel has no set_attn_processor in every diffusers version.
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def clone_unet(unet: nn.Module, dtype: Optional[torch.dtype] = None, *,
+               drop_adapters: bool = False, requires_grad: Optional[bool] = None) -> nn.Module:
+    """A deep copy of ``unet`` (for a fake score or an EMA), optionally cast to ``dtype``.
+
+    ``drop_adapters`` removes LoRA layers from the copy without merging them (the copy is
+    then the frozen base, i.e. the teacher); ``requires_grad`` sets every parameter's flag.
+    """
+    new = copy.deepcopy(unet)
+    if drop_adapters and _has_adapters(new):
+        new.unload_lora()
+    if dtype is not None:
+        new.to(dtype)
+    if requires_grad is not None:
+        new.requires_grad_(requires_grad)
+    return new
