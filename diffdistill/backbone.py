@@ -248,7 +248,9 @@ def load_backbone(
             parts["force_zeros_for_empty_prompt"] = bool(
                 index.get("force_zeros_for_empty_prompt", kind == "sdxl"))
 
-    if pipeline_class == "ConsistencyModelPipeline":
+    if (pipeline_class == "ConsistencyModelPipeline"
+            or sched_cfg.get("_class_name") == "CMStochasticIterativeScheduler"):
+        # a latent pipeline with the CM scheduler (an iCT latent export) is a CM as well
         prediction_type = "cm"
         sched_cfg.setdefault("_class_name", "CMStochasticIterativeScheduler")
     else:
@@ -493,20 +495,39 @@ class Backbone:
             raise ValueError("this backbone was loaded with load_vae=False: reload with "
                              "load_vae=True to encode or decode images")
 
-    def encode_images(self, pixels: Tensor, *, sample: bool = True, generator=None,
-                      chunk_size: int = 16) -> Tensor:
-        """Images in [-1, 1] -> model latents ``(z - shift) * scale`` (identity for pixels)."""
-        if self.kind == "pixel":
-            return pixels
+    def encode_moments(self, pixels: Tensor, chunk_size: int = 16) -> Tensor:
+        """Images in [-1, 1] -> the VAE posterior (mean, std) stacked on channels: [B, 2C, h, w].
+
+        This is what a latent cache stores: sampling from it later (with the trainer's
+        generator) keeps the VAE's stochasticity without re-running the encoder.
+        """
         self._require_vae()
         vae = self.vae
         outs = []
         for chunk in pixels.split(chunk_size):
             dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
-            outs.append(dist.sample(generator) if sample else dist.mode())
-        z = torch.cat(outs).float()
+            outs.append(torch.cat([dist.mean, dist.std], dim=1).float())
+        return torch.cat(outs)
+
+    def latents_from_moments(self, moments: Tensor, *, sample: bool = True,
+                             generator=None) -> Tensor:
+        """Model latents ``(z - shift) * scale`` with z ~ N(mean, std²) (or z = mean)."""
+        mean, std = moments.float().chunk(2, dim=1)
+        z = mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                                device=generator.device if generator is not None else mean.device)
+            z = mean + std * noise.to(mean.device)
         shift, scale = self._vae_affine(z)
         return (z - shift) * scale
+
+    def encode_images(self, pixels: Tensor, *, sample: bool = True, generator=None,
+                      chunk_size: int = 16) -> Tensor:
+        """Images in [-1, 1] -> model latents ``(z - shift) * scale`` (identity for pixels)."""
+        if self.kind == "pixel":
+            return pixels
+        return self.latents_from_moments(self.encode_moments(pixels, chunk_size),
+                                         sample=sample, generator=generator)
 
     def decode_latents(self, latents: Tensor, chunk_size: int = 16) -> Tensor:
         """Model latents -> images in [-1, 1] (float32; not clamped; identity for pixels)."""

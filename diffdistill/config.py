@@ -142,6 +142,10 @@ class BaseConfig:
             if not self.adapter.target_modules:
                 raise ConfigError("adapter.target_modules is empty for adapter.type=lora")
         _positive(self.data.resolution, "data.resolution")
+        if self.data.cache_dir and self.data.random_flip:
+            raise ConfigError("data.cache_dir caches one latent per image, which a random "
+                              "flip would invalidate: set data.random_flip=false or drop "
+                              "data.cache_dir")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
 

@@ -47,9 +47,30 @@ class BackboneMixin:
     def encode_x0(self, batch: dict) -> torch.Tensor:
         """Clean training targets: pixels for pixel models, scaled VAE latents otherwise."""
         x = batch["pixel_values"].to(self.device, torch.float32)
-        if self.backbone.kind == "pixel":
+        bb = self.backbone
+        if bb.kind == "pixel":
             return x
-        return self.backbone.encode_images(x, generator=self.generator).float()
+        if not self.cfg.data.cache_dir:
+            return bb.encode_images(x, generator=self.generator).float()
+        # Cached VAE posteriors: the encoder runs once per image across epochs and runs.
+        moments = torch.stack(self.latent_cache.cached_map(
+            self._latent_keys(batch), lambda pix: bb.encode_moments(torch.stack(pix)),
+            inputs=list(x))).to(self.device)
+        return bb.latents_from_moments(moments, generator=self.generator).float()
+
+    @property
+    def latent_cache(self):
+        if getattr(self, "_latent_cache", None) is None:
+            from diffdistill.data import EmbeddingCache, hash_key
+
+            d = self.cfg.data
+            ns = "vae-" + hash_key(str(self.backbone.path), d.kind, d.path, d.resolution,
+                                   d.center_crop)[:16]
+            self._latent_cache = EmbeddingCache(d.cache_dir, ns)
+        return self._latent_cache
+
+    def _latent_keys(self, batch: dict) -> list[str]:
+        return [str(int(i)) for i in batch["index"]]
 
     def cond_for_batch(self, batch: dict, drop_prob: float = 0.0,
                        with_uncond: bool = False) -> Cond:
@@ -87,7 +108,8 @@ class BackboneMixin:
     @torch.no_grad()
     def sample_teacher_like(self, unet, seeds: list[int], *, sampler: str, num_steps: int,
                             guidance_scale: float = 1.0, consistency: bool = False,
-                            timesteps=None) -> Optional[torch.Tensor]:
+                            timesteps=None, sampler_opts: Optional[dict] = None
+                            ) -> Optional[torch.Tensor]:
         """uint8 samples from ``unet`` through the shared sampler (fixed seeds and prompts)."""
         from diffdistill.denoiser import LCMConsistency
         from diffdistill.sampling import generate
@@ -115,7 +137,7 @@ class BackboneMixin:
                             num_steps=num_steps, timesteps=timesteps,
                             guidance_scale=guidance_scale,
                             decode=None if bb.kind == "pixel" else bb.decode_latents,
-                            output="uint8", progress=False)
+                            output="uint8", progress=False, sampler_opts=sampler_opts)
         finally:
             unet.train(was_training)
 
