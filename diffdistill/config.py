@@ -146,6 +146,12 @@ class BaseConfig:
             raise ConfigError("data.cache_dir caches one latent per image, which a random "
                               "flip would invalidate: set data.random_flip=false or drop "
                               "data.cache_dir")
+        if self.log.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("log.wandb=true but the wandb package is not installed "
+                                  "(pip install wandb), or set log.wandb=false")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
 

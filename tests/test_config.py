@@ -103,3 +103,13 @@ def test_missing_method_and_unknown_method(tmp_path):
         load_yaml(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["train.lr"])
+
+
+def test_wandb_requested_but_missing_fails_early(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="log.wandb"):
+        build_config(BaseConfig, {"log": {"wandb": True}})

@@ -331,7 +331,9 @@ class Trainer:
         self.setup(resume)
         acc, t = self.accelerator, self.cfg.train
         logger = MetricsLogger(self.out, enabled=acc.is_main_process,
-                               tensorboard=self.cfg.log.tensorboard)
+                               tensorboard=self.cfg.log.tensorboard, wandb=self.cfg.log.wandb,
+                               console=not self.cfg.log.progress,
+                               run_config=config_to_dict(self.cfg))
         bar = tqdm(total=t.max_steps, initial=self.global_step, desc=self.method,
                    disable=not (acc.is_main_process and self.cfg.log.progress), dynamic_ncols=True)
         batches = self._batches()
@@ -560,11 +562,21 @@ def _dig(d: dict, dotted: str):
 class MetricsLogger:
     """metrics.jsonl always; tensorboard when installed and enabled."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True, wandb: bool = False,
+                 console: bool = False, run_config: Optional[dict] = None):
         self.enabled = enabled
         self.tb = None
+        self.wandb = None
+        self.console = console
         if not enabled:
             return
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                raise ConfigError("log.wandb=true but the wandb package is not installed "
+                                  "(pip install wandb), or set log.wandb=false") from None
+            self.wandb = wandb_lib.init(project="diffdistill", dir=str(out), config=run_config)
         out.mkdir(parents=True, exist_ok=True)
         self.file = open(out / "metrics.jsonl", "a")
         if tensorboard:
@@ -584,9 +596,15 @@ class MetricsLogger:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+        if self.console:
+            log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
