@@ -18,6 +18,16 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread():
+    """Tiny models run several times faster single-threaded on a 2-core machine (the
+    OpenMP barrier spins otherwise, badly so when the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _save(pipe, folder):
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
