@@ -56,7 +56,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .denoiser import Cond, Denoiser
+from .denoiser import PREDICTION_TYPES, Cond, Denoiser
 from .schedule import NoiseSchedule, schedule_from_scheduler_config
 
 Tensor = torch.Tensor
@@ -193,11 +193,13 @@ def load_backbone(
     load_vae: bool = True,
     num_classes: Optional[int] = None,
     variant: Optional[str] = None,
+    prediction_type: Optional[str] = None,
 ) -> "Backbone":
     """Load a local diffusers folder (SD1.5-, SDXL- or pixel-structured) as a :class:`Backbone`.
 
     ``num_classes`` overrides the null-class rule for class-conditional pixel UNets (see the
-    module docstring); ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``.
+    module docstring); ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``;
+    ``prediction_type`` overrides the scheduler config's (for a mislabelled folder).
     """
     folder, index = _validate_path(path)
     sidecar = _read_json(folder / SIDECAR) if (folder / SIDECAR).is_file() else {}
@@ -254,7 +256,12 @@ def load_backbone(
         prediction_type = "cm"
         sched_cfg.setdefault("_class_name", "CMStochasticIterativeScheduler")
     else:
-        prediction_type = sched_cfg.get("prediction_type", "epsilon")
+        prediction_type = prediction_type or sched_cfg.get("prediction_type", "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"{str(path)!r}: the scheduler's prediction_type={prediction_type!r} is unknown; "
+                f"supported: {', '.join(t for t in PREDICTION_TYPES if t != 'cm')} (set "
+                "model.prediction_type to override a mislabelled folder)")
     schedule = schedule_from_scheduler_config(sched_cfg)
 
     if kind == "pixel":
@@ -603,7 +610,12 @@ def make_trainable(
             init_lora_weights=True if init == "default" else init,
             target_modules=targets,
         )
-        unet.add_adapter(config, adapter_name=adapter_name)
+        if hasattr(unet, "add_adapter"):
+            unet.add_adapter(config, adapter_name=adapter_name)
+        else:  # no diffusers PEFT mixin (UNet2DModel): inject with peft itself
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, unet, adapter_name=adapter_name)
         for name, p in unet.named_parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch.float32)
@@ -627,12 +639,21 @@ def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
             "this UNet carries no LoRA adapters, so disabling them would leave the student "
             "in place of the teacher: keep a separate teacher UNet (e.g. clone_unet) instead")
     was_disabled = all(m.disable_adapters for m in layers)
-    unet.disable_adapters()
+    mixin = callable(getattr(unet, "disable_adapters", None))
+    if mixin:
+        unet.disable_adapters()
+    else:  # no diffusers PEFT mixin (UNet2DModel): switch the peft layers themselves
+        for m in layers:
+            m.enable_adapters(False)
     try:
         yield unet
     finally:
         if not was_disabled:
-            unet.enable_adapters()
+            if mixin:
+                unet.enable_adapters()
+            else:
+                for m in layers:
+                    m.enable_adapters(True)
 
 
 def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:

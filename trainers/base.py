@@ -313,9 +313,14 @@ class Trainer:
     def setup(self, resume: Optional[str] = None) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.out, os.W_OK):
-                raise PermissionError(f"output_dir {self.out} is not writable")
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                probe = self.out / ".write-test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise ConfigError(f"output_dir {self.out} is not writable ({e.strerror or e}); "
+                                  "choose another output_dir") from None
             save_config(self.cfg, self.out / "config.yaml")
         acc.wait_for_everyone()
         self.dataset = self.make_dataset()

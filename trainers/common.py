@@ -22,11 +22,10 @@ class BackboneMixin:
         from diffdistill.backbone import load_backbone, set_attention_backend
 
         m = self.cfg.model
-        bb = load_backbone(resolve_model_path(m.path), dtype=torch.float32, device=self.device)
+        bb = load_backbone(resolve_model_path(m.path), dtype=torch.float32, device=self.device,
+                           prediction_type=m.prediction_type)
         if m.kind != "auto" and m.kind != bb.kind:
             raise ConfigError(f"model.kind={m.kind!r} but {m.path} holds a {bb.kind!r} model")
-        if m.prediction_type is not None:
-            bb.prediction_type = m.prediction_type
         if bb.kind != "pixel":
             from diffdistill.data import check_resolution
 
@@ -108,9 +107,14 @@ class BackboneMixin:
     @torch.no_grad()
     def sample_teacher_like(self, unet, seeds: list[int], *, sampler: str, num_steps: int,
                             guidance_scale: float = 1.0, consistency: bool = False,
-                            timesteps=None, sampler_opts: Optional[dict] = None
+                            timesteps=None, sampler_opts: Optional[dict] = None,
+                            timestep_cond: Optional[torch.Tensor] = None
                             ) -> Optional[torch.Tensor]:
-        """uint8 samples from ``unet`` through the shared sampler (fixed seeds and prompts)."""
+        """uint8 samples from ``unet`` through the shared sampler (fixed seeds and prompts).
+
+        ``timestep_cond``: one embedding row given to every sample as ``Cond.timestep_cond``
+        (a full LCM student's guidance-scale embedding).
+        """
         from diffdistill.denoiser import LCMConsistency
         from diffdistill.sampling import generate
 
@@ -123,8 +127,7 @@ class BackboneMixin:
         try:
             shape = grid_shape(bb, self.cfg.data.resolution)
 
-            def cond_fn(idx):
-                ids = list(range(len(seeds)))[idx]
+            def base_cond(ids):
                 if bb.kind == "pixel":
                     if bb.num_classes is None:
                         return None
@@ -132,6 +135,14 @@ class BackboneMixin:
                     return bb.class_cond(labels, guidance=guidance_scale != 1.0)
                 return bb.encode_prompts([grid_prompt(s) for s in ids],
                                          with_uncond=guidance_scale != 1.0)
+
+            def cond_fn(idx):
+                ids = list(range(len(seeds)))[idx]
+                cond = base_cond(ids)
+                if timestep_cond is not None:
+                    row = timestep_cond.reshape(1, -1).to(self.device)
+                    cond = (cond or Cond()).replace(timestep_cond=row.expand(len(ids), -1))
+                return cond
 
             return generate(model, seeds=seeds, shape=shape, cond_fn=cond_fn, sampler=sampler,
                             num_steps=num_steps, timesteps=timesteps,
