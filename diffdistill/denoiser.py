@@ -171,10 +171,15 @@ class DenoiserBase(nn.Module):
         raise NotImplementedError
 
     def guided(
-        self, x: Tensor, t, cond: Optional[Cond], guidance_scale: float = 1.0
+        self, x: Tensor, t, cond: Optional[Cond], guidance_scale=1.0
     ) -> Prediction:
-        """Classifier-free guidance: ``p_u + s (p_c − p_u)`` on x0̂ and ε̂ in one batched call."""
-        if guidance_scale == 1.0 or cond is None:
+        """Classifier-free guidance: ``p_u + s (p_c − p_u)`` on x0̂ and ε̂ in one batched call.
+
+        ``guidance_scale`` is a number or a tensor with one scale per sample (LCD draws
+        w ~ U[w_min, w_max] per sample); a tensor always takes the guided path.
+        """
+        per_sample = isinstance(guidance_scale, Tensor)
+        if cond is None or (not per_sample and guidance_scale == 1.0):
             return self(x, t, cond)
         if cond.uncond is None:
             raise ValueError(
@@ -185,7 +190,8 @@ class DenoiserBase(nn.Module):
         pred = self(torch.cat([x, x]), torch.cat([t, t]), both)
         x0_c, x0_u = pred.x0.chunk(2)
         eps_c, eps_u = pred.eps.chunk(2)
-        s = guidance_scale
+        s = _bcast(guidance_scale.to(x0_c.device, x0_c.dtype), x0_c) if per_sample else (
+            guidance_scale)
         return Prediction(x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u))
 
 

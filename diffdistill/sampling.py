@@ -24,6 +24,8 @@ Algorithms (each matches the named diffusers scheduler step for step; see the te
   (Zheng et al. 2024, Sec. 4.3): DDIM jump to s = ⌊(1−γ) t_prev⌋, re-noise to t_prev;
   diffusers ``TCDScheduler``.
 * :func:`sample_ddim` — DDIM (Song, Meng & Ermon 2021, Eq. 12), eta ≥ 0; ``DDIMScheduler``.
+  Its single step, :func:`ddim_solver_step` (α_to x0̂ + σ_to ε̂ at eta = 0), is also the teacher
+  ODE solver of the consistency-distillation trainers (LCD, Hyper-SD).
 * :func:`sample_euler`, :func:`sample_heun` — Karras et al. 2022 ("EDM"), Alg. 1 with the
   Euler step / Alg. 2 deterministic 2nd-order Heun, stepping the probability-flow ODE in the
   VE-equivalent sigma (x_ve = x_native / alpha_t, k-diffusion's convention).
@@ -55,7 +57,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .denoiser import Cond, DenoiserBase
+from .denoiser import Cond, DenoiserBase, Prediction
 from .schedule import NoiseSchedule, karras_sigmas
 
 Tensor = torch.Tensor
@@ -64,8 +66,8 @@ Callback = Optional[Callable[[int, float, Tensor, Tensor], None]]
 
 __all__ = [
     "sample_onestep", "sample_lcm", "sample_cm_multistep", "sample_tcd", "sample_ddim",
-    "sample_euler", "sample_heun", "SAMPLERS", "lcm_timesteps", "tcd_timesteps",
-    "ddim_timesteps", "karras_timesteps", "cm_timesteps", "default_timesteps",
+    "sample_euler", "sample_heun", "ddim_solver_step", "SAMPLERS", "lcm_timesteps",
+    "tcd_timesteps", "ddim_timesteps", "karras_timesteps", "cm_timesteps", "default_timesteps",
     "initial_sample", "seeded_noise", "to_uint8", "generate",
 ]
 
@@ -227,6 +229,60 @@ def _final_alpha_sigma(schedule: NoiseSchedule) -> tuple[float, float]:
     return math.sqrt(acp), math.sqrt(1.0 - acp)
 
 
+def ddim_solver_step(pred: Prediction, schedule: NoiseSchedule, t_from, t_to, *,
+                     eta: float = 0.0, noise: Optional[Tensor] = None) -> Tensor:
+    """One DDIM step (Song, Meng & Ermon 2021, Eq. 12) from (x0̂, ε̂) predicted at ``t_from``.
+
+    ``x_to = α_to x0̂ + sqrt(σ_to² − σ_η²) ε̂ + σ_η z`` with the Eq. 16 variance
+    ``σ_η² = η² σ_to² (1 − SNR_from / SNR_to)``; at η = 0 this is the deterministic
+    ``α_to x0̂ + σ_to ε̂``, the teacher ODE solver Ψ of latent consistency distillation (Luo et
+    al. 2023, Sec. 4.2, with DDIM) and of Hyper-SD's segment targets. The one implementation used
+    by :func:`sample_ddim` and every distillation target.
+
+    ``t_from`` / ``t_to``: native times, scalars or one per sample. A negative ``t_to`` is the
+    end of the chain, as in ``DDIMScheduler.step`` (``final_alpha_cumprod``: ᾱ = 1 with
+    ``set_alpha_to_one``, else ᾱ₀; σ = 0 for VE). ``noise`` (needed when η > 0) is z.
+    Coefficients are computed in float64 and applied in ``pred.x0``'s dtype.
+    """
+    x0, eps = pred
+    n = x0.shape[0]
+
+    def per_sample(t) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).detach().cpu().flatten()
+        return t.expand(n) if t.numel() == 1 else t
+
+    t_to = per_sample(t_to)
+    if t_to.shape[0] != n:
+        raise ValueError(f"t_to has {t_to.shape[0]} entries for a batch of {n}")
+    a_to, s_to = schedule.alpha_sigma(t_to.clamp(min=0.0))
+    final = t_to < 0
+    if bool(final.any()):
+        fa, fs = _final_alpha_sigma(schedule)
+        a_to = torch.where(final, torch.full_like(a_to, fa), a_to)
+        s_to = torch.where(final, torch.full_like(s_to, fs), s_to)
+    c_eps = s_to
+    std = torch.zeros_like(s_to)
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_solver_step with eta > 0 needs noise")
+        a_from, s_from = schedule.alpha_sigma(per_sample(t_from))
+        # Eq. 16: for VP this is diffusers' (1-ab_to)/(1-ab_from) (1 - ab_from/ab_to); it stays
+        # valid for VE (alpha = 1).
+        ratio = torch.where(s_to > 0, (a_from * s_to) ** 2 / (s_from * a_to) ** 2,
+                            torch.ones_like(s_to))
+        var = eta**2 * s_to**2 * (1.0 - ratio)
+        std = var.clamp(min=0.0).sqrt()
+        c_eps = (s_to**2 - std**2).clamp(min=0.0).sqrt()
+
+    def coef(c: Tensor) -> Tensor:
+        return c.to(x0.device, x0.dtype).reshape((-1,) + (1,) * (x0.ndim - 1))
+
+    x_to = coef(a_to) * x0 + coef(c_eps) * eps
+    if eta > 0:
+        x_to = x_to + coef(std) * noise.to(x0.dtype)
+    return x_to
+
+
 def sample_ddim(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,
                 guidance_scale: float = 1.0, generators: Generators = None,
                 callback: Callback = None, eta: float = 0.0, clip_denoised: bool = False
@@ -242,16 +298,10 @@ def sample_ddim(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] 
             x0 = x0.clamp(-1, 1)
         if callback is not None:
             callback(i, t, x, x0)
-        a_t, s_t = _alpha_sigma(schedule, t)
-        a_p, s_p = _alpha_sigma(schedule, ts[i + 1]) if i + 1 < n else _final_alpha_sigma(schedule)
-        # Eq. 16: sigma_eta^2 = eta^2 s_p^2 (1 - SNR_t / SNR_p); for VP this is diffusers'
-        # (1-ab_p)/(1-ab_t) (1 - ab_t/ab_p), and it stays valid for VE (alpha = 1).
-        var = eta**2 * s_p**2 * (1.0 - (a_t * s_p) ** 2 / (s_t * a_p) ** 2) if s_p > 0 else 0.0
-        std = math.sqrt(max(var, 0.0))
-        x_next = a_p * x0 + math.sqrt(max(s_p**2 - std**2, 0.0)) * eps
-        if eta > 0:  # drawn on every step, as DDIMScheduler does, to keep the streams aligned
-            x_next = x_next + std * _noise(x, generators)
-        x = x_next
+        t_to = ts[i + 1] if i + 1 < n else -1.0  # -1: DDIM's final alpha (see ddim_solver_step)
+        # drawn on every step when eta > 0, as DDIMScheduler does, to keep the streams aligned
+        noise = _noise(x, generators) if eta > 0 else None
+        x = ddim_solver_step(Prediction(x0, eps), schedule, t, t_to, eta=eta, noise=noise)
     return x
 
 
