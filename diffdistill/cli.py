@@ -1,4 +1,4 @@
-"""The ``diffdistill`` command: train, sample, export, demo.
+"""The ``diffdistill`` command: train, sample, export, bench, world, demo.
 
 ``diffdistill train CONFIG [key=value ...]`` runs one process; for several, use
 ``accelerate launch -m diffdistill.train CONFIG [key=value ...]`` (same arguments).
@@ -47,10 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt (repeatable); text-to-image models")
     p.add_argument("--class-label", type=int, action="append", default=None,
                    help="class index (repeatable); class-conditional pixel models")
-    p.add_argument("--steps", type=int, default=4, help="number of sampling steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="number of sampling steps (default: the export's recorded steps, or 4)")
     p.add_argument("--sampler", default="auto",
                    help="auto (from the folder's scheduler), onestep, lcm, tcd, ddim, euler, heun")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (1 = off)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale (1 = off; a full LCM embeds it instead); default: the "
+                   "export's recorded value, or 1")
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
     p.add_argument("--num", type=int, default=4, help="images per prompt")
     p.add_argument("--out", default="samples.png", help="output PNG (a grid)")
@@ -59,6 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a training output_dir (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", default="latest", help="latest or a checkpoint folder")
     p.add_argument("--out", default=None, help="export folder (default RUN_DIR/export)")
+
+    p = sub.add_parser("world", help="build or describe the embedded tiny world",
+                       description="build: train the embedded world (Fashion-MNIST feature net, "
+                       "CLIP, reference statistics, VAE, both teachers) with fixed seeds; "
+                       "stages whose outputs exist are skipped. info: what is built.")
+    p.add_argument("action", choices=["build", "info"])
+    p.add_argument("--scale", choices=["full", "tiny"], default="full",
+                   help="full: the shipped world (~1 h on 2 CPU cores); tiny: every stage for "
+                   "a few steps (the test), into a temporary folder unless --out is given")
+    p.add_argument("--out", default=None, help="assets folder (default: the package's "
+                   "diffdistill/world/assets for full)")
+    p.add_argument("--work", default=None, help="intermediate files (default runs/world_build)")
+    p.add_argument("--only", nargs="+", default=None, metavar="STAGE",
+                   help="run only these stages: classifier clip ref_stats vae teacher_pixel "
+                   "teacher_latent report")
+    p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files "
+                   "(default: $DIFFDISTILL_FMNIST or /usr/share/datasets/fashion-mnist)")
+
+    p = sub.add_parser(
+        "bench", help="evaluate a teacher and students: FID/FDs, CLIP score, s/img, memory",
+        description="Sample every model of BENCH.yaml at its step counts through the shared "
+        "sampler and write results.json, results.md, grid.png and fid_vs_steps.png into its "
+        "'out' folder. Several processes: accelerate launch -m diffdistill.cli bench ...",
+        epilog="Overrides use dotted keys, e.g.  num_samples=1000  out=runs/bench2  "
+        "reference.resolution=256  batch_size=32")
+    p.add_argument("config", help="bench YAML (see configs/bench/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_samples=1000")
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded world")
     p.add_argument("--out", default="runs/demo", help="where the demo writes everything")
@@ -110,6 +141,18 @@ def cmd_demo(args) -> int:
     return run_demo(out=args.out, steps=args.steps)
 
 
+def cmd_bench(args) -> int:
+    from diffdistill.eval.harness import bench_command
+
+    return bench_command(args.config, args.overrides)
+
+
+def cmd_world(args) -> int:
+    from diffdistill.world.build import main_build
+
+    return main_build(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -117,7 +160,7 @@ def main(argv=None) -> int:
     from diffdistill.config import ConfigError
 
     handlers = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "world": cmd_world, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError) as e:

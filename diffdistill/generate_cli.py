@@ -61,11 +61,23 @@ def sample_command(args) -> int:
     model = bb.denoiser()
     if sampler in ("lcm", "onestep") and bb.prediction_type != "cm":
         model = LCMConsistency(model)
+    # A full LCM student embeds w = guidance_scale - 1 (time_cond_proj_dim) instead of CFG.
+    w_dim = getattr(bb.unet.config, "time_cond_proj_dim", None)
+    w_embedding = None
+    guidance = args.guidance_scale if args.guidance_scale is not None else float(
+        info.get("guidance_scale", 1.0))
+    cfg_scale = guidance
+    if w_dim is not None:
+        from diffdistill.denoiser import guidance_scale_embedding
+
+        w_embedding = guidance_scale_embedding(torch.tensor([guidance - 1.0]), w_dim)
+        cfg_scale = 1.0
     timesteps = None
-    if info.get("timesteps") and len(info["timesteps"]) == args.steps:
+    steps = args.steps or int(info.get("steps", 4))
+    if info.get("timesteps") and len(info["timesteps"]) == steps:
         timesteps = torch.tensor(info["timesteps"], dtype=torch.float64)
     elif sampler != "onestep":
-        timesteps = default_timesteps(sampler, bb.schedule, args.steps)
+        timesteps = default_timesteps(sampler, bb.schedule, steps)
     if bb.kind == "pixel":
         labels = args.class_label or [0]
         items = [lab for lab in labels for _ in range(args.num)]
@@ -75,7 +87,7 @@ def sample_command(args) -> int:
         else:
             def cond_fn(idx):
                 lab = torch.tensor(items[idx], device=bb.unet.device)
-                return bb.class_cond(lab, guidance=args.guidance_scale != 1.0)
+                return bb.class_cond(lab, guidance=cfg_scale != 1.0)
         shape = (bb.unet.config.in_channels, bb.resolution, bb.resolution)
         decode = None
     else:
@@ -83,15 +95,19 @@ def sample_command(args) -> int:
         items = [p for p in prompts for _ in range(args.num)]
 
         def cond_fn(idx):
-            return bb.encode_prompts(items[idx], with_uncond=args.guidance_scale != 1.0)
+            cond = bb.encode_prompts(items[idx], with_uncond=cfg_scale != 1.0)
+            if w_embedding is not None:
+                n = cond.encoder_hidden_states.shape[0]
+                cond.timestep_cond = w_embedding.to(cond.encoder_hidden_states).repeat(n, 1)
+            return cond
 
         f = bb.vae_scale_factor
         shape = (bb.latent_channels, bb.resolution // f, bb.resolution // f)
         decode = bb.decode_latents
     seeds = [args.seed + i for i in range(len(items))]
     imgs = generate(model, seeds=seeds, shape=shape, cond_fn=cond_fn, sampler=sampler,
-                    num_steps=args.steps, timesteps=timesteps,
-                    guidance_scale=args.guidance_scale, decode=decode, output="uint8")
+                    num_steps=steps, timesteps=timesteps,
+                    guidance_scale=cfg_scale, decode=decode, output="uint8")
     path = save_grid(imgs, args.out, nrow=args.num)
-    print(f"wrote {len(items)} images ({sampler}, {args.steps} steps) to {path}")
+    print(f"wrote {len(items)} images ({sampler}, {steps} steps, guidance {guidance}) to {path}")
     return 0

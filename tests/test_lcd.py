@@ -306,6 +306,22 @@ def test_full_export_is_a_stock_lcm_pipeline_giving_the_same_images(sd_v_dir, tm
         ours = _ours(tr, student, steps, 1.0, timestep_cond=emb)
         assert (stock - ours).abs().max() <= 1e-4, steps
     assert (_stock(pipe, 2, 2.0) - _stock(pipe, 2, 6.0)).abs().max() > 1e-3
+    # `diffdistill sample` reads the recorded steps/guidance and embeds w like the pipeline
+    import numpy as np
+    from PIL import Image
+
+    from diffdistill.cli import main
+
+    png = tmp_path / "cli.png"
+    args = ["sample", str(out), "--seed", "3", "--num", "1", "--out", str(png)]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    assert main(args) == 0
+    grid = np.asarray(Image.open(png))
+    stock4 = (_stock(pipe, 4, 6.0) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for r in range(len(PROMPTS)):
+        tile = grid[2 + r * 34: 2 + r * 34 + 32, 2:34]
+        assert np.abs(tile.astype(int) - stock4[r].astype(int)).max() <= 1, r
     # the trainer's sample grid is the same sampler with the same embedded w
     from diffdistill.trainers.common import grid_prompt
 
