@@ -253,8 +253,17 @@ def merged_unet(unet: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
     if dtype is not None:
         new.to(dtype)
     if _has_adapters(new):
-        new.fuse_lora()
-        new.unload_lora()
+        if hasattr(new, "fuse_lora"):
+            new.fuse_lora()
+            new.unload_lora()
+        else:  # no diffusers PEFT mixin (UNet2DModel): merge the peft layers directly
+            from diffusers.utils.peft_utils import recurse_remove_peft_layers
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for m in new.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.merge()
+            recurse_remove_peft_layers(new)
     new.requires_grad_(False).eval()
     return new
 
@@ -305,10 +314,20 @@ def save_full_pipeline(
     ``ConsistencyModelPipeline`` for ``scheduler="cm"`` (the UNet must then be in that
     pipeline's consistency parameterisation), ``DDIMPipeline`` for "ddim", else
     ``DDPMPipeline``. ``dtype`` casts the saved UNet (default: as it is).
+
+    ``scheduler="cm"`` on SD / SDXL writes the stock latent pipeline with
+    ``CMStochasticIterativeScheduler`` (a latent consistency model in the CM
+    parameterisation, e.g. from iCT): the stock pipelines call the scheduler's
+    ``scale_model_input`` (c_in), its timesteps (250·log σ) and its ``step`` (the CM boundary
+    condition), which is CM sampling; ``clip_denoised`` defaults to False there (latents
+    are not in [-1, 1]).
     """
     import diffusers
 
-    sched = make_scheduler(scheduler, backbone.scheduler_config, **dict(scheduler_kwargs or {}))
+    sched_kwargs = dict(scheduler_kwargs or {})
+    if scheduler == "cm" and backbone.kind != "pixel":
+        sched_kwargs.setdefault("clip_denoised", False)
+    sched = make_scheduler(scheduler, backbone.scheduler_config, **sched_kwargs)
     student = merged_unet(unet, dtype=dtype)
     kind = backbone.kind
     if kind == "pixel":
@@ -322,8 +341,6 @@ def save_full_pipeline(
         else:
             pipe = diffusers.DDPMPipeline(unet=student, scheduler=sched)
     else:
-        if scheduler == "cm":
-            raise ValueError("scheduler 'cm' is for pixel consistency models only")
         parts = {}
         names = ["vae", "text_encoder", "tokenizer"] + (
             ["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
@@ -334,7 +351,8 @@ def save_full_pipeline(
                 unet=student, scheduler=sched,
                 force_zeros_for_empty_prompt=backbone.force_zeros_for_empty_prompt, **parts)
         else:
-            lcm = getattr(student.config, "time_cond_proj_dim", None) is not None
+            lcm = (getattr(student.config, "time_cond_proj_dim", None) is not None
+                   and scheduler != "cm")
             cls = (diffusers.LatentConsistencyModelPipeline if lcm
                    else diffusers.StableDiffusionPipeline)
             pipe = cls(unet=student, scheduler=sched, safety_checker=None,
@@ -372,8 +390,8 @@ def usage_code(
     """The diffusers lines that load and sample an export (embedded verbatim in the card)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r} is unknown; use one of {SCHEDULERS}")
-    if scheduler == "cm" and (kind != "pixel" or lora):
-        raise ValueError("scheduler 'cm' is for exported pixel consistency models only")
+    if scheduler == "cm" and lora:
+        raise ValueError("scheduler 'cm' is for exported full consistency-model pipelines only")
     call = dict(call_kwargs or {})
     if scheduler == "tcd" and kind != "pixel":
         # the stock SD pipelines pass eta=0.0 unless told, which overrides TCD's gamma
@@ -434,18 +452,23 @@ def write_model_card(
     scheduler_kwargs: Optional[Mapping[str, Any]] = None,
     call_kwargs: Optional[Mapping[str, Any]] = None,
     prompt: str = "a photo of a cat",
+    code: Optional[str] = None,
 ) -> Path:
     """README.md with YAML front matter and the exact diffusers code to load and sample.
 
     ``model_id`` is how readers refer to this folder (a hub id once uploaded); default: the
-    folder's path. ``extra`` adds rows to the training-details table.
+    folder's path. ``extra`` adds rows to the training-details table. ``code`` replaces the
+    generated :func:`usage_code` block (for exports no stock pipeline call can sample, e.g.
+    class-conditional pixel UNets driven by a scheduler loop).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_id = model_id or str(out)
-    code = usage_code(model_id=model_id, base_model=base_model, kind=kind, lora=lora,
-                      scheduler=scheduler, steps=steps, guidance_scale=guidance_scale,
-                      scheduler_kwargs=scheduler_kwargs, call_kwargs=call_kwargs, prompt=prompt)
+    if code is None:
+        code = usage_code(model_id=model_id, base_model=base_model, kind=kind, lora=lora,
+                          scheduler=scheduler, steps=steps, guidance_scale=guidance_scale,
+                          scheduler_kwargs=scheduler_kwargs, call_kwargs=call_kwargs,
+                          prompt=prompt)
     family = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixel": "pixel-space"}
     tags = ["diffusers", "diffdistill", method, family.get(kind, kind),
             "text-to-image" if kind != "pixel" else "class-conditional"]
