@@ -342,6 +342,9 @@ class Backbone:
     #: clear_prompt_cache() if the text encoders change.
     prompt_cache_size: int = 1024
     _prompt_cache: "OrderedDict[str, tuple]" = field(default_factory=OrderedDict, repr=False)
+    #: optional on-disk layer under the in-memory cache (an ``EmbeddingCache``), shared
+    #: across runs and methods; see :meth:`attach_prompt_disk_cache`.
+    prompt_disk_cache: Any = field(default=None, repr=False)
 
     # -- networks -------------------------------------------------------------------
     @property
@@ -397,9 +400,14 @@ class Backbone:
     def _embed(self, prompts: list[str]) -> tuple[Tensor, Optional[Tensor]]:
         cache = self._prompt_cache
         missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if missing and self.prompt_disk_cache is not None:
+            missing = self._from_disk(missing)
         if missing:
-            for p, v in zip(missing, self._encode_uncached(missing)):
+            encoded = self._encode_uncached(missing)
+            for p, v in zip(missing, encoded):
                 cache[p] = v
+            if self.prompt_disk_cache is not None:
+                self._to_disk(missing, encoded)
         entries = [cache[p] for p in prompts]
         for p in prompts:
             cache.move_to_end(p)
@@ -462,6 +470,42 @@ class Backbone:
                                added_cond_kwargs={"text_embeds": up.to(dev),
                                                   "time_ids": ids.clone()})
         return cond
+
+    def attach_prompt_disk_cache(self, cache_dir) -> None:
+        """Keep prompt embeddings on disk too (safetensors shards), keyed by the prompt and
+        the text encoders' identity, so a second run or another method skips the encoders."""
+        from .data import EmbeddingCache, hash_key
+
+        ident = hash_key(str(self.path), self.kind, self.text_encoder.config.hidden_size,
+                         self.text_encoder.config.num_hidden_layers)
+        self.prompt_disk_cache = EmbeddingCache(cache_dir, f"prompts-{ident[:16]}")
+
+    def _from_disk(self, prompts: list[str]) -> list[str]:
+        """Fill the memory cache from disk; return the prompts still missing."""
+        from .data import hash_key
+
+        still = []
+        for p in prompts:
+            key = hash_key(p)
+            hidden = self.prompt_disk_cache.get(key + ".h")
+            if hidden is None:
+                still.append(p)
+                continue
+            pooled = self.prompt_disk_cache.get(key + ".p") if self.kind == "sdxl" else None
+            dt = (self.text_encoder_2 or self.text_encoder).dtype
+            self._prompt_cache[p] = (hidden.to(self.device, dt),
+                                     None if pooled is None else pooled.to(self.device, dt))
+        return still
+
+    def _to_disk(self, prompts: list[str], encoded: list[tuple]) -> None:
+        from .data import hash_key
+
+        for p, (hidden, pooled) in zip(prompts, encoded):
+            key = hash_key(p)
+            self.prompt_disk_cache.put(key + ".h", hidden.detach().cpu())
+            if pooled is not None:
+                self.prompt_disk_cache.put(key + ".p", pooled.detach().cpu())
+        self.prompt_disk_cache.flush()
 
     def clear_prompt_cache(self) -> None:
         self._prompt_cache.clear()

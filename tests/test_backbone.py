@@ -335,3 +335,21 @@ def test_attention_backend_and_clone():
     assert half.conv_in.weight.dtype == torch.bfloat16
     fake.conv_in.weight.data.add_(1.0)  # a deep copy: the original does not move
     assert not torch.equal(fake.conv_in.weight, unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("fixture", ["sd_dir", "sdxl_dir"])
+def test_prompt_disk_cache_skips_the_encoders_in_a_second_run(fixture, request, tmp_path):
+    folder = request.getfixturevalue(fixture)
+    first = load_backbone(folder)
+    first.attach_prompt_disk_cache(tmp_path)
+    a = first.encode_prompts(["a photo of a bag", "a coat"], with_uncond=False)
+    second = load_backbone(folder)
+    second.attach_prompt_disk_cache(tmp_path)
+    calls = []
+    second._encode_uncached = lambda prompts: calls.append(prompts) or []
+    b = second.encode_prompts(["a coat", "a photo of a bag"], with_uncond=False)
+    assert calls == []  # served from disk
+    assert torch.equal(b.encoder_hidden_states, a.encoder_hidden_states.flip(0))
+    if a.added_cond_kwargs:
+        assert torch.equal(b.added_cond_kwargs["text_embeds"],
+                           a.added_cond_kwargs["text_embeds"].flip(0))

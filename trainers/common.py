@@ -33,6 +33,8 @@ class BackboneMixin:
                 check_resolution(self.cfg.data.resolution, bb.vae_scale_factor)
             except ValueError as e:
                 raise ConfigError(f"data.resolution: {e}") from None
+            if self.cfg.data.cache_dir:
+                bb.attach_prompt_disk_cache(self.cfg.data.cache_dir)
             frozen = _DTYPES[m.frozen_dtype]
             for part in (bb.vae, bb.text_encoder, bb.text_encoder_2):
                 if part is not None:
