@@ -1,0 +1,134 @@
+"""The GAN discriminator of DMD2 / f-distill / Hyper-SD: a classification head on the bottleneck
+features of the fake-score UNet.
+
+DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis",
+Sec. 4.3) adds a small classifier on top of the fake diffusion model's encoder bottleneck and
+trains it with the non-saturating GAN loss on noised real vs noised generated images; the
+fake-score UNet is thus a shared feature extractor for the denoising (score) loss and the
+discriminator. f-distill (Xu, Nie & Vahdat 2025, Sec. 4) reads the same classifier's logit as a
+log density ratio, r = exp(D(x_t, t)).
+
+The features are taken with a *forward hook* on ``unet.mid_block`` (the bottleneck of both
+``UNet2DConditionModel`` and ``UNet2DModel``), never by patching the UNet's ``forward``:
+
+* :class:`BottleneckTap` — registers the hook, keeps the mid block's output of the most recent
+  forward (with its autograd graph), and removes the hook on :meth:`BottleneckTap.remove`.
+* :class:`DiscriminatorHead` — conv 4×4 stride 2 → GroupNorm → SiLU → conv 3×3 → GroupNorm →
+  SiLU → global mean → linear → one logit per sample (the layout of DMD2's ``cls_pred_branch``,
+  with a global mean instead of a final 4×4 conv so any bottleneck size ≥ 2×2 works).
+* :class:`UNetWithHead` — the fake score as one module: ``forward`` runs the UNet and, when a
+  head is attached, the head on the tapped features. It returns the UNet output (``.sample``),
+  so :class:`~diffdistill.denoiser.Denoiser` wraps it like any UNet; the logits of that same
+  forward are kept on ``.logits``. One module (one optimizer, one DDP wrapper) holds the UNet
+  and the head: the discriminator loss trains both, as in DMD2, and every parameter is used in
+  every forward, which distributed data parallel needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+def _groups(channels: int, preferred: int = 32) -> int:
+    return math.gcd(channels, preferred) or 1
+
+
+class BottleneckTap:
+    """A forward hook on ``unet.mid_block`` that keeps its latest output."""
+
+    def __init__(self, unet: nn.Module):
+        mid = getattr(unet, "mid_block", None)
+        if mid is None:
+            raise ValueError(f"{type(unet).__name__} has no mid_block: the GAN head needs a "
+                             "UNet with a bottleneck (UNet2DConditionModel / UNet2DModel)")
+        self.module = mid
+        self.features: Optional[Tensor] = None
+        self._handle = mid.register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output) -> None:
+        self.features = output[0] if isinstance(output, (tuple, list)) else output
+
+    def pop(self) -> Tensor:
+        """The features of the last forward (cleared, so a stale tensor is never reused)."""
+        if self.features is None:
+            raise RuntimeError("the UNet's mid block has not run since the last read")
+        f, self.features = self.features, None
+        return f
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.features = None
+
+
+class DiscriminatorHead(nn.Module):
+    """Bottleneck features [B, C, H, W] (H, W ≥ 2) → one logit per sample."""
+
+    def __init__(self, in_channels: int, hidden: Optional[int] = None):
+        super().__init__()
+        h = hidden or in_channels
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, h, kernel_size=4, stride=2, padding=1),
+            nn.GroupNorm(_groups(h), h),
+            nn.SiLU(),
+            nn.Conv2d(h, h, kernel_size=3, stride=1, padding=1),
+            nn.GroupNorm(_groups(h), h),
+            nn.SiLU(),
+        )
+        self.out = nn.Linear(h, 1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.shape[-1] < 2 or features.shape[-2] < 2:
+            raise ValueError(f"bottleneck features of size {tuple(features.shape[-2:])} are too "
+                             "small for the GAN head (needs at least 2x2)")
+        x = self.net(features.to(self.out.weight.dtype))
+        return self.out(x.mean(dim=(2, 3))).squeeze(1).float()
+
+
+def bottleneck_channels(unet: nn.Module) -> int:
+    """Channels of ``unet.mid_block``'s output (the last entry of ``block_out_channels``)."""
+    return int(unet.config.block_out_channels[-1])
+
+
+@dataclass
+class UNetWithHeadOutput:
+    sample: Tensor
+    logits: Optional[Tensor] = None
+
+
+class UNetWithHead(nn.Module):
+    """The fake-score UNet plus the optional GAN head reading its bottleneck (see module doc)."""
+
+    def __init__(self, unet: nn.Module, head: Optional[DiscriminatorHead] = None):
+        super().__init__()
+        self.unet = unet
+        self.head = head
+        self.tap = BottleneckTap(unet) if head is not None else None
+        #: logits of the most recent forward (None without a head)
+        self.logits: Optional[Tensor] = None
+
+    @property
+    def config(self):  # lets code that reads ``unet.config`` treat this like the UNet
+        return self.unet.config
+
+    def forward(self, sample: Tensor, timestep: Tensor, **kwargs) -> UNetWithHeadOutput:
+        out = self.unet(sample, timestep, **kwargs)
+        out = out.sample if hasattr(out, "sample") else out[0]
+        self.logits = self.head(self.tap.pop()) if self.head is not None else None
+        return UNetWithHeadOutput(sample=out, logits=self.logits)
+
+    def remove_hooks(self) -> None:
+        if self.tap is not None:
+            self.tap.remove()

@@ -1,0 +1,561 @@
+"""DMD2 on tiny models of every supported structure (CPU): the loss against its formula, the
+update schedule, the GAN head's hook, backward simulation, few-step runs and exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.dmd2 import DMD2Config, DMD2Trainer, lcm_original_steps
+from safetensors.torch import load_file
+
+from diffdistill.config import ConfigError, build_config, deep_merge, load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FOUR = [999, 749, 499, 249]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny convolutions on a shared 2-core machine run ~10x faster single-threaded.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_cfg(model_dir, out, res, cls=DMD2Config, method="dmd2", **over):
+    data = {
+        "method": method, "output_dir": str(out), "seed": 0,
+        "model": {"path": str(model_dir)},
+        "data": {"kind": "fashion_mnist", "resolution": res, "limit": 16},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0,
+                  "cpu": True},
+        "adapter": {"type": "full", "rank": 4},
+        "dmd2": {"fake_updates_per_generator_update": 2},
+        "log": {"every": 1, "progress": False, "tensorboard": False},
+    }
+    return build_config(cls, deep_merge(data, over))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def fit(model_dir, out, res, trainer=DMD2Trainer, **over):
+    tr = trainer(make_cfg(model_dir, out, res, cls=trainer.config_class, method=trainer.method,
+                          **over))
+    tr.fit()
+    return tr
+
+
+def ready(model_dir, out, res, trainer=DMD2Trainer, **over):
+    tr = trainer(make_cfg(model_dir, out, res, cls=trainer.config_class, method=trainer.method,
+                          **over))
+    tr.setup()
+    return tr, next(tr._batches())
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+# ----------------------------------------------------------------------------- the DM loss
+
+
+def test_dm_loss_gradient_is_the_normalised_score_difference(sd_v_dir, tmp_path):
+    """v-prediction teacher, CFG 1.75: autograd's dL/dx equals −(x0̂_real − x0̂_fake) /
+    mean|x − x0̂_real| / (B·D), with x0̂ computed here from bare UNet calls."""
+    tr, batch = ready(sd_v_dir, tmp_path / "g", 32, dmd2={
+        "guidance_scale": 1.75, "gan_generator_weight": 0.0, "gan_discriminator_weight": 0.0})
+    fake_unet = tr.unwrap(tr.fake_score).unet
+    with torch.no_grad():  # make the fake score differ from the teacher
+        for p in fake_unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    cond = tr.cond_for_batch(batch, with_uncond=True)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    tr.generator.manual_seed(42)
+    loss, _ = tr.distribution_matching_loss(x, cond)
+    loss.backward()
+
+    # the same draws, made here
+    g = torch.Generator().manual_seed(42)
+    t = torch.randint(20, 981, (2,), generator=g)
+    noise = torch.randn(2, 4, 16, 16, generator=g)
+    acp = tr.backbone.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    a, s = acp.sqrt().float(), (1 - acp).sqrt().float()
+    x_t = a * x.detach() + s * noise
+
+    def x0_of(unet, ehs):
+        with torch.no_grad():
+            v = unet(x_t, t.float(), encoder_hidden_states=ehs).sample
+        return a * x_t - s * v
+
+    ehs, uehs = cond.encoder_hidden_states, cond.uncond.encoder_hidden_states
+    x0_c, x0_u = x0_of(tr.real_unet, ehs), x0_of(tr.real_unet, uehs)
+    x0_real = x0_u + 1.75 * (x0_c - x0_u)
+    x0_fake = x0_of(fake_unet, ehs)
+    norm = (x.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = -(x0_real - x0_fake) / norm / x[0].numel() / 2
+    assert float(expected.abs().max()) > 0
+    assert rel_err(x.grad, expected) < 1e-4
+    assert 20 <= int(t.min()) and int(t.max()) <= 980  # t ~ U[0.02T, 0.98T]
+
+
+def test_fake_score_trains_on_the_teachers_own_target(sd_v_dir, tmp_path):
+    """The fake score's loss is the plain v-prediction MSE on detached generator samples."""
+    tr, batch = ready(sd_v_dir, tmp_path / "f", 32, dmd2={
+        "gan_generator_weight": 0.0, "gan_discriminator_weight": 0.0})
+    cond = tr.cond_for_batch(batch)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    tr.generator.manual_seed(5)
+    loss, _ = tr.fake_score_loss(x, cond, None)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(20, 981, (2,), generator=g)
+    noise = torch.randn(2, 4, 16, 16, generator=g)
+    acp = tr.backbone.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    a, s = acp.sqrt().float(), (1 - acp).sqrt().float()
+    with torch.no_grad():
+        v_hat = tr.unwrap(tr.fake_score).unet(a * x + s * noise, t.float(),
+                                              encoder_hidden_states=cond.encoder_hidden_states
+                                              ).sample
+    expected = (v_hat - (a * noise - s * x)).pow(2).mean()
+    assert abs(float(loss.detach()) - float(expected)) < 1e-5 * float(expected)
+
+
+# ----------------------------------------------------------------------------- update order
+
+
+def _adam_steps(tr, name):
+    opt = tr.optimizers[name]
+    return {int(st["step"]) for st in opt.state.values()}
+
+
+def test_ttur_schedule_and_resume_phase(pixel_dir, tmp_path):
+    over = dict(train={"max_steps": 5, "checkpoint_every": 3},
+                dmd2={"fake_updates_per_generator_update": 2})
+    a = fit(pixel_dir, tmp_path / "a", 16, **over)
+    assert _adam_steps(a, "generator") == {3}  # global steps 0, 2, 4
+    assert _adam_steps(a, "fake_score") == {5}  # every step
+    gen_rows = [r["step"] for r in metrics(tmp_path / "a") if "loss_dm" in r]
+    assert gen_rows == [1, 3, 5]
+    # cut at 3 and resume: the generator phase follows the global step, not the restart
+    b_out = tmp_path / "b"
+    fit(pixel_dir, b_out, 16, **deep_merge(over, {"train": {"max_steps": 3}}))
+    b = DMD2Trainer(make_cfg(pixel_dir, b_out, 16, **over))
+    b.fit(resume="latest")
+    assert _adam_steps(b, "generator") == {3} and _adam_steps(b, "fake_score") == {5}
+    assert [r["step"] for r in metrics(b_out) if "loss_dm" in r] == [1, 3, 5]
+    assert [r.get("loss_fake") for r in metrics(b_out)] == [r.get("loss_fake")
+                                                             for r in metrics(tmp_path / "a")]
+    ca, cb = list_checkpoints(tmp_path / "a")[-1], list_checkpoints(b_out)[-1]
+    for f in ("model.safetensors", "model_1.safetensors"):  # generator, fake score + head
+        wa, wb = load_file(str(ca / f)), load_file(str(cb / f))
+        assert len(wa) > 10 and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_generator_weights_move_only_on_generator_steps(pixel_dir, tmp_path):
+    tr, batch = ready(pixel_dir, tmp_path / "o", 16,
+                      dmd2={"fake_updates_per_generator_update": 3})
+    gen = [p.detach().clone() for p in tr.trainable["generator"]]
+    fake = [p.detach().clone() for p in tr.trainable["fake_score"]]
+    for step in range(3):
+        tr.global_step = step
+        tr.train_step(batch)
+        gen_moved = any(not torch.equal(a, b) for a, b in zip(gen, tr.trainable["generator"]))
+        fake_moved = any(not torch.equal(a, b) for a, b in zip(fake, tr.trainable["fake_score"]))
+        assert gen_moved == (step == 0) and fake_moved
+        gen = [p.detach().clone() for p in tr.trainable["generator"]]
+        fake = [p.detach().clone() for p in tr.trainable["fake_score"]]
+
+
+# ----------------------------------------------------------------------------- GAN head
+
+
+def _mid_block_by_hand(unet, x, t, labels):
+    """UNet2DModel's bottleneck computed step by step from its parts (no hooks)."""
+    temb = unet.time_embedding(unet.time_proj(t * torch.ones(x.shape[0])).to(x.dtype))
+    emb = temb + unet.class_embedding(labels)
+    h = unet.conv_in(x)
+    for block in unet.down_blocks:
+        h, _ = block(hidden_states=h, temb=emb)
+    return unet.mid_block(h, emb)
+
+
+def test_gan_head_sees_the_hooked_bottleneck(pixel_dir):
+    from diffdistill.backbone import load_backbone
+    from diffdistill.gan import DiscriminatorHead, UNetWithHead, bottleneck_channels
+
+    unet = load_backbone(pixel_dir).unet
+    torch.manual_seed(0)
+    net = UNetWithHead(unet, DiscriminatorHead(bottleneck_channels(unet)))
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([10.0, 500.0, 990.0]), torch.tensor([1, 4, 10])
+    seen = []
+    net.head.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        out = net(x, t, class_labels=labels)
+        by_hand = _mid_block_by_hand(unet, x, t, labels)
+        plain = unet(x, t, class_labels=labels).sample
+    assert torch.allclose(seen[0], by_hand, atol=1e-6) and float(by_hand.abs().max()) > 0
+    assert torch.allclose(out.logits, net.head(by_hand), atol=1e-6)
+    assert torch.equal(out.sample, plain)  # the hook does not change the UNet's output
+    assert out.logits.shape == (3,) and net.logits is out.logits
+    net.remove_hooks()
+    assert len(unet.mid_block._forward_hooks) == 0 and not net.tap.active
+
+
+def test_gan_gradients_reach_generator_not_fake_weights(pixel_dir, tmp_path):
+    tr, batch = ready(pixel_dir, tmp_path / "gg", 16)
+    cond = tr.cond_for_batch(batch, with_uncond=True)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    loss, logs = tr.distribution_matching_loss(x, cond)
+    loss.backward()
+    assert "loss_gan_generator" in logs and float(x.grad.abs().sum()) > 0
+    # in the trainer's generator update the fake score (UNet + head) collects no gradient
+    seen, step = {}, tr.step
+
+    def spy(name, loss):
+        if name == "generator":
+            seen["fake_grads"] = [p.grad for p in tr.trainable["fake_score"]]
+            seen["head_requires_grad"] = [p.requires_grad for p in
+                                          tr.unwrap(tr.fake_score).head.parameters()]
+        return step(name, loss)
+
+    tr.step = spy
+    for p in tr.trainable["fake_score"]:
+        p.grad = None
+    tr.train_step(batch)
+    assert seen["fake_grads"] and all(g is None for g in seen["fake_grads"])
+    assert not any(seen["head_requires_grad"])
+    head = tr.unwrap(tr.fake_score).head
+    assert all(p.requires_grad for p in head.parameters())  # trainable again afterwards
+
+
+# ----------------------------------------------------------------------------- multi-step
+
+
+def test_backward_simulation_feeds_every_training_timestep(pixel_dir, tmp_path):
+    tr, batch = ready(pixel_dir, tmp_path / "bs", 16, dmd2={"timesteps": FOUR})
+    unet = tr.unwrap(tr.student)
+    with torch.no_grad():  # a generator that is not the teacher
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+    calls = []
+    h = unet.register_forward_pre_hook(lambda m, args, kw: calls.append(
+        (args[0].detach().clone(), args[1].detach().clone())), with_kwargs=True)
+    cond = tr.cond_for_batch({"class_label": torch.tensor([0, 1, 2, 3])})
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    steps = torch.tensor([0, 1, 2, 3])
+    tr.generator.manual_seed(9)
+    x_in = tr.simulate_inputs(noise, steps, cond)
+    h.remove()
+    assert [c[1].unique().tolist() for c in calls] == [[999.0], [749.0], [499.0]]
+
+    # the chain by hand: x0 = (x - sqrt(1-acp) eps) / sqrt(acp), re-noised with fresh noise
+    acp = tr.backbone.schedule.alphas_cumprod.float()
+    g = torch.Generator().manual_seed(9)
+    x, expected = noise, [noise]
+    for j in range(3):
+        t = FOUR[j]
+        with torch.no_grad():
+            eps = unet(x, torch.full((4,), float(t)), class_labels=cond.class_labels).sample
+        x0 = (x - (1 - acp[t]).sqrt() * eps) / acp[t].sqrt()
+        tn = FOUR[j + 1]
+        x = acp[tn].sqrt() * x0 + (1 - acp[tn]).sqrt() * torch.randn(x.shape, generator=g)
+        expected.append(x)
+    for i in range(4):
+        assert rel_err(x_in[i], expected[i][i]) < 1e-5
+    # generator_inputs draws one step per sample and pairs it with its timestep
+    tr.generator.manual_seed(0)
+    seen_t = set()
+    for _ in range(6):
+        _, t_in = tr.generator_inputs(noise, cond, None)
+        seen_t |= set(t_in.tolist())
+    assert seen_t == {float(t) for t in FOUR}
+    # without backward simulation the later steps take noised real images instead
+    tr.cfg.dmd2.backward_simulation = False
+    x_real = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    tr.generator.manual_seed(3)
+    x_in, t_in = tr.generator_inputs(noise, cond, x_real)
+    g = torch.Generator().manual_seed(3)
+    k = torch.randint(0, 4, (4,), generator=g)
+    fresh = torch.randn(4, 3, 16, 16, generator=g)
+    assert t_in.tolist() == [float(FOUR[i]) for i in k]
+    for i in range(4):
+        a = acp[FOUR[k[i]]]
+        want = noise[i] if k[i] == 0 else a.sqrt() * x_real[i] + (1 - a).sqrt() * fresh[i]
+        assert rel_err(x_in[i], want) < 1e-6
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+RUNS = {
+    "pixel-1step-full": ("pixel_dir", 16, [999], "full"),
+    "pixel-4step-lora": ("pixel_dir", 16, FOUR, "lora"),
+    "sd-1step-lora": ("sd_dir", 32, [999], "lora"),
+    "sd-4step-full": ("sd_dir", 32, FOUR, "full"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    done = {}
+
+    def get(name):
+        if name not in done:
+            fixture, res, ts, adapter = RUNS[name]
+            out = tmp_path_factory.mktemp(name)
+            done[name] = fit(request.getfixturevalue(fixture), out, res,
+                             adapter={"type": adapter}, dmd2={"timesteps": ts})
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_few_step_runs(name, runs):
+    from diffdistill.backbone import load_backbone
+
+    tr = runs(name)
+    rows = metrics(tr.out)
+    assert [("loss_dm" in r) for r in rows] == [True, False]  # TTUR 2: generator at step 0
+    assert all(v is None or abs(v) < 1e3 for r in rows for v in r.values())
+    teacher = load_backbone(tr.cfg.model.path).unet.state_dict()
+    gen = tr.unwrap(tr.student)
+    if tr.lora:
+        # the real score (adapters off) is still exactly the teacher
+        base = {k.replace(".base_layer", ""): v for k, v in gen.state_dict().items()
+                if "lora_" not in k}
+        assert all(torch.equal(base[k], teacher[k]) for k in teacher)
+        assert any(float(p.detach().abs().sum()) > 0 for n, p in gen.named_parameters()
+                   if "lora_B" in n)  # the adapter moved off its zero init
+    else:
+        real = tr.real_unet.state_dict()
+        assert all(torch.equal(real[k], teacher[k]) for k in teacher)
+        moved = [k for k, v in gen.state_dict().items() if not torch.equal(v, teacher[k])]
+        assert len(moved) > 10
+    fake = tr.unwrap(tr.fake_score)
+    assert fake.head is not None and fake.tap.active
+
+
+def test_lora_real_and_fake_share_one_base(runs):
+    tr = runs("sd-1step-lora")
+    gen, fake = tr.unwrap(tr.student), tr.unwrap(tr.fake_score).unet
+    gen_base = {n: p for n, p in gen.named_parameters() if "lora_" not in n}
+    fake_base = {n: p for n, p in fake.named_parameters() if "lora_" not in n}
+    assert gen_base.keys() == fake_base.keys()
+    assert all(gen_base[n] is fake_base[n] for n in gen_base)  # the same tensors
+    assert not any(p.requires_grad for p in gen_base.values())
+    names_g = {n for n, _ in gen.named_parameters() if "lora_" in n}
+    assert names_g and all(".generator." in n for n in names_g)
+    assert all(".fake_score." in n for n, _ in fake.named_parameters() if "lora_" in n)
+
+
+def _unique_bytes(modules):
+    seen = {}
+    for m in modules:
+        for p in m.parameters():
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+def test_lora_holds_one_base_unet_full_holds_three(runs):
+    full, lora = runs("sd-4step-full"), runs("sd-1step-lora")
+    unet_bytes = _unique_bytes([full.real_unet])
+    b_full = _unique_bytes([full.unwrap(full.student), full.unwrap(full.fake_score),
+                            full.real_unet])
+    b_lora = _unique_bytes([lora.unwrap(lora.student), lora.unwrap(lora.fake_score)])
+    head = _unique_bytes([full.unwrap(full.fake_score).head])
+    assert b_full == 3 * unet_bytes + head
+    adapters = sum(p.numel() * 4 for p in lora.trainable["generator"] + lora.trainable[
+        "fake_score"])
+    assert b_lora == unet_bytes + adapters  # head included in the fake-score trainables
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def test_lcm_boundary_is_negligible_at_training_timesteps():
+    from diffdistill.denoiser import lcm_boundary
+
+    c_skip, c_out = lcm_boundary(torch.tensor([999.0, 749.0, 499.0, 249.0, 399.0]))
+    assert float(c_skip.max()) < 5e-8 and float((1 - c_out).abs().max()) < 3e-8
+    assert lcm_original_steps(FOUR, 1000) == 4 and lcm_original_steps([999], 1000) == 1
+    assert lcm_original_steps([399], 1000) is None
+
+
+def _pipe_latents(pipe, prompts, seeds, steps, **kw):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, height=32, width=32,
+                    generator=gens, output_type="latent", **kw).images
+
+
+PROMPTS = ["a photo of a bag", "a photo of a sneaker"]
+
+
+def test_full_export_is_a_stock_pipeline_matching_the_sampler(runs):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    tr = runs("sd-4step-full")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tr.out / "export"))
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == FOUR
+    ours = tr.sample_latents([3, 4], tr.backbone.encode_prompts(PROMPTS, with_uncond=False))
+    stock = _pipe_latents(pipe, PROMPTS, [3, 4], 4)
+    assert rel_err(stock, ours) < 1e-4 and float(ours.std()) > 0.1
+    assert "dmd2" in (tr.out / "export" / "README.md").read_text()
+
+
+def test_lora_exports_load_in_a_stock_pipeline(runs, sd_dir, tmp_path, monkeypatch):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from diffdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, card_code
+
+    tr = runs("sd-1step-lora")
+    export = tr.out / "export"
+    ours = tr.sample_latents([5, 6], tr.backbone.encode_prompts(PROMPTS, with_uncond=False))
+    teacher = StableDiffusionPipeline.from_pretrained(str(sd_dir))
+    base = _pipe_latents(teacher, PROMPTS, [5, 6], 1)
+    for weight in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
+        pipe.load_lora_weights(str(export), weight_name=weight)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config,
+                                                  original_inference_steps=1)
+        stock = _pipe_latents(pipe, PROMPTS, [5, 6], 1)
+        assert rel_err(stock, ours) < 1e-4, weight
+        assert rel_err(stock, base) > 1e-3  # the LoRA changes the base model's output
+    monkeypatch.chdir(tmp_path)  # the model card's code runs as written
+    exec(card_code(export / "README.md"), {})
+    assert (tmp_path / "sample.png").exists()
+
+
+def test_pixel_export_loads_as_unet_and_lcm_scheduler(runs, tmp_path, monkeypatch):
+    from diffusers import LCMScheduler, UNet2DModel
+
+    from diffdistill.export import card_code
+
+    for name, steps in (("pixel-4step-lora", 4), ("pixel-1step-full", 1)):
+        tr = runs(name)
+        export = tr.out / "export"
+        unet = UNet2DModel.from_pretrained(str(export), subfolder="unet").eval()
+        sched = LCMScheduler.from_pretrained(str(export), subfolder="scheduler")
+        sched.set_timesteps(steps)
+        assert sched.timesteps.tolist() == tr.timesteps
+        labels = torch.tensor([3, 7])
+        ours = tr.sample_latents([1, 2], tr.backbone.class_cond(labels, guidance=False))
+        outs = []
+        for i, seed in enumerate([1, 2]):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn((1, 3, 16, 16), generator=g)
+            sched.set_timesteps(steps)
+            with torch.no_grad():
+                for t in sched.timesteps:
+                    eps = unet(x, t, class_labels=labels[i:i + 1]).sample
+                    x = sched.step(eps, t, x, generator=g).prev_sample
+            outs.append(x)
+        assert rel_err(torch.cat(outs), ours) < 1e-4, name
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(card_code(export / "README.md"), scope)
+    mine = tr.sample_latents([0], tr.backbone.class_cond(torch.tensor([0]), guidance=False))
+    expected = ((mine.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert (scope["image"].int() - expected.int()).abs().max() <= 1
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+CONFIG_MODELS = {"toy": ("sd_dir", 32), "sd15": ("sd_dir", 32), "sdxl_4step": ("sdxl_dir", 32),
+                 "toy_pixel": ("pixel_dir", 16), "imagenet64": ("pixel_dir", 16)}
+
+
+def config_for_tiny(path, model_dir, res, out):
+    data = load_yaml(path)
+    data = deep_merge(data, {
+        "output_dir": str(out), "model": {"path": str(model_dir), "frozen_dtype": "fp32"},
+        "data": {"kind": "fashion_mnist", "path": "", "resolution": res, "limit": 8},
+        "train": {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "cpu": True,
+                  "mixed_precision": "no"},
+        "log": {"progress": False, "tensorboard": False, "grid_every": 0},
+    })
+    return data
+
+
+@pytest.mark.parametrize("name", list(CONFIG_MODELS))
+def test_config_runs_one_cycle_on_a_tiny_model(name, request, tmp_path):
+    from diffdistill.trainers import get_trainer_class
+
+    fixture, res = CONFIG_MODELS[name]
+    data = config_for_tiny(ROOT / "configs" / "dmd2" / f"{name}.yaml",
+                           request.getfixturevalue(fixture), res, tmp_path / name)
+    cls = get_trainer_class(data["method"])
+    cfg = build_config(cls.config_class, data)
+    assert cfg.dmd2.gan_discriminator_weight > 0
+    tr = cls(cfg)
+    logs = tr.fit()
+    # step 0 is a generator step whatever the TTUR ratio: one full generator + fake cycle
+    assert {"loss_dm", "loss_gan_generator", "loss_fake", "loss_gan_discriminator"} <= set(logs)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert (tmp_path / name / "export" / "README.md").exists()
+
+
+def test_prompts_only_data_with_gan_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"dmd2\.gan_generator_weight.*|data\.kind"):
+        make_cfg("x", tmp_path, 32, data={"kind": "prompts", "path": "p.txt"})
+    cfg = make_cfg("x", tmp_path, 32, data={"kind": "prompts", "path": "p.txt"},
+                   dmd2={"gan_generator_weight": 0.0, "gan_discriminator_weight": 0.0})
+    assert cfg.dmd2.gan_discriminator_weight == 0.0
+    with pytest.raises(ConfigError, match="dmd2.timesteps"):
+        make_cfg("x", tmp_path, 32, dmd2={"timesteps": [249, 999]})
+
+
+def test_regression_warmup_fits_the_teachers_ddim_solution(sd_dir, tmp_path):
+    """The warm-up target is stock DDIMScheduler (trailing, CFG) from the same noise."""
+    from diffusers import DDIMScheduler
+
+    tr, batch = ready(sd_dir, tmp_path / "r", 32, dmd2={
+        "regression_steps": 1, "regression_ode_steps": 4, "guidance_scale": 2.0})
+    cond = tr.cond_for_batch(batch, with_uncond=True)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    sched = DDIMScheduler.from_config(tr.backbone.scheduler_config, timestep_spacing="trailing")
+    sched.set_timesteps(4)
+    x, unet = noise, tr.real_unet
+    ehs = torch.cat([cond.uncond.encoder_hidden_states, cond.encoder_hidden_states])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=ehs).sample.chunk(2)
+            x = sched.step(e_u + 2.0 * (e_c - e_u), t, x).prev_sample
+    assert float(tr.regression_loss(noise, x, cond)) < 1e-10
+    assert float(tr.regression_loss(noise, noise, cond)) > 1e-2
+    logs = tr.train_step(batch)  # step 0 < regression_steps: a regression generator step
+    assert "loss_regression" in logs and "loss_dm" not in logs and "loss_fake" in logs
+
+
+def test_regression_warmup_with_lpips_on_decoded_images(sd_dir, tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "alexnet_features.safetensors"  # random: only the code path matters
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in torchvision.models.alexnet().features
+               .state_dict().items()}, str(weights))
+    tr, batch = ready(sd_dir, tmp_path / "lp", 32, dmd2={
+        "regression_steps": 1, "regression_ode_steps": 2, "regression_loss": "lpips",
+        "lpips_weights": str(weights)})
+    cond = tr.cond_for_batch(batch, with_uncond=True)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    loss = tr.regression_loss(noise, x, cond)
+    loss.backward()
+    assert float(loss.detach()) > 0 and float(x.grad.abs().sum()) > 0  # VAE decoder + LPIPS
+    before = [p.detach().clone() for p in tr.trainable["generator"]]
+    logs = tr.train_step(batch)
+    assert logs["loss_regression"] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, tr.trainable["generator"]))
