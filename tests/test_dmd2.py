@@ -18,15 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FOUR = [999, 749, 499, 249]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine run ~10x faster single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cfg(model_dir, out, res, cls=DMD2Config, method="dmd2", **over):
     data = {
         "method": method, "output_dir": str(out), "seed": 0,

@@ -29,14 +29,6 @@ from diffdistill.config import ConfigError, build_config, deep_merge
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fd_data(model_dir, out, res, method="fdistill", **over):
     data = {
         "method": method, "output_dir": str(out), "seed": 0,

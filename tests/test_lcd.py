@@ -30,14 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a bag", "a photo of a coat"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))

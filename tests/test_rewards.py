@@ -28,14 +28,6 @@ TINY_CLIP_CFG = {"embed_dim": 64,
 PROMPTS = ["a photo of a bag", "a photo of a sneaker", "a photo of a dress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_tiny_clip(d):
     """(config json, safetensors weights, the open_clip model) of a random tiny CLIP in ``d``."""
     import open_clip

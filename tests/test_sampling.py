@@ -29,16 +29,6 @@ from diffdistill.tiny import SD_SCHEDULER, tiny_cond_unet, tiny_pixel_unet
 LATENT = (4, 16, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny UNets are ~50x slower with 2 intra-op threads on a loaded 2-core machine
-    # (OpenMP barrier spinning); one thread keeps this module well under a minute.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def unet():
     return tiny_cond_unet().eval()
