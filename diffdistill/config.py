@@ -96,6 +96,8 @@ class EvalConfig:
     num_samples: int = 256
     steps: list[int] = field(default_factory=lambda: [1, 4])
     guidance_scale: float = 1.0
+    detector: str = "fmnist-net"  # feature network (diffdistill.eval.features registry)
+    reference: str = "fashion_mnist_test"  # or a folder of images, or a FeatureStats .npz
 
 
 @dataclass

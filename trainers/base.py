@@ -189,6 +189,11 @@ class Trainer:
         """uint8 NCHW samples from fixed seeds for the periodic grid (None: no grid)."""
         return None
 
+    def eval_spec(self):
+        """The generator as the evaluation harness samples it for the periodic quick metric
+        (``cfg.eval``): a :class:`diffdistill.eval.harness.EvalModel`, or None (no metric)."""
+        return None
+
     def make_dataset(self):
         from diffdistill.data import build_dataset
 
@@ -378,6 +383,8 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
             if self.cfg.log.grid_every and self.global_step % self.cfg.log.grid_every == 0:
                 self.save_grid()
+            if self.cfg.eval.every and self.global_step % self.cfg.eval.every == 0:
+                self.periodic_eval(logger)
             # No checkpoint inside a non-finite streak: "last good" must predate the trouble.
             if (t.checkpoint_every and self.global_step % t.checkpoint_every == 0
                     and self.nonfinite_in_row == 0):
@@ -417,6 +424,18 @@ class Trainer:
         for name in self.optimizers:
             stack.enter_context(self.accelerator.no_sync(self.networks[name]))
         return stack
+
+    def periodic_eval(self, logger: Optional["MetricsLogger"] = None) -> dict[str, float]:
+        """The quick metric through the evaluation harness (every rank must call it)."""
+        spec = self.eval_spec()
+        if spec is None:
+            return {}
+        from diffdistill.eval.harness import quick_eval
+
+        values = quick_eval(self, spec)
+        if logger is not None:
+            logger.log(self.global_step, values)
+        return values
 
     def save_grid(self) -> Optional[Path]:
         from diffdistill.images import save_grid
