@@ -43,71 +43,47 @@ def load_lora_into(unet, lora_dir: Path) -> None:
                          "different base?") from None
 
 
+class _Items:
+    """Per-sample prompts or class labels in the shape ``EvalModel.cond`` reads."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def caption(self, i: int) -> str:
+        return self.items[i]
+
+    def label(self, i: int, num_classes: int) -> int:
+        return int(self.items[i])
+
+
 def sample_command(args) -> int:
-    import torch
-
-    from diffdistill.backbone import load_backbone
-    from diffdistill.denoiser import LCMConsistency
+    """Load the model exactly as ``diffdistill bench`` does, then write a grid."""
+    from diffdistill.eval.harness import BenchModel, load_eval_model
     from diffdistill.images import save_grid
-    from diffdistill.sampling import default_timesteps, generate
+    from diffdistill.sampling import generate
 
-    model_dir = Path(args.model)
-    lora_dir = Path(args.lora) if args.lora else None
-    bb = load_backbone(str(model_dir))
-    if lora_dir is not None:
-        load_lora_into(bb.unet, lora_dir)
-    sampler, info = choose_sampler(args.sampler, model_dir, lora_dir,
-                                   bb.scheduler_config.get("_class_name", ""))
-    model = bb.denoiser()
-    if sampler in ("lcm", "onestep") and bb.prediction_type != "cm":
-        model = LCMConsistency(model)
-    # A full LCM student embeds w = guidance_scale - 1 (time_cond_proj_dim) instead of CFG.
-    w_dim = getattr(bb.unet.config, "time_cond_proj_dim", None)
-    w_embedding = None
-    guidance = args.guidance_scale if args.guidance_scale is not None else float(
-        info.get("guidance_scale", 1.0))
-    cfg_scale = guidance
-    if w_dim is not None:
-        from diffdistill.denoiser import guidance_scale_embedding
-
-        w_embedding = guidance_scale_embedding(torch.tensor([guidance - 1.0]), w_dim)
-        cfg_scale = 1.0
-    timesteps = None
-    steps = args.steps or int(info.get("steps", 4))
-    if info.get("timesteps") and len(info["timesteps"]) == steps:
-        timesteps = torch.tensor(info["timesteps"], dtype=torch.float64)
-    elif sampler != "onestep":
-        timesteps = default_timesteps(sampler, bb.schedule, steps)
+    spec = BenchModel(name="sample", path=args.model, lora=args.lora, sampler=args.sampler,
+                      guidance_scale=args.guidance_scale)
+    model = load_eval_model(spec)
+    bb = model.backbone
+    steps = args.steps or int(model.info.get("steps", 4))
     if bb.kind == "pixel":
-        labels = args.class_label or [0]
-        items = [lab for lab in labels for _ in range(args.num)]
-        if bb.num_classes is None:
-            def cond_fn(idx):
-                return None
-        else:
-            def cond_fn(idx):
-                lab = torch.tensor(items[idx], device=bb.unet.device)
-                return bb.class_cond(lab, guidance=cfg_scale != 1.0)
+        items = [lab for lab in (args.class_label or [0]) for _ in range(args.num)]
         shape = (bb.unet.config.in_channels, bb.resolution, bb.resolution)
-        decode = None
     else:
-        prompts = args.prompt or ["a photo of a sneaker"]
-        items = [p for p in prompts for _ in range(args.num)]
-
-        def cond_fn(idx):
-            cond = bb.encode_prompts(items[idx], with_uncond=cfg_scale != 1.0)
-            if w_embedding is not None:
-                n = cond.encoder_hidden_states.shape[0]
-                cond.timestep_cond = w_embedding.to(cond.encoder_hidden_states).repeat(n, 1)
-            return cond
-
+        items = [p for p in (args.prompt or ["a photo of a sneaker"]) for _ in range(args.num)]
         f = bb.vae_scale_factor
         shape = (bb.latent_channels, bb.resolution // f, bb.resolution // f)
-        decode = bb.decode_latents
+    prompts = _Items(items)
     seeds = [args.seed + i for i in range(len(items))]
-    imgs = generate(model, seeds=seeds, shape=shape, cond_fn=cond_fn, sampler=sampler,
-                    num_steps=steps, timesteps=timesteps,
-                    guidance_scale=cfg_scale, decode=decode, output="uint8")
+    imgs = generate(model.denoiser, seeds=seeds, shape=shape,
+                    cond_fn=lambda idx: model.cond(prompts, range(len(items))[idx]),
+                    sampler=model.sampler, num_steps=steps,
+                    timesteps=model.grid_for(steps) if model.sampler != "onestep" else None,
+                    guidance_scale=model.guidance_scale if model.cfg_active else 1.0,
+                    decode=None if bb.kind == "pixel" else bb.decode_latents, output="uint8",
+                    sampler_opts=model.sampler_opts or None)
     path = save_grid(imgs, args.out, nrow=args.num)
-    print(f"wrote {len(items)} images ({sampler}, {steps} steps, guidance {guidance}) to {path}")
+    print(f"wrote {len(items)} images ({model.sampler}, {steps} steps, guidance "
+          f"{model.guidance_scale}) to {path}")
     return 0
