@@ -24,6 +24,9 @@ Rewards (all "CLIP-style": cosine of L2-normalised image and text embeddings):
   as HPSv2's own scorer computes it.
 * :func:`pickscore_reward` — PickScore (Kirstain et al. 2023): a transformers ``CLIPModel``
   folder (yuvalkirstain/PickScore_v1), score = ``logit_scale.exp() · cos``.
+* :func:`aesthetic_reward` — the LAION aesthetic predictor v2 (Schuhmann et al.,
+  improved-aesthetic-predictor; used by Hyper-SD's feedback learning): an MLP on the
+  L2-normalised open_clip image embedding (ViT-L-14, 768-d); prompts are ignored.
 
 Missing files raise ``FileNotFoundError`` naming what to supply; nothing is downloaded.
 
@@ -59,7 +62,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 __all__ = [
     "RewardModel", "ClipStyleReward", "OpenClipReward", "PickScoreReward", "clip_score_reward",
-    "hpsv2_reward", "pickscore_reward", "load_reward_model", "REWARD_LOADERS",
+    "hpsv2_reward", "pickscore_reward", "AestheticHead", "AestheticReward", "aesthetic_reward",
+    "load_reward_model", "REWARD_LOADERS",
     "LatentRewardModel", "lrm_preference_loss",
 ]
 
@@ -188,6 +192,38 @@ class OpenClipReward(ClipStyleReward):
 
     def encode_text(self, prompts: list[str]) -> Tensor:
         return self.model.encode_text(self.tokenizer(prompts).to(self.device))
+
+
+class AestheticHead(nn.Module):
+    """The LAION aesthetic predictor's MLP (keys ``layers.{0,2,4,6,7}``, as its checkpoints)."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, embedding: Tensor) -> Tensor:
+        return self.layers(embedding)
+
+
+class AestheticReward(OpenClipReward):
+    """``MLP(normalize(E_img(images)))``: an image-only aesthetic score (prompts are ignored).
+
+    Its scores are not preference logits of a softmax model, so ``logit_scale`` is 1.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module, *, name: str = "aesthetic"):
+        super().__init__(model, tokenizer=None, name=name)
+        self.logit_scale = 1.0
+        self.head = _freeze(head)
+
+    def forward(self, images: Tensor, prompts: Optional[Sequence[str]] = None) -> Tensor:
+        if prompts is not None and not isinstance(prompts, str) and len(prompts) != len(images):
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        feats = self.encode_image(self.preprocess(images.to(self.device)))
+        img = F.normalize(_at_least_fp32(feats), dim=-1)
+        return self.head(img.to(next(self.head.parameters()).dtype)).squeeze(-1).float()
 
 
 class PickScoreReward(ClipStyleReward):
@@ -320,23 +356,56 @@ def pickscore_reward(path: PathLike, processor_path: Optional[PathLike] = None, 
     return PickScoreReward(model, tokenizer, **kw).to(device or "cpu")
 
 
+def aesthetic_reward(path: PathLike, model_name: str = "ViT-L-14", *,
+                     head_path: Optional[PathLike] = None,
+                     config_path: Optional[PathLike] = None, device=None) -> AestheticReward:
+    """LAION aesthetic predictor v2: open_clip ``model_name`` from local weights + the MLP head.
+
+    ``path``: the CLIP (ViT-L-14 OpenAI weights as an open_clip file or folder, e.g. a local
+    copy of timm/vit_large_patch14_clip_224.openai); ``head_path``: the predictor's state dict
+    (``sac+logos+ava1-l14-linearMSE.pth`` or a safetensors copy).
+    """
+    hint = ("the aesthetic predictor's MLP state dict (sac+logos+ava1-l14-linearMSE.pth from "
+            "christophschuhmann/improved-aesthetic-predictor, or a .safetensors copy)")
+    if not head_path or not Path(head_path).expanduser().is_file():
+        raise FileNotFoundError(f"aesthetic reward: head_path={head_path!r} is not a file; "
+                                f"supply {hint}. Nothing is downloaded.")
+    model, _ = _open_clip(path, model_name, config_path, "aesthetic reward (CLIP)",
+                          _OPEN_CLIP_FOLDER_HINT)
+    hp = Path(head_path).expanduser()
+    if hp.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(hp))
+    else:
+        state = torch.load(str(hp), map_location="cpu", weights_only=True)
+    head = AestheticHead(int(state["layers.0.weight"].shape[1]))
+    head.load_state_dict(state)
+    return AestheticReward(model, head).to(device or "cpu")
+
+
 #: reward kind → loader(path, **options)
 REWARD_LOADERS: dict[str, Callable[..., ClipStyleReward]] = {
     "clip": clip_score_reward,
     "hpsv2": hpsv2_reward,
     "pickscore": pickscore_reward,
+    "aesthetic": aesthetic_reward,
 }
 
 
 def load_reward_model(kind: str, path: PathLike, *, model_name: Optional[str] = None,
                       config_path: Optional[PathLike] = None,
-                      processor_path: Optional[PathLike] = None, device=None) -> ClipStyleReward:
-    """Build a reward of ``kind`` ("clip", "hpsv2", "pickscore") from local files."""
+                      processor_path: Optional[PathLike] = None,
+                      head_path: Optional[PathLike] = None, device=None) -> ClipStyleReward:
+    """Build a reward of ``kind`` ("clip", "hpsv2", "pickscore", "aesthetic") from local files
+    (``head_path``: the aesthetic predictor's MLP)."""
     if kind not in REWARD_LOADERS:
         raise ValueError(f"reward kind {kind!r} is unknown; use one of {sorted(REWARD_LOADERS)}")
     if kind == "pickscore":
         return pickscore_reward(path, processor_path, device=device)
     kw = {"config_path": config_path, "device": device}
+    if kind == "aesthetic":
+        kw["head_path"] = head_path
     if model_name:
         kw["model_name"] = model_name
     return REWARD_LOADERS[kind](path, **kw)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,11 +113,12 @@ class RGLCDSection:
 
 @dataclass
 class RewardSection:
-    kind: Literal["clip", "hpsv2", "pickscore"] = "hpsv2"  # HPSv2.1 is the paper's headline RM
+    kind: Literal["clip", "hpsv2", "pickscore", "aesthetic"] = "hpsv2"  # HPSv2.1: RG-LCD's headline
     path: str = ""  # local weights: open_clip file or folder (clip, hpsv2), CLIPModel folder
     model_name: Optional[str] = None  # open_clip architecture of a weights file (hpsv2: ViT-H-14)
     config_path: Optional[str] = None  # open_clip model-config JSON registering a custom arch
     processor_path: Optional[str] = None  # pickscore: tokenizer folder (default: path)
+    head_path: Optional[str] = None  # aesthetic: the LAION predictor's MLP state dict
 
 
 @dataclass
@@ -199,10 +201,17 @@ class LCDTerms:
     prompts: list
 
 
-def _ema_backed_copy(module: nn.Module, ema) -> nn.Module:
+def _ema_backed_copy(module: nn.Module, ema, share_frozen: bool = False) -> nn.Module:
     """θ⁻ as a module whose parameters *are* the EMA shadow tensors: no extra copy, and the
-    EMA's in-place updates (and its restore on resume) move θ⁻ with it."""
-    target = copy.deepcopy(module).requires_grad_(False)
+    EMA's in-place updates (and its restore on resume) move θ⁻ with it.
+
+    ``share_frozen``: the frozen parameters and the buffers are the module's own tensors, not
+    copies (a LoRA student's θ⁻ then costs only its adapter; used by Hyper-SD)."""
+    memo = {}
+    if share_frozen:
+        memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())
+                if not t.requires_grad}
+    target = copy.deepcopy(module, memo).requires_grad_(False)
     params = dict(target.named_parameters())
     for name in ema.names:
         params[name].data = ema.shadow[name]  # shares storage: EMA updates move θ⁻ in place
@@ -460,7 +469,7 @@ class RGLCDTrainer(LCDTrainer):
             raise ConfigError(f"reward.path: {e}") from None
         self.reward_model = load_reward_model(
             r.kind, path, model_name=r.model_name, config_path=r.config_path,
-            processor_path=r.processor_path, device=self.device)
+            processor_path=r.processor_path, head_path=r.head_path, device=self.device)
         self.reward_term = REWARD_TERMS[self.cfg.rglcd.mode](self)
 
     def train_step(self, batch: dict) -> dict[str, float]:
