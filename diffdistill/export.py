@@ -437,6 +437,36 @@ def _looks_like_hub_id(s: Optional[str]) -> bool:
         r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", s) is not None
 
 
+EXPORT_INFO = "diffdistill_export.json"  # how to sample an export; read by sample / bench
+
+
+def save_generator(backbone, unet: nn.Module, out_dir, *, lora: bool, scheduler: str,
+                   scheduler_kwargs: Optional[Mapping[str, Any]] = None,
+                   adapter_name: str = "default") -> Path:
+    """The one export path of every distilled generator: a LoRA (diffusers + kohya files)
+    for ``lora``, else a full pipeline folder whose scheduler is ``scheduler``."""
+    out = Path(out_dir)
+    if lora:
+        save_lora(unet, out, kind=backbone.kind, adapter_name=adapter_name)
+        save_lora_kohya(unet, out, kind=backbone.kind, adapter_name=adapter_name)
+    else:
+        save_full_pipeline(backbone, unet, out, scheduler=scheduler,
+                           scheduler_kwargs=scheduler_kwargs)
+    return out
+
+
+def write_export_info(out_dir, *, sampler: str, steps: int, guidance_scale: float,
+                      timesteps, **extra: Any) -> Path:
+    """``diffdistill_export.json``: the sampler, step count, guidance and timestep grid an
+    export is meant to be sampled with (``diffdistill sample`` / ``bench`` read it)."""
+    info = {"sampler": sampler, "steps": int(steps), "guidance_scale": float(guidance_scale),
+            "timesteps": [int(t) if float(t).is_integer() else float(t) for t in timesteps],
+            **extra}
+    path = Path(out_dir) / EXPORT_INFO
+    path.write_text(json.dumps(info, indent=1))
+    return path
+
+
 def write_model_card(
     out_dir,
     *,

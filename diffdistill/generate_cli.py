@@ -16,7 +16,7 @@ SAMPLER_FOR_SCHEDULER = {
 }
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-EXPORT_INFO = "diffdistill_export.json"  # written by export.py beside every export
+from diffdistill.export import EXPORT_INFO  # noqa: E402,F401  (written beside every export)
 
 
 def choose_sampler(requested: str, model_dir: Path, lora_dir: Path | None, scheduler_cls: str):

@@ -402,6 +402,11 @@ def test_full_export_is_a_stock_pipeline_matching_the_sampler(runs):
     stock = _pipe_latents(pipe, PROMPTS, [3, 4], 4)
     assert rel_err(stock, ours) < 1e-4 and float(ours.std()) > 0.1
     assert "dmd2" in (tr.out / "export" / "README.md").read_text()
+    # diffdistill sample / bench read the recorded grid, not LCM's default 50-step one
+    from diffdistill.eval.harness import BenchModel, load_eval_model
+
+    model = load_eval_model(BenchModel(name="s", path=str(tr.out / "export")))
+    assert model.sampler == "lcm" and model.grid_for(4).tolist() == FOUR
 
 
 def test_lora_exports_load_in_a_stock_pipeline(runs, sd_dir, tmp_path, monkeypatch):

@@ -493,12 +493,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
             timesteps=torch.tensor(self.timesteps), output="latents", progress=False)
 
     def export(self, out_dir: Path) -> Optional[Path]:
-        from diffdistill.export import (
-            save_full_pipeline,
-            save_lora,
-            save_lora_kohya,
-            write_model_card,
-        )
+        from diffdistill.export import save_generator, write_export_info, write_model_card
 
         bb, out = self.backbone, Path(out_dir)
         base_model = resolve_model_path(self.cfg.model.path)  # world:NAME -> its folder
@@ -513,15 +508,18 @@ class DMD2Trainer(BackboneMixin, Trainer):
                  "note": f"trained without LCM's boundary condition; the stock LCMScheduler "
                          f"applies it (c_skip <= {float(c_skip.max()):.1e}, |1 - c_out| <= "
                          f"{float((1 - c_out).abs().max()):.1e} at these timesteps)"}
-        if self.lora and bb.kind != "pixel":
-            save_lora(unet, out, bb.kind, adapter_name="generator")
-            save_lora_kohya(unet, out, kind=bb.kind, adapter_name="generator")
+        lora = self.lora and bb.kind != "pixel"
+        save_generator(bb, unet, out, lora=lora, scheduler="lcm", scheduler_kwargs=sched_kwargs,
+                       adapter_name="generator")
+        write_export_info(out, sampler="lcm", steps=steps, guidance_scale=1.0,
+                          timesteps=list(self.timesteps), method=self.method,
+                          guidance_embedding=False)
+        if lora:
             write_model_card(out, method=self.method, base_model=base_model,
                              steps=steps, guidance_scale=1.0, scheduler="lcm", lora=True,
                              kind=bb.kind, scheduler_kwargs=sched_kwargs,
                              call_kwargs=call_kwargs, extra=extra)
             return out
-        save_full_pipeline(bb, unet, out, scheduler="lcm", scheduler_kwargs=sched_kwargs)
         code = None
         if bb.kind == "pixel":
             extra["sampling"] = ("class-conditional UNet2DModel + LCMScheduler; no stock "

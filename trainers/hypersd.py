@@ -77,7 +77,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -655,24 +654,14 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                                         sampler_opts={"gamma": p.gamma})
 
     def export(self, out_dir: Path) -> Optional[Path]:
-        from diffdistill.export import (
-            save_full_pipeline,
-            save_lora,
-            save_lora_kohya,
-            write_model_card,
-        )
-        from diffdistill.generate_cli import EXPORT_INFO
+        from diffdistill.export import save_generator, write_export_info, write_model_card
 
         p, bb = self.cfg.hypersd, self.backbone
         out_dir = Path(out_dir)
-        unet = self.generator_unet()
         N = p.num_ddim_timesteps
         sched_kwargs = {} if N == 50 else {"original_inference_steps": N}
-        if self.lora:
-            save_lora(unet, out_dir, kind=bb.kind)
-            save_lora_kohya(unet, out_dir, kind=bb.kind)
-        else:
-            save_full_pipeline(bb, unet, out_dir, scheduler="tcd", scheduler_kwargs=sched_kwargs)
+        save_generator(bb, self.generator_unet(), out_dir, lora=self.lora, scheduler="tcd",
+                       scheduler_kwargs=sched_kwargs)
         stages = [f"{st.segments}{' +DM' if st.score_distill else ''}"
                   f"{' +reward' if st.reward else ''} ({st.steps or 'rest'})" for st in p.stages]
         write_model_card(
@@ -685,10 +674,10 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                    "stages (segments, steps)": " → ".join(stages),
                    "teacher CFG w range": f"[{p.w_min}, {p.w_max}]",
                    "DDIM solver timesteps": N})
-        info = {"sampler": "tcd", "gamma": p.gamma, "steps": p.export_steps,
-                "served_steps": list(p.served_steps), "guidance_scale": p.guidance_scale,
-                "timesteps": self.tcd_timesteps(p.export_steps).tolist(),
-                "original_inference_steps": N, "guidance_embedding": False,
-                "method": self.method, "adapter": self.cfg.adapter.type}
-        (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+        write_export_info(out_dir, sampler="tcd", steps=p.export_steps,
+                          guidance_scale=p.guidance_scale,
+                          timesteps=self.tcd_timesteps(p.export_steps).tolist(), gamma=p.gamma,
+                          served_steps=list(p.served_steps), original_inference_steps=N,
+                          guidance_embedding=False, method=self.method,
+                          adapter=self.cfg.adapter.type)
         return out_dir

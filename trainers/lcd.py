@@ -44,7 +44,6 @@ import contextlib
 import copy
 import functools
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -348,37 +347,26 @@ class LCDTrainer(BackboneMixin, Trainer):
                                         consistency=True, **self.sample_guidance)
 
     def export(self, out_dir: Path) -> Optional[Path]:
-        from diffdistill.export import (
-            save_full_pipeline,
-            save_lora,
-            save_lora_kohya,
-            write_model_card,
-        )
-        from diffdistill.generate_cli import EXPORT_INFO
+        from diffdistill.export import save_generator, write_export_info, write_model_card
 
         p, bb = self.cfg.lcd, self.backbone
         out_dir = Path(out_dir)
-        unet = self.generator_unet()
         lora = self.cfg.adapter.type == "lora"
         sched_kwargs = ({} if p.num_ddim_timesteps == 50
                         else {"original_inference_steps": p.num_ddim_timesteps})
-        if lora:
-            save_lora(unet, out_dir, kind=bb.kind)
-            save_lora_kohya(unet, out_dir, kind=bb.kind)
-        else:
-            save_full_pipeline(bb, unet, out_dir, scheduler="lcm", scheduler_kwargs=sched_kwargs)
+        save_generator(bb, self.generator_unet(), out_dir, lora=lora, scheduler="lcm",
+                       scheduler_kwargs=sched_kwargs)
         gs = self.export_guidance_scale
         write_model_card(out_dir, method=self.method, base_model=resolve_model_path(
             self.cfg.model.path), steps=p.export_steps, guidance_scale=gs, scheduler="lcm",
             lora=lora, kind=bb.kind, scheduler_kwargs=sched_kwargs if lora else None,
             extra={"adapter": self.cfg.adapter.type, "w range": f"[{p.w_min}, {p.w_max}]",
                    "DDIM solver timesteps": p.num_ddim_timesteps})
-        info = {"sampler": "lcm", "steps": p.export_steps, "guidance_scale": gs,
-                "timesteps": self.lcm_timesteps(p.export_steps).tolist(),
-                "original_inference_steps": p.num_ddim_timesteps,
-                # True: the UNet embeds w = guidance_scale − 1 (no CFG); False: plain CFG
-                "guidance_embedding": self.w_dim is not None, "method": self.method}
-        (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+        # guidance_embedding True: the UNet embeds w = guidance_scale − 1 (no CFG pass)
+        write_export_info(out_dir, sampler="lcm", steps=p.export_steps, guidance_scale=gs,
+                          timesteps=self.lcm_timesteps(p.export_steps).tolist(),
+                          original_inference_steps=p.num_ddim_timesteps,
+                          guidance_embedding=self.w_dim is not None, method=self.method)
         return out_dir
 
 
