@@ -172,13 +172,11 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-GRID_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                "sneaker", "bag", "ankle boot")
-
-
 def grid_prompt(i: int) -> str:
-    word = GRID_CLASSES[i % len(GRID_CLASSES)]
-    return f"a photo of {'an' if word[0] in 'aeiou' else 'a'} {word}"
+    """The fixed prompt of grid / evaluation sample i (the world's class i % 10)."""
+    from diffdistill.data import caption_for_class
+
+    return caption_for_class(i % 10, 0)
 
 
 def grid_shape(bb, resolution: int) -> tuple[int, int, int]:

@@ -476,6 +476,13 @@ class DMD2Trainer(BackboneMixin, Trainer):
         return logs
 
     # -- sampling and export ----------------------------------------------------------
+    def eval_spec(self):
+        from diffdistill.eval.harness import EvalModel
+
+        trained = list(self.timesteps)
+        return EvalModel(self.method, self.backbone, self.denoiser(self.generator_unet()), "lcm",
+                         timesteps=lambda n: trained if n == len(trained) else None)
+
     def sample_images(self, seeds: list[int]) -> Optional[torch.Tensor]:
         return self.sample_teacher_like(self.generator_unet(), seeds, sampler="lcm",
                                         num_steps=len(self.timesteps),

@@ -646,6 +646,14 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         return tcd_timesteps(num_steps, self.cfg.hypersd.num_ddim_timesteps,
                              num_train_timesteps=self.T)
 
+    def eval_spec(self):
+        from diffdistill.eval.harness import EvalModel
+
+        p, bb = self.cfg.hypersd, self.backbone
+        return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "tcd",
+                         guidance_scale=p.guidance_scale, timesteps=self.tcd_timesteps,
+                         sampler_opts={"gamma": p.gamma})
+
     def sample_images(self, seeds: list[int]) -> Optional[Tensor]:
         p, steps = self.cfg.hypersd, self.cfg.log.grid_steps
         return self.sample_teacher_like(self.generator_unet(), seeds, sampler="tcd",

@@ -347,6 +347,14 @@ class ICTTrainer(BackboneMixin, Trainer):
         j = c.two_step_index if c.two_step_index is not None else CM_GRID_POINTS // 2
         return cm_grid_sigmas([0, j], c.sigma_min, c.sigma_max, c.rho)
 
+    def eval_spec(self):
+        from diffdistill.eval.harness import EvalModel
+
+        bb = self.backbone
+        return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "lcm",
+                         timesteps=lambda n: self.two_step_sigmas() if n == 2 else None,
+                         sampler_opts={"clip_denoised": bb.kind == "pixel"})
+
     def sample_images(self, seeds: list[int]) -> torch.Tensor | None:
         """1-step samples, then 2-step samples of the same seeds (uint8, 2·len(seeds))."""
         unet = self.generator_unet()

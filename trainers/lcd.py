@@ -340,6 +340,15 @@ class LCDTrainer(BackboneMixin, Trainer):
         return lcm_timesteps(num_steps, self.cfg.lcd.num_ddim_timesteps,
                              self.backbone.schedule.num_train_timesteps)
 
+    def eval_spec(self):
+        from diffdistill.denoiser import LCMConsistency
+        from diffdistill.eval.harness import EvalModel
+
+        bb = self.backbone
+        return EvalModel(self.method, bb, LCMConsistency(bb.denoiser(self.generator_unet())),
+                         "lcm", guidance_scale=self.export_guidance_scale,
+                         guidance_embedding=self.w_dim, timesteps=self.lcm_timesteps)
+
     def sample_images(self, seeds: list[int]) -> Optional[Tensor]:
         steps = self.cfg.log.grid_steps
         return self.sample_teacher_like(self.generator_unet(), seeds, sampler="lcm",

@@ -92,6 +92,13 @@ class PretrainTrainer(BackboneMixin, Trainer):
         """The network to sample from / export: the EMA copy when EMA is on."""
         return self.ema_or_online("unet", self.unet)
 
+    def eval_spec(self):
+        from diffdistill.eval.harness import EvalModel
+
+        bb = self.backbone
+        return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "ddim",
+                         guidance_scale=self.cfg.eval.guidance_scale)
+
     def sample_images(self, seeds: list[int]) -> Optional[torch.Tensor]:
         p = self.cfg.pretrain
         return self.sample_teacher_like(self.generator_unet(), seeds, sampler="ddim",
