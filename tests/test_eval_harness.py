@@ -389,8 +389,12 @@ def test_trainer_periodic_eval_logs_the_harness_metric(pixel_dir, tmp_path):
         det, BenchReference(resolution=16, max_images=4)).save(tmp_path / "ref4.npz"))
     with pytest.raises(ConfigError, match="eval.num_samples"):
         quick_eval(trainer, trainer.eval_spec())
-    # the base Trainer's eval_spec is None: no metric, nothing logged
-    plain = PretrainTrainer(cfg(tmp_path / "plain", ev))
+    # a trainer whose eval_spec is None (the base Trainer's default): nothing logged
+    class NoEval(PretrainTrainer):
+        def eval_spec(self):
+            return None
+
+    plain = NoEval(cfg(tmp_path / "plain", ev))
     plain.fit()
     text = (tmp_path / "plain" / "metrics.jsonl").read_text()
     assert "eval/" not in text and plain.periodic_eval() == {}
