@@ -1,0 +1,598 @@
+"""One-shot GPU check: training speed, memory and MFU of the real trainers on real-size models.
+
+Runs offline on one H100/H200-class GPU in about 8 minutes (``benchmarks/gpu_check.sh`` is
+the one command to use there), or on CPU with tiny models (``--tiny``; what the test suite
+runs). Weights are random: speed and memory do not depend on their values.
+
+Stages (each wrapped: a failure is recorded with its traceback tail and the script goes on):
+
+* ``build_models`` — an SD1.5-architecture pipeline (UNet2DConditionModel, AutoencoderKL,
+  CLIP-L-size CLIPTextModel) and an SDXL-architecture pipeline (UNet + two text encoders),
+  built from the configs below and saved as stock diffusers folders in a temporary folder;
+  ``--tiny``: ``diffdistill.tiny``'s pipelines.
+* ``train_*`` — the project's trainers, built with ``build_config(cls.config_class, ...)``
+  pointing ``model.path`` at those folders (Fashion-MNIST data resized to the resolution),
+  ``setup()`` then ``train_step(batch)`` for warm-up + measured steps: LCD-LoRA, DMD2-LoRA,
+  DMD2-full and f-distill at 512 px on SD1.5, LCD-LoRA at 1024 px on SDXL with gradient
+  checkpointing (``--tiny``: 32 px, fp32). Reported: it/s, s/step, peak memory (CUDA:
+  ``max_memory_allocated``; CPU: peak-RSS growth, labelled), FLOPs of one step
+  (``torch.utils.flop_counter.FlopCounterMode``) and MFU against the GPU's dense bf16 peak.
+* ``gen_*`` — 1- and 4-step LCM-consistency generation over the teacher UNet and the
+  50-step DDIM teacher (CFG 7.5), batch 8 at 512 px, through ``diffdistill.sampling.generate``
+  including prompt encoding and VAE decoding (images/s).
+* ``fsdp_launch`` — ``accelerate launch --config_file configs/accelerate/fsdp.yaml
+  --num_processes 1 -m diffdistill.train CFG`` for one step (skipped without CUDA).
+
+Output: ``$OUT/results.json`` and ``$OUT/results.md`` (``$OUT`` defaults to ./gpu_check_out).
+
+    python benchmarks/gpu_check.py [--tiny] [--out DIR] [--only train_lcd_lora gen_lcm_1step]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# --- Stable Diffusion 1.5 architecture (runwayml/stable-diffusion-v1-5 configs) -------------
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32, "act_fn": "silu",
+    "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-5,
+}
+SD15_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+CLIP_L_TEXT = {  # openai/clip-vit-large-patch14 text tower
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu", "projection_dim": 768,
+    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+}
+# --- SDXL architecture (stabilityai/stable-diffusion-xl-base-1.0 configs) --------------------
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
+}
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025)
+OPENCLIP_BIGG_TEXT = {  # laion CLIP-ViT-bigG-14 text tower (SDXL text_encoder_2)
+    "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+    "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu", "projection_dim": 1280,
+    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+}
+
+# Dense (no sparsity) bf16 tensor-core peak, FLOP/s, matched on torch.cuda.get_device_name().
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12}
+
+UNITS = {
+    "it_per_s": "training steps per second (train_step calls / wall s)",
+    "s_per_step": "seconds per training step",
+    "peak_mem_gib": "GiB, torch.cuda.max_memory_allocated after reset_peak_memory_stats",
+    "peak_rss_delta_gib": "GiB, CPU only: peak process RSS (VmHWM) minus RSS before setup()",
+    "flops_per_step": "FLOP of one train_step (FlopCounterMode; forward + backward)",
+    "achieved_tflops": "1e12 FLOP/s = flops_per_step * it_per_s",
+    "mfu": "fraction of the GPU's dense bf16 peak (null on CPU or unknown GPU)",
+    "images_per_s": "images per second, batch generation incl. prompt encoding + VAE decode",
+    "s_per_batch": "seconds per generate() call",
+    "resolution": "pixels (square)",
+    "batch_size": "samples per step / per generate() call",
+    "wall_s": "seconds of the whole stage",
+}
+
+
+# --- helpers --------------------------------------------------------------------------------
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class Ctx:
+    def __init__(self, args):
+        import torch
+
+        self.args = args
+        self.tiny = args.tiny
+        self.cuda = torch.cuda.is_available() and not args.cpu
+        self.device = "cuda" if self.cuda else "cpu"
+        self.bf16 = self.cuda
+        self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        self.sd_dir: Path | None = None
+        self.sdxl_dir: Path | None = None
+        self.res_sd = 32 if self.tiny else 512
+        self.res_sdxl = 32 if self.tiny else 1024
+        name = torch.cuda.get_device_name() if self.cuda else platform.processor() or "cpu"
+        self.device_name = name
+        self.peak_flops = None
+        if self.cuda:
+            for key, val in PEAK_BF16.items():
+                if key in name:
+                    self.peak_flops = val
+                    break
+
+    def sync(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _tail(text: str, n: int = 3000) -> str:
+    return text[-n:]
+
+
+_WRITE: Callable[[dict], None] | None = None  # set by main(): rewrite the reports
+
+
+def run_stage(results: dict, name: str, fn: Callable[[], dict]) -> None:
+    """Run one stage; its result or its traceback tail goes to ``results["stages"][name]``
+    and the reports are rewritten, so a run killed by a timeout keeps the finished stages."""
+    print(f"[gpu_check] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        out = fn() or {}
+        status = out.pop("status", "ok")
+        entry = {"status": status, **out}
+    except Exception:  # noqa: BLE001 - any stage failure is recorded and the run goes on
+        entry = {"status": "error", "error": _tail(traceback.format_exc())}
+    entry["wall_s"] = round(time.perf_counter() - t0, 3)
+    results["stages"][name] = entry
+    brief = {k: v for k, v in entry.items() if k not in ("error", "stderr_tail")}
+    print(f"[gpu_check] {name}: {json.dumps(brief, default=str)}", flush=True)
+    if entry["status"] == "error":
+        print(entry["error"], file=sys.stderr, flush=True)
+    if _WRITE is not None:
+        _WRITE(results)
+
+
+# --- models ---------------------------------------------------------------------------------
+def build_models(ctx: Ctx) -> dict:
+    import torch
+
+    ctx.sd_dir, ctx.sdxl_dir = ctx.tmp / "sd15", ctx.tmp / "sdxl"
+    if ctx.tiny:
+        from diffdistill.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+        tiny_sd_pipeline().save_pretrained(str(ctx.sd_dir), safe_serialization=True)
+        tiny_sdxl_pipeline().save_pretrained(str(ctx.sdxl_dir), safe_serialization=True)
+        return {"sd15": str(ctx.sd_dir), "sdxl": str(ctx.sdxl_dir), "models": "tiny"}
+
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffdistill.tiny import SD_SCHEDULER, clip_tokenizer_dir
+    from diffdistill.tokenizer import load_clip_tokenizer
+
+    tok = load_clip_tokenizer(clip_tokenizer_dir())
+    # Random init on the GPU (much faster than CPU init of ~4.5 B parameters); saved in bf16
+    # (the trainers load it back in their own dtypes).
+    dev = torch.device(ctx.device)
+    save_dtype = torch.bfloat16 if ctx.bf16 else torch.float32
+    counts = {}
+
+    def make(cls, *a, **kw):
+        with dev:
+            torch.manual_seed(0)
+            m = cls(*a, **kw)
+        return m.to(save_dtype).eval()
+
+    unet = make(UNet2DConditionModel, **SD15_UNET)
+    vae = make(AutoencoderKL, **SD15_VAE)
+    te = make(CLIPTextModel, CLIPTextConfig(**CLIP_L_TEXT))
+    counts["sd15_unet_params"] = sum(p.numel() for p in unet.parameters())
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(str(ctx.sd_dir), safe_serialization=True)
+    del pipe, unet, vae
+    torch.cuda.empty_cache() if ctx.cuda else None
+
+    unet = make(UNet2DConditionModel, **SDXL_UNET)
+    counts["sdxl_unet_params"] = sum(p.numel() for p in unet.parameters())
+    sched = EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items()
+                                      if k not in ("clip_sample", "set_alpha_to_one")})
+    pipe = StableDiffusionXLPipeline(
+        vae=make(AutoencoderKL, **SDXL_VAE), text_encoder=te,
+        text_encoder_2=make(CLIPTextModelWithProjection, CLIPTextConfig(**OPENCLIP_BIGG_TEXT)),
+        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched,
+        force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(str(ctx.sdxl_dir), safe_serialization=True)
+    del pipe, unet, te
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    return {"sd15": str(ctx.sd_dir), "sdxl": str(ctx.sdxl_dir), "models": "real-size random",
+            "saved_dtype": str(save_dtype).replace("torch.", ""), **counts}
+
+
+# --- training -------------------------------------------------------------------------------
+def _train_cases(ctx: Ctx) -> dict[str, dict]:
+    """Stage name -> (trainer module, class, config overrides, sdxl?)."""
+    lora = {"type": "lora", "rank": 64}
+    dmd_common = {"fake_updates_per_generator_update": 2}  # measured steps alternate G / D
+    sd_bs = 2 if ctx.tiny else 4
+    return {
+        "train_lcd_lora": {"mod": "lcd", "cls": "LCDTrainer", "sdxl": False, "bs": sd_bs,
+                               "over": {"adapter": lora}},
+        "train_dmd2_lora": {"mod": "dmd2", "cls": "DMD2Trainer", "sdxl": False, "bs": sd_bs,
+                                "over": {"adapter": lora, "dmd2": dmd_common}},
+        "train_dmd2_full": {"mod": "dmd2", "cls": "DMD2Trainer", "sdxl": False, "bs": sd_bs,
+                                "over": {"adapter": {"type": "full"}, "dmd2": dmd_common}},
+        "train_fdistill_lora": {"mod": "fdistill", "cls": "FDistillTrainer", "sdxl": False, "bs": sd_bs,
+                                    "over": {"adapter": lora, "dmd2": dmd_common}},
+        "train_sdxl_lcd_lora": {"mod": "lcd", "cls": "LCDTrainer", "sdxl": True, "bs": 1 if not ctx.tiny
+                                    else 2,
+                                    "over": {"adapter": lora,
+                                          "model": {"gradient_checkpointing": True}}},
+    }
+
+
+def _trainer_config(ctx: Ctx, case: dict, out_dir: Path) -> dict:
+    from diffdistill.config import deep_merge
+
+    res = ctx.res_sdxl if case["sdxl"] else ctx.res_sd
+    data = {
+        "method": case["mod"], "output_dir": str(out_dir), "seed": 0,
+        "model": {"path": str(ctx.sdxl_dir if case["sdxl"] else ctx.sd_dir),
+                  "frozen_dtype": "bf16" if ctx.bf16 else "fp32"},
+        "data": {"kind": "fashion_mnist", "resolution": res, "limit": 16},
+        "train": {"max_steps": 1000, "batch_size": case["bs"], "checkpoint_every": 0,
+                  "mixed_precision": "bf16" if ctx.bf16 else "no", "cpu": not ctx.cuda},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    return deep_merge(data, case["over"])
+
+
+def train_stage(ctx: Ctx, name: str, case: dict) -> dict:
+    import importlib
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffdistill.config import build_config
+
+    if ctx.sd_dir is None:
+        return {"status": "skipped", "reason": "build_models failed"}
+    cls = getattr(importlib.import_module(f"diffdistill.trainers.{case['mod']}"), case["cls"])
+    data = _trainer_config(ctx, case, ctx.tmp / "runs" / name)
+    tr = cls(build_config(cls.config_class, data))
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        rss0 = (_status_kb("VmRSS") or 0) * 1024
+        peak_ok = _reset_rss_peak()
+    tr.setup()
+    batch = next(tr._batches())
+    warm, meas = ctx.args.warmup, ctx.args.steps
+    step = 0
+    for _ in range(warm):
+        tr.global_step = step
+        tr.train_step(batch)
+        step += 1
+    ctx.sync()
+    t0 = time.perf_counter()
+    for _ in range(meas):
+        tr.global_step = step
+        logs = tr.train_step(batch)
+        step += 1
+    ctx.sync()
+    dt = (time.perf_counter() - t0) / meas
+    out: dict[str, Any] = {
+        "method": case["mod"], "adapter": data["adapter"]["type"],
+        "model": "sdxl" if case["sdxl"] else "sd15", "resolution": data["data"]["resolution"],
+        "batch_size": case["bs"], "precision": "bf16" if ctx.bf16 else "fp32",
+        "gradient_checkpointing": bool(data["model"].get("gradient_checkpointing", False)),
+        "warmup_steps": warm, "measured_steps": meas,
+        "s_per_step": dt, "it_per_s": 1.0 / dt,
+        "last_logs": {k: float(v) for k, v in (logs or {}).items()
+                      if isinstance(v, (int, float)) or torch.is_tensor(v)},
+    }
+    if ctx.cuda:
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        hwm = _status_kb("VmHWM")
+        out["peak_rss_delta_gib"] = ((hwm * 1024 - rss0) / 2**30
+                                     if (hwm is not None and peak_ok) else None)
+    # FLOPs: one extra (untimed) step under the counter, same step parity as the first
+    # measured one, so the count matches what was timed on average for the G/D alternation.
+    flops = []
+    for _ in range(2 if "dmd2" in data else 1):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            tr.global_step = step
+            tr.train_step(batch)
+            step += 1
+        flops.append(counter.get_total_flops())
+    f = sum(flops) / len(flops)
+    out["flops_per_step"] = f
+    out["achieved_tflops"] = f / dt / 1e12
+    out["mfu"] = (f / dt / ctx.peak_flops) if ctx.peak_flops else None
+    if "dmd2" in data:
+        out["notes"] = ("fake_updates_per_generator_update=2: the measured steps alternate "
+                        "generator+fake and fake-only updates; it/s and FLOPs are their mean")
+    del tr, batch
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+# --- generation -----------------------------------------------------------------------------
+def gen_stages(ctx: Ctx, results: dict) -> None:
+    import torch
+
+    from diffdistill.backbone import load_backbone
+    from diffdistill.denoiser import LCMConsistency
+    from diffdistill.sampling import generate, lcm_timesteps
+
+    state: dict[str, Any] = {}
+
+    def load():
+        if ctx.sd_dir is None:
+            raise RuntimeError("build_models failed")
+        dtype = torch.bfloat16 if ctx.bf16 else torch.float32
+        state["bb"] = bb = load_backbone(ctx.sd_dir, dtype=dtype, device=ctx.device)
+        state["shape"] = (bb.latent_channels, ctx.res_sd // bb.vae_scale_factor,
+                          ctx.res_sd // bb.vae_scale_factor)
+        return {"teacher": "sd15", "dtype": str(dtype).replace("torch.", "")}
+
+    run_stage(results, "gen_load_teacher", load)
+    batch = ctx.args.gen_batch
+    prompts = [f"a photo of a {w}" for w in ("bag", "coat", "sneaker", "dress")]
+    ddim_steps = 4 if ctx.tiny else 50
+    cases = {
+        "gen_lcm_1step": {"consistency": True, "sampler": "lcm", "steps": 1, "gs": 1.0},
+        "gen_lcm_4step": {"consistency": True, "sampler": "lcm", "steps": 4, "gs": 1.0},
+        f"gen_ddim_{ddim_steps}step_teacher": {"consistency": False, "sampler": "ddim",
+                                                   "steps": ddim_steps, "gs": 7.5},
+    }
+
+    def one(case):
+        if "bb" not in state:
+            return {"status": "skipped", "reason": "teacher did not load"}
+        bb = state["bb"]
+        model = bb.denoiser()
+        if case["consistency"]:
+            model = LCMConsistency(model)
+        cfg = case["gs"] != 1.0
+
+        def call(n_steps):
+            ts = lcm_timesteps(n_steps) if case["sampler"] == "lcm" else None
+            return generate(
+                model, seeds=list(range(batch)), shape=state["shape"],
+                cond_fn=lambda idx: bb.encode_prompts(
+                    (prompts * batch)[:batch][idx], with_uncond=cfg),
+                sampler=case["sampler"], num_steps=n_steps, timesteps=ts,
+                guidance_scale=case["gs"], batch_size=batch, decode=bb.decode_latents,
+                output="uint8", progress=False,
+                autocast_dtype=torch.bfloat16 if ctx.bf16 else None)
+
+        call(min(case["steps"], 2))  # warm-up (kernels, allocator)
+        ctx.sync()
+        if ctx.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        imgs = call(case["steps"])
+        ctx.sync()
+        dt = time.perf_counter() - t0
+        out = {"sampler": case["sampler"] + ("+LCMConsistency" if case["consistency"] else ""),
+               "num_steps": case["steps"], "guidance_scale": case["gs"], "batch_size": batch,
+               "resolution": ctx.res_sd, "s_per_batch": dt, "images_per_s": batch / dt,
+               "images_shape": list(imgs.shape)}
+        if ctx.cuda:
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+
+    for name, case in cases.items():
+        run_stage(results, name, lambda c=case: one(c))
+    state.clear()
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+
+
+# --- FSDP launch ----------------------------------------------------------------------------
+def fsdp_stage(ctx: Ctx) -> dict:
+    if not ctx.cuda or ctx.tiny:
+        return {"status": "skipped",
+                "reason": "FSDP needs CUDA + NCCL" if not ctx.cuda else "--tiny run"}
+    if ctx.sd_dir is None:
+        return {"status": "skipped", "reason": "build_models failed"}
+    import yaml
+
+    case = {"mod": "lcd", "sdxl": False, "bs": 2, "over": {"adapter": {"type": "full"}}}
+    data = _trainer_config(ctx, case, ctx.tmp / "runs" / "fsdp")
+    data["train"].update(max_steps=1)
+    data["train"].pop("cpu")
+    cfg_path = ctx.tmp / "fsdp_lcd_full.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
+           "-m", "diffdistill.train", str(cfg_path)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.args.fsdp_timeout,
+                           cwd=str(REPO), check=False)
+        rc, err, out = p.returncode, p.stderr, p.stdout
+    except subprocess.TimeoutExpired as e:
+        rc = "timeout"
+        err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    res = {"command": " ".join(cmd), "method": "lcd", "adapter": "full", "steps": 1,
+           "returncode": rc, "launch_s": time.perf_counter() - t0,
+           "stderr_tail": _tail(err, 2500), "stdout_tail": _tail(out, 800)}
+    if rc != 0:
+        res["status"] = "error"
+        res["error"] = f"accelerate launch returned {rc}; see stderr_tail"
+    return res
+
+
+# --- report ---------------------------------------------------------------------------------
+def _fmt(v, digits=3):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if abs(v) >= 1e4 or (abs(v) < 1e-3 and v != 0):
+            return f"{v:.3g}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown(results: dict) -> str:
+    env = results["env"]
+    lines = [
+        f"# gpu_check — {env['device_name']} ({env['device']})",
+        "",
+        (f"{env['date']} · torch {env['torch']} · diffusers {env['diffusers']} · "
+        f"{'tiny models' if results['tiny'] else 'real-size SD1.5 / SDXL, random weights'} · "
+        f"peak bf16 {_fmt(env['peak_bf16_flops'])} FLOP/s"),
+        "",
+        ("| stage | status | res (px) | batch | it/s | images/s | peak mem (GiB) | "
+        "TFLOP/step | MFU | wall (s) | note |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in results["stages"].items():
+        mem = s.get("peak_mem_gib")
+        if mem is None and s.get("peak_rss_delta_gib") is not None:
+            mem = f"{_fmt(s['peak_rss_delta_gib'])} (CPU RSS Δ)"
+        flops = s.get("flops_per_step")
+        note = s.get("reason") or ""
+        if s["status"] == "error":
+            note = (s.get("error") or "").strip().splitlines()[-1][:120] if s.get("error") else ""
+        if "returncode" in s:
+            note = f"returncode {s['returncode']}" + (f"; {note}" if note else "")
+        note = note.replace("|", "/")
+        lines.append(
+            f"| {name} | {s['status']} | {_fmt(s.get('resolution'))} | "
+            f"{_fmt(s.get('batch_size'))} | {_fmt(s.get('it_per_s'))} | "
+            f"{_fmt(s.get('images_per_s'))} | {_fmt(mem)} | "
+            f"{_fmt(flops / 1e12 if flops else None)} | {_fmt(s.get('mfu'))} | "
+            f"{_fmt(s.get('wall_s'))} | {note} |")
+    lines += ["", "Units: " + "; ".join(f"`{k}`: {v}" for k, v in UNITS.items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny models, 32 px, fp32 (CPU test)")
+    p.add_argument("--cpu", action="store_true", help="ignore CUDA")
+    p.add_argument("--out", default=None, help="output folder (default $OUT or ./gpu_check_out)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up train steps (2; tiny 1)")
+    p.add_argument("--steps", type=int, default=None, help="measured train steps (4; tiny 2)")
+    p.add_argument("--gen-batch", type=int, default=None, help="generation batch (8; tiny 2)")
+    p.add_argument("--fsdp-timeout", type=int, default=240)
+    p.add_argument("--only", nargs="*", default=None, help="run only these stages")
+    args = p.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else 2
+    if args.steps is None:
+        args.steps = 2 if args.tiny else 4
+    if args.gen_batch is None:
+        args.gen_batch = 2 if args.tiny else 8
+    out_dir = Path(args.out or os.environ.get("OUT") or "gpu_check_out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    try:
+        import diffusers
+        dver = diffusers.__version__
+    except ImportError:  # recorded as null; the stages then fail with the reason
+        dver = None
+    ctx = Ctx(args)
+    results: dict[str, Any] = {
+        "tiny": args.tiny,
+        "env": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": ctx.device, "device_name": ctx.device_name,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": dver,
+            "python": platform.python_version(), "peak_bf16_flops": ctx.peak_flops,
+            "gpu_memory_gib": (torch.cuda.get_device_properties(0).total_memory / 2**30
+                               if ctx.cuda else None),
+        },
+        "units": UNITS,
+        "stages": {},
+    }
+    want = (lambda n: True) if not args.only else (lambda n: n in args.only
+                                                   or n == "build_models")
+    global _WRITE
+
+    def write(res: dict) -> None:
+        (out_dir / "results.json").write_text(json.dumps(res, indent=2, default=str))
+        (out_dir / "results.md").write_text(markdown(res))
+
+    _WRITE = write
+    t_all = time.perf_counter()
+    run_stage(results, "build_models", lambda: build_models(ctx))
+    if results["stages"]["build_models"]["status"] != "ok":
+        ctx.sd_dir = ctx.sdxl_dir = None
+    for name, case in _train_cases(ctx).items():
+        if want(name):
+            run_stage(results, name, lambda n=name, c=case: train_stage(ctx, n, c))
+    if not args.only or any(n.startswith("gen_") for n in args.only):
+        gen_stages(ctx, results)
+    if want("fsdp_launch"):
+        run_stage(results, "fsdp_launch", lambda: fsdp_stage(ctx))
+    results["total_wall_s"] = time.perf_counter() - t_all
+    write(results)
+    _WRITE = None
+    print(markdown(results))
+    import shutil
+
+    shutil.rmtree(ctx.tmp, ignore_errors=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
