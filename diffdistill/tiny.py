@@ -70,7 +70,11 @@ def tiny_vae(channels=(32, 64), latent_channels: int = 4, seed: int = 0, norm_gr
 
 def tiny_cond_unet(channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 16,
                    time_cond_proj_dim: Optional[int] = None, sdxl: bool = False,
-                   text_embed_dim: int = 32, seed: int = 0):
+                   text_embed_dim: int = 32, seed: int = 0,
+                   down_block_types: Optional[tuple] = None,
+                   up_block_types: Optional[tuple] = None, layers_per_block: int = 1):
+    """SD-structured ``UNet2DConditionModel``. Default blocks: cross-attention at the first
+    level only (two levels); pass ``down_block_types`` / ``up_block_types`` for others."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -82,27 +86,31 @@ def tiny_cond_unet(channels=(32, 64), cross_attention_dim: int = 32, sample_size
         )
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4,
-        block_out_channels=tuple(channels), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+        down_block_types=tuple(down_block_types or ("CrossAttnDownBlock2D", "DownBlock2D")),
+        up_block_types=tuple(up_block_types or ("UpBlock2D", "CrossAttnUpBlock2D")),
         cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
         time_cond_proj_dim=time_cond_proj_dim, **kw,
     )
 
 
 def tiny_pixel_unet(channels=(32, 64), num_classes: Optional[int] = 10, sample_size: int = 16,
-                    seed: int = 0):
+                    seed: int = 0, down_block_types: Optional[tuple] = None,
+                    up_block_types: Optional[tuple] = None, layers_per_block: int = 1,
+                    norm_groups: int = 32):
     """Class-conditional pixel UNet2DModel (``num_class_embeds = num_classes + 1``: the last
-    index is the null class used for classifier-free guidance)."""
+    index is the null class used for classifier-free guidance). Default blocks: attention
+    at the second level only (two levels); pass ``down_block_types`` / ``up_block_types``
+    for others."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=sample_size, in_channels=3, out_channels=3,
-        block_out_channels=tuple(channels), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8, norm_num_groups=32,
+        block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+        down_block_types=tuple(down_block_types or ("DownBlock2D", "AttnDownBlock2D")),
+        up_block_types=tuple(up_block_types or ("AttnUpBlock2D", "UpBlock2D")),
+        attention_head_dim=8, norm_num_groups=norm_groups,
         num_class_embeds=(num_classes + 1) if num_classes else None,
     )
 

@@ -1,1 +1,115 @@
-"""The embedded tiny world (Fashion-MNIST, two teachers, metric networks)."""
+"""The embedded tiny world (Fashion-MNIST, two teachers, metric networks).
+
+A miniature of the real use case that runs the same code paths as Stable Diffusion 1.5 on
+two CPU cores, shipped as fp16 safetensors in ``diffdistill/world/assets/``:
+
+=============================  ===========================================================
+``teacher_latent/``            ``StableDiffusionPipeline`` folder (``world:teacher_latent``):
+                               tiny AutoencoderKL (32×32 px ↔ 8×8×4 latents), CLIP tokenizer
+                               from open_clip's BPE, tiny CLIPTextModel (random, frozen),
+                               UNet2DConditionModel, DDIM scheduler (SD1.5's config), ε.
+``teacher_pixel/``             ``DDPMPipeline``-style folder (``world:teacher_pixel``):
+                               class-conditional UNet2DModel at 32×32 px, 10 classes + null
+                               class 10 for CFG, DDPMScheduler (linear β, ε).
+``fmnist_net.safetensors``     Fashion-MNIST classifier, detector ``"fmnist-net"`` →
+                               "FID-FMNIST" (:mod:`diffdistill.world.classifier`).
+``clip/``                      tiny open_clip model (:mod:`diffdistill.world.clip`).
+``ref_stats/*.npz``            test-split feature statistics per extractor
+                               (``diffdistill.eval.fid.FeatureStats``).
+``world.json``                 what was built: command, seeds, CPU time per stage, metrics.
+=============================  ===========================================================
+
+Everything is produced by ``diffdistill world build`` (:mod:`diffdistill.world.build`).
+Importing this package registers the ``"fmnist-net"`` and ``"world-clip"`` detectors in
+``diffdistill.eval.features`` (lazily: the networks load on first use).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+TEACHERS = ("teacher_latent", "teacher_pixel")
+#: ref_stats file stem -> detector registry name
+REF_STATS = {"fmnist-net": "fmnist-net", "clip": "world-clip"}
+
+
+def asset_path(name: str, assets: Optional[Union[str, Path]] = None) -> Path:
+    """Path of a shipped asset (``teacher_latent``, ``clip``, ``fmnist_net.safetensors``...)."""
+    return Path(assets or ASSETS_DIR) / name
+
+
+def world_info(assets: Optional[Union[str, Path]] = None) -> dict:
+    """Contents of ``world.json`` (raises FileNotFoundError when the world is not built)."""
+    path = asset_path("world.json", assets)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: build the embedded world with "
+                                "`diffdistill world build`")
+    return json.loads(path.read_text())
+
+
+def ref_stats_path(key: str, assets: Optional[Union[str, Path]] = None) -> Path:
+    """``ref_stats/<key>.npz``; key in :data:`REF_STATS` (``"fmnist-net"``, ``"clip"``)."""
+    if key not in REF_STATS:
+        raise KeyError(f"unknown reference statistics {key!r}; choose from {sorted(REF_STATS)}")
+    return asset_path("ref_stats", assets) / f"{key}.npz"
+
+
+def load_ref_stats(key: str, assets: Optional[Union[str, Path]] = None, **expected):
+    """The shipped test-split statistics (a ``FeatureStats``); ``expected`` metadata is
+    checked (e.g. ``extractor="fmnist-net"``)."""
+    from diffdistill.eval.fid import FeatureStats
+
+    return FeatureStats.load(ref_stats_path(key, assets), **expected)
+
+
+def save_safetensors_fp16(state: dict, path: Union[str, Path],
+                          metadata: Optional[dict] = None) -> Path:
+    """Write ``state`` with floating tensors cast to fp16 (integer buffers kept), atomically
+    and world-readable (safetensors itself creates files with mode 0600)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous()
+             for k, v in state.items()}
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def fmnist_detector(weights_path=None, device=None):
+    """The ``"fmnist-net"`` detector (FID-FMNIST) with the shipped weights."""
+    from .classifier import FMNISTDetector
+
+    return FMNISTDetector(weights_path=weights_path, device=device)
+
+
+def world_clip_detector(folder=None, device=None, **kw):
+    """The world CLIP as a ``ClipDetector`` (CLIP score / reward)."""
+    from .clip import clip_detector
+
+    return clip_detector(folder, device=device, **kw)
+
+
+def _register_detectors() -> None:
+    try:
+        from diffdistill.eval.features import available_detectors, register_detector
+    except ImportError:  # pragma: no cover - eval is part of the package
+        return
+    have = set(available_detectors())
+    if "fmnist-net" not in have:
+        register_detector("fmnist-net", fmnist_detector)
+    if "world-clip" not in have:
+        register_detector("world-clip", world_clip_detector)
+
+
+_register_detectors()

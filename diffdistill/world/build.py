@@ -1,0 +1,814 @@
+"""``diffdistill world build``: the recipe that makes the embedded tiny world from scratch.
+
+Stages (each writes its outputs atomically, records wall/CPU seconds and metrics in
+``world.json``, and is skipped when its outputs exist unless ``--force``):
+
+=================  ==========================================================================
+``classifier``     Fashion-MNIST feature network (:mod:`.classifier`) → ``fmnist_net.safetensors``
+``clip``           tiny open_clip model trained contrastively (:mod:`.clip`) → ``clip/``
+``ref_stats``      test-split feature statistics per extractor → ``ref_stats/*.npz``; also the
+                   train-vs-test Fréchet distance (the floor any generator is measured against)
+``vae``            tiny AutoencoderKL (:mod:`.vae`) → ``WORK/vae`` (ships inside the latent teacher)
+``teacher_pixel``  class-conditional UNet2DModel at 32×32 px, trained by the project's
+                   ``PretrainTrainer`` with ``configs/pretrain/toy_pixel.yaml`` → ``teacher_pixel/``
+``teacher_latent`` StableDiffusionPipeline on 8×8×4 latents, ``PretrainTrainer`` with
+                   ``configs/pretrain/toy_latent.yaml`` → ``teacher_latent/``
+``report``         quick FID-FMNIST / CLIP score per teacher and guidance scale, sample grids,
+                   file sizes (checked against the 25 MB budget)
+=================  ==========================================================================
+
+Architectures and step counts (``RECIPES["full"]``) are sized for about an hour on an idle
+2-core CPU. The yardstick is the measured ~0.55 s for fwd+bwd+Adam of a batch of 64 through
+a 0.13 GFLOP/sample diffusers UNet (≈ 45 GFLOP/s on two cores); a 32×32 UNet with 32
+channels at full resolution, e.g. (32, 64, 64), costs 0.50 GFLOP/sample (≈ 2.1 s per step),
+too much for enough steps. So the pixel teacher is (16, 32, 64, 64) with 16-group norms and
+attention only at 4×4 (0.19 GFLOP/sample, ≈ 0.8 s/step, 1.1 M params) and the latent
+teacher's UNet is (32, 64) at 8×8 with cross-attention at both levels (0.05 GFLOP/sample,
+1.1 M params). Cheap teachers also make every distillation demo on them cheap. Each
+teacher's GFLOPs per call are recorded in ``world.json``; so are the measured wall and CPU
+seconds of every stage. ``RECIPES["tiny"]`` runs every stage with the same structures at the
+narrowest widths for a couple of steps on a few hundred images (the test; seconds per stage).
+
+Teacher weights go through ``PretrainTrainer`` exactly as a user's run would: the build
+writes a freshly initialised pipeline folder (``WORK/init/<teacher>``), points the YAML's
+``model.path`` at it, trains, and ships the EMA export with every floating tensor cast to
+fp16 (loaders read them back in fp32). The text encoder of the latent teacher stays at its
+seeded random initialisation and frozen, as in the pretraining trainer: prompts map to
+distinct embeddings and the UNet learns to read them (with 10 % empty prompts for CFG).
+
+Determinism: every stage seeds torch and its own generators from ``seed + stage offset``,
+the trainers draw all randomness from their seeded generator, and data order is a function
+of the seed; a rebuild on the same machine, library versions and number of torch threads
+gives the same weights (CPU kernels split work by thread, so the thread count changes the
+last bits). ``world.json`` records the thread count. On a machine shared with other jobs,
+``OMP_NUM_THREADS=1`` is faster than two threads (measured 2× on the 2-core development
+machine under load: OpenMP threads wait at barriers for descheduled peers).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import ASSETS_DIR, REF_STATS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs" / "pretrain"
+SIZE_BUDGET_BYTES = 25 * 1000 * 1000  # "≤ 25 MB" for everything shipped
+FORMAT_VERSION = 1
+
+STAGES = ("classifier", "clip", "ref_stats", "vae", "teacher_pixel", "teacher_latent", "report")
+STAGE_SEED_OFFSET = {name: i + 1 for i, name in enumerate(STAGES)}
+
+PIXEL_UNET = dict(channels=(16, 32, 64, 64), layers_per_block=1, norm_groups=16,
+                  down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D",
+                                    "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"))
+LATENT_UNET = dict(channels=(32, 64), layers_per_block=1,
+                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+TEXT_ENCODER = dict(hidden=32, layers=2)
+VAE = dict(channels=(16, 32, 64), norm_groups=16, latent_channels=4)
+
+# The test scale keeps every structure (block types, factor-4 VAE, both towers of CLIP) with
+# the narrowest widths the group norms allow, so each stage takes seconds.
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8,
+                            "patch_size": None},
+             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 16, "heads": 2,
+                          "layers": 1}}
+TINY_TRAIN = {"train": {"max_steps": 2, "batch_size": 4, "checkpoint_every": 0,
+                        "lr_warmup_steps": 0},
+              "data": {"limit": 64}, "log": {"every": 1}}
+
+RECIPES: dict[str, dict] = {
+    "full": {
+        "seed": 0,
+        "classifier": dict(steps=1410, batch_size=128, lr=3e-3, widths=(32, 64, 128)),  # 3 ep.
+        "clip": dict(steps=700, batch_size=256, lr=2e-3, config=None),  # 3 epochs
+        "ref_stats": dict(extractors=("fmnist-net", "clip"), test_limit=None, floor_train=10000),
+        "vae": dict(**VAE, steps=1200, batch_size=32, lr=1e-3, kl_weight=1e-5,
+                    test_limit=2000),
+        "teacher_pixel": dict(config="toy_pixel.yaml", unet=PIXEL_UNET, overrides={}),
+        "teacher_latent": dict(config="toy_latent.yaml", unet=LATENT_UNET,
+                               text_encoder=TEXT_ENCODER, overrides={}),
+        "report": dict(num_samples=500, steps=25, guidance_scales=(1.0, 2.0, 3.0), grid=40,
+                       batch_size=250),
+    },
+    "tiny": {
+        "seed": 0,
+        "classifier": dict(steps=2, batch_size=16, lr=3e-3, widths=(8, 8, 16), limit=256,
+                           test_limit=32),
+        "clip": dict(steps=2, batch_size=8, lr=2e-3, config=TINY_CLIP, limit=256,
+                     test_limit=32),
+        "ref_stats": dict(extractors=("fmnist-net", "clip"), test_limit=32, floor_train=32),
+        "vae": dict(VAE, channels=(16, 16, 16), steps=2, batch_size=4, lr=1e-3,
+                    kl_weight=1e-5, limit=256, test_limit=8, scale_images=16),
+        "teacher_pixel": dict(config="toy_pixel.yaml", overrides=TINY_TRAIN,
+                              unet=dict(PIXEL_UNET, channels=(16, 16, 16, 16))),
+        "teacher_latent": dict(config="toy_latent.yaml", text_encoder=TEXT_ENCODER,
+                               unet=dict(LATENT_UNET, channels=(32, 32)), overrides=TINY_TRAIN),
+        "report": dict(num_samples=4, steps=2, guidance_scales=(2.0,), grid=4, batch_size=4),
+    },
+}
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+@dataclass
+class BuildContext:
+    scale: str
+    recipe: dict
+    out: Path  # shipped assets
+    work: Path  # init folders, training runs, VAE, grids (not shipped)
+    seed: int
+    root: Optional[str] = None  # Fashion-MNIST folder (None: the usual lookup)
+    command: str = ""
+    log: Callable[[str], None] = print
+    world: dict = field(default_factory=dict)
+
+    def stage_seed(self, stage: str) -> int:
+        return self.seed * 1000 + STAGE_SEED_OFFSET[stage]
+
+
+def _default_log(msg: str) -> None:
+    print(f"[world {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _fresh_tmp(final: Path) -> Path:
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def cast_safetensors_fp16(folder: Path) -> list[Path]:
+    """Rewrite every ``*.safetensors`` under ``folder`` with floating tensors in fp16."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from . import save_safetensors_fp16
+
+    done = []
+    for f in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            meta = h.metadata() or {}
+        done.append(save_safetensors_fp16(load_file(str(f)), f, meta))
+    return done
+
+
+def _machine() -> dict:
+    import diffusers
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "cuda": torch.cuda.is_available()}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def stage_outputs(stage: str, ctx: BuildContext) -> list[Path]:
+    """Files whose existence means ``stage`` is done."""
+    out = ctx.out
+    if stage == "classifier":
+        return [out / "fmnist_net.safetensors"]
+    if stage == "clip":
+        from .clip import MODEL_NAME, WEIGHTS_FILE
+
+        return [out / "clip" / WEIGHTS_FILE, out / "clip" / f"{MODEL_NAME}.json"]
+    if stage == "ref_stats":
+        return [out / "ref_stats" / f"{k}.npz" for k in ctx.recipe["ref_stats"]["extractors"]]
+    if stage == "vae":
+        return [ctx.work / "vae" / "diffusion_pytorch_model.safetensors"]
+    if stage in ("teacher_pixel", "teacher_latent"):
+        return [out / stage / "model_index.json",
+                out / stage / "unet" / "diffusion_pytorch_model.safetensors"]
+    if stage == "report":
+        return []
+    raise KeyError(stage)
+
+
+def stage_done(stage: str, ctx: BuildContext) -> bool:
+    if stage == "vae":
+        # the shipped latent teacher carries the VAE: no need to retrain it
+        shipped = ctx.out / "teacher_latent" / "vae" / "diffusion_pytorch_model.safetensors"
+        return all(p.exists() for p in stage_outputs("vae", ctx)) or shipped.exists()
+    if stage == "report":
+        rep = ctx.world.get("report")
+        return bool(rep) and rep.get("inputs") == _report_inputs(ctx)
+    return all(p.exists() for p in stage_outputs(stage, ctx))
+
+
+def _report_inputs(ctx: BuildContext) -> dict:
+    """Fingerprint of what the report measured (sizes + mtimes of the weight files)."""
+    files = {}
+    for f in sorted(ctx.out.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".npz"):
+            st = f.stat()
+            files[str(f.relative_to(ctx.out))] = [st.st_size, int(st.st_mtime)]
+    return files
+
+
+def _require(ctx: BuildContext, stage: str, needed_by: str) -> None:
+    if not stage_done(stage, ctx):
+        raise FileNotFoundError(
+            f"stage {needed_by!r} needs the outputs of stage {stage!r} "
+            f"({', '.join(str(p) for p in stage_outputs(stage, ctx)) or 'world.json'}); "
+            f"run `diffdistill world build --only {stage}` first")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_classifier(ctx: BuildContext) -> dict:
+    from .classifier import train_fmnist_net
+
+    r = dict(ctx.recipe["classifier"])
+    return train_fmnist_net(ctx.out / "fmnist_net.safetensors", seed=ctx.stage_seed("classifier"),
+                            root=ctx.root, log=ctx.log, **r)
+
+
+def run_clip(ctx: BuildContext) -> dict:
+    from .clip import train_clip
+
+    final = ctx.out / "clip"
+    tmp = _fresh_tmp(final)
+    metrics = train_clip(tmp, seed=ctx.stage_seed("clip"), root=ctx.root, log=ctx.log,
+                         **ctx.recipe["clip"])
+    _replace_dir(tmp, final)
+    return metrics
+
+
+def _detector(key: str, ctx: BuildContext):
+    if key == "fmnist-net":
+        from .classifier import FMNISTDetector
+
+        return FMNISTDetector(weights_path=ctx.out / "fmnist_net.safetensors")
+    if key == "clip":
+        from .clip import clip_detector
+
+        return clip_detector(ctx.out / "clip")
+    raise KeyError(f"unknown world extractor {key!r}; choose from {sorted(REF_STATS)}")
+
+
+def _stats(detector, images: torch.Tensor, source: str, batch_size: int = 250):
+    from diffdistill.eval.features import iter_feature_batches
+    from diffdistill.eval.fid import FeatureStats
+
+    stats = FeatureStats.for_detector(detector, resolution=32, source=source)
+    for feats in iter_feature_batches(detector, images, batch_size=batch_size):
+        stats.update(feats)
+    return stats
+
+
+def run_ref_stats(ctx: BuildContext) -> dict:
+    from diffdistill.data import fashion_mnist_uint8
+    from diffdistill.eval.fid import fid_from_stats
+
+    _require(ctx, "classifier", "ref_stats")
+    _require(ctx, "clip", "ref_stats")
+    r = ctx.recipe["ref_stats"]
+    test = fashion_mnist_uint8("test", 32, root=ctx.root, limit=r["test_limit"])
+    train = fashion_mnist_uint8("train", 32, root=ctx.root, limit=r["floor_train"])
+    metrics: dict = {"test_images": len(test), "floor_train_images": len(train)}
+    for key in r["extractors"]:
+        det = _detector(key, ctx)
+        ref = _stats(det, test, "fashion-mnist/test")
+        path = ref.save(ctx.out / "ref_stats" / f"{key}.npz")
+        floor = fid_from_stats(_stats(det, train, "fashion-mnist/train"), ref, check_meta=True)
+        metrics[key] = {"file": str(path.relative_to(ctx.out)), "extractor": det.name,
+                        "feature_dim": det.feature_dim, "count": ref.count,
+                        "train_vs_test_fd": floor}
+        ctx.log(f"  ref stats {key}: {ref.count} test images, {det.feature_dim}-d; "
+                f"train({len(train)}) vs test Fréchet distance {floor:.3f}")
+    return metrics
+
+
+def run_vae(ctx: BuildContext) -> dict:
+    from .vae import train_vae
+
+    final = ctx.work / "vae"
+    tmp = _fresh_tmp(final)
+    metrics = train_vae(tmp, seed=ctx.stage_seed("vae"), root=ctx.root, log=ctx.log,
+                        **ctx.recipe["vae"])
+    _replace_dir(tmp, final)
+    # The floor under the latent teacher: FID-FMNIST of the test split's reconstructions.
+    if stage_done("classifier", ctx) and (ctx.out / "ref_stats" / "fmnist-net.npz").exists():
+        from diffusers import AutoencoderKL
+
+        from diffdistill.data import fashion_mnist_uint8
+        from diffdistill.eval.fid import fid_from_stats
+
+        from . import load_ref_stats
+        from .vae import reconstruct
+
+        vae = AutoencoderKL.from_pretrained(str(final)).eval()
+        limit = ctx.recipe["ref_stats"]["test_limit"]
+        recon = reconstruct(vae, fashion_mnist_uint8("test", 32, root=ctx.root, limit=limit))
+        ref = load_ref_stats("fmnist-net", ctx.out)
+        fid = fid_from_stats(_stats(_detector("fmnist-net", ctx), recon, "vae-recon"), ref)
+        metrics["test_recon_fid_fmnist"] = fid
+        ctx.log(f"  vae: FID-FMNIST of test reconstructions {fid:.3f}")
+    return metrics
+
+
+def _latent_vae_dir(ctx: BuildContext) -> Path:
+    for cand in (ctx.work / "vae", ctx.out / "teacher_latent" / "vae"):
+        if (cand / "diffusion_pytorch_model.safetensors").exists():
+            return cand
+    raise FileNotFoundError("the latent teacher needs the VAE: run `diffdistill world build "
+                            "--only vae` first")
+
+
+def init_teacher_pixel(folder: Path, seed: int, unet: dict) -> Path:
+    """A freshly initialised class-conditional ``DDPMPipeline`` folder (10 classes + null)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffdistill.tiny import tiny_pixel_unet
+
+    model = tiny_pixel_unet(channels=unet["channels"], num_classes=10, sample_size=32,
+                            seed=seed, down_block_types=unet["down_block_types"],
+                            up_block_types=unet["up_block_types"],
+                            layers_per_block=unet["layers_per_block"],
+                            norm_groups=unet["norm_groups"])
+    # DDPM's CIFAR-10 schedule (Ho et al. 2020): 1000 steps, linear β 1e-4 → 0.02, ε target.
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                          beta_end=0.02, prediction_type="epsilon", clip_sample=False)
+    tmp = _fresh_tmp(folder)
+    DDPMPipeline(unet=model, scheduler=sched).save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "diffdistill.json").write_text(json.dumps({"num_classes": 10, "null_class": 10}))
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def init_teacher_latent(folder: Path, seed: int, vae_dir: Path, unet: dict,
+                        text_encoder: dict) -> Path:
+    """A freshly initialised ``StableDiffusionPipeline`` folder around the trained VAE."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    from diffdistill.tiny import SD_SCHEDULER, tiny_cond_unet, tiny_text_encoder
+    from diffdistill.tokenizer import load_clip_tokenizer, write_clip_tokenizer
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    te = tiny_text_encoder(hidden=text_encoder["hidden"], layers=text_encoder["layers"],
+                           seed=seed)
+    model = tiny_cond_unet(channels=unet["channels"], cross_attention_dim=te.config.hidden_size,
+                           sample_size=32 // factor, seed=seed,
+                           down_block_types=unet["down_block_types"],
+                           up_block_types=unet["up_block_types"],
+                           layers_per_block=unet["layers_per_block"])
+    tmp = _fresh_tmp(folder)
+    tok = load_clip_tokenizer(write_clip_tokenizer(tmp.parent / f".{folder.name}.tokenizer"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=tok, unet=model,
+        scheduler=DDIMScheduler(**SD_SCHEDULER, prediction_type="epsilon"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(tmp.parent / f".{folder.name}.tokenizer", ignore_errors=True)
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def _pretrain_config(ctx: BuildContext, stage: str, init_dir: Path):
+    from diffdistill.config import build_config, deep_merge, load_yaml
+    from diffdistill.trainers.pretrain import PretrainConfig
+
+    r = ctx.recipe[stage]
+    path = CONFIG_DIR / r["config"]
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher config {path} is missing (the build reads the "
+                                "repository's configs/pretrain/*.yaml)")
+    data = load_yaml(path)
+    over: dict = {"model": {"path": str(init_dir)}, "output_dir": str(ctx.work / "train" / stage),
+                  "seed": ctx.stage_seed(stage)}
+    if ctx.root:
+        over["data"] = {"path": str(ctx.root)}
+    if stage == "teacher_latent":
+        over.setdefault("data", {})["cache_dir"] = str(ctx.work / "cache")
+    data = deep_merge(deep_merge(data, over), copy.deepcopy(r.get("overrides", {})))
+    return path, build_config(PretrainConfig, data)
+
+
+def _teacher_readme(stage: str, metrics: dict) -> str:
+    if stage == "teacher_latent":
+        body = (
+            "Teacher A of diffdistill's embedded world: a text-to-image StableDiffusionPipeline "
+            "trained on Fashion-MNIST captions (\"a photo of a sneaker\").\n\n"
+            "```python\nfrom diffusers import StableDiffusionPipeline\n"
+            "pipe = StableDiffusionPipeline.from_pretrained(PATH)\n"
+            "image = pipe(\"a photo of a sneaker\", height=32, width=32, num_inference_steps=25,\n"
+            "             guidance_scale=2.0).images[0]\n```\n\n"
+            "(`world.json` records FID-FMNIST per guidance scale and the best one.) "
+            "The text encoder is randomly initialised and frozen (only the UNet and the VAE "
+            "were trained).\n")
+    else:
+        body = (
+            "Teacher B of diffdistill's embedded world: a class-conditional pixel UNet2DModel "
+            "(32x32 px, 10 Fashion-MNIST classes + null class 10 for classifier-free "
+            "guidance) with a DDPM linear schedule. Stock DDPMPipeline passes no class "
+            "labels, so sample it with diffdistill (`diffdistill sample PATH --class-label 7 "
+            "--sampler ddim --steps 25`) or call the UNet with `class_labels=`.\n")
+    return (f"# {stage}\n\n{body}\nWeights are fp16 safetensors; load in fp32. Built by "
+            f"`diffdistill world build` (see world.json for seeds, steps and metrics).\n")
+
+
+def finalize_teacher(export_dir: Path, final: Path, stage: str, metrics: dict) -> Path:
+    """Copy a trainer export into the assets: fp16 weights, the compact tokenizer
+    (vocab.json + merges.txt instead of a 3.6 MB tokenizer.json), a short README."""
+    from diffdistill.tokenizer import write_clip_tokenizer
+
+    tmp = _fresh_tmp(final)
+    shutil.copytree(export_dir, tmp)
+    cast_safetensors_fp16(tmp)
+    if (tmp / "tokenizer").is_dir():
+        shutil.rmtree(tmp / "tokenizer")
+        write_clip_tokenizer(tmp / "tokenizer")
+    (tmp / "README.md").write_text(_teacher_readme(stage, metrics))
+    _replace_dir(tmp, final)
+    return final
+
+
+@torch.no_grad()
+def _unet_gflops(bb, unet) -> float:
+    """Forward GFLOPs of one UNet call on one sample (multiply-adds count 2), with the
+    conditioning the teacher uses: what every sampling step and training step pays."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f = bb.vae_scale_factor
+    x = torch.zeros(1, bb.latent_channels, 32 // f, 32 // f)
+    cond = (bb.class_cond(torch.tensor([0]), guidance=False) if bb.kind == "pixel"
+            else bb.encode_prompts(["a photo of a coat"], with_uncond=False))
+    model = bb.denoiser(unet)
+    with FlopCounterMode(display=False) as counter:
+        model.raw(x, torch.tensor([500.0]), cond)
+    return round(counter.get_total_flops() / 1e9, 4)
+
+
+def _run_teacher(ctx: BuildContext, stage: str) -> dict:
+    from diffdistill.trainers.pretrain import PretrainTrainer
+
+    seed = ctx.stage_seed(stage)
+    init_dir = ctx.work / "init" / stage
+    r = ctx.recipe[stage]
+    if not (init_dir / "model_index.json").exists():
+        if stage == "teacher_pixel":
+            init_teacher_pixel(init_dir, seed, r["unet"])
+        else:
+            init_teacher_latent(init_dir, seed, _latent_vae_dir(ctx), r["unet"],
+                                r["text_encoder"])
+    cfg_path, cfg = _pretrain_config(ctx, stage, init_dir)
+    ctx.log(f"  {stage}: PretrainTrainer with {cfg_path.name} (max_steps "
+            f"{cfg.train.max_steps}, batch {cfg.train.batch_size}, lr {cfg.train.lr}) -> "
+            f"{cfg.output_dir}")
+    trainer = PretrainTrainer(cfg)
+    last = trainer.fit(resume="latest")
+    unet = trainer.generator_unet()
+    params = sum(p.numel() for p in unet.parameters())
+    gflops = _unet_gflops(trainer.backbone, unet)
+    export = Path(cfg.output_dir) / "export"
+    finalize_teacher(export, ctx.out / stage, stage, last)
+    metrics = {"config": str(cfg_path.relative_to(REPO_ROOT)),
+               "max_steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
+               "lr": cfg.train.lr, "ema_decay": cfg.train.ema_decay,
+               "cond_dropout": cfg.pretrain.cond_dropout,
+               "min_snr_gamma": cfg.pretrain.min_snr_gamma,
+               "final_loss": float(last.get("loss", float("nan"))), "unet_params": params,
+               "unet_gflops_per_sample": gflops,
+               "prediction_type": trainer.backbone.prediction_type}
+    if stage == "teacher_latent":
+        metrics["latent_shape"] = [trainer.backbone.latent_channels,
+                                   32 // trainer.backbone.vae_scale_factor,
+                                   32 // trainer.backbone.vae_scale_factor]
+        metrics["text_encoder"] = "CLIPTextModel, random init (seeded), frozen"
+    ctx.log(f"  {stage}: final loss {metrics['final_loss']:.4f}, UNet {params / 1e6:.2f} M "
+            f"params -> {ctx.out / stage}")
+    return metrics
+
+
+def run_teacher_pixel(ctx: BuildContext) -> dict:
+    return _run_teacher(ctx, "teacher_pixel")
+
+
+def run_teacher_latent(ctx: BuildContext) -> dict:
+    return _run_teacher(ctx, "teacher_latent")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def teacher_prompts(n: int) -> tuple[list[int], list[str]]:
+    """Labels ``i % 10`` and their first-template captions ("a photo of a t-shirt", ...)."""
+    from diffdistill.data import caption_for_class
+
+    labels = [i % 10 for i in range(n)]
+    return labels, [caption_for_class(c, 0) for c in labels]
+
+
+@torch.no_grad()
+def sample_teacher(path, num: int, *, steps: int = 25, guidance_scale: float = 2.0,
+                   seed: int = 0, sampler: str = "ddim", batch_size: int = 250,
+                   backbone=None) -> torch.Tensor:
+    """uint8 samples ``[num, 3, 32, 32]`` of a world teacher through the shared sampler:
+    sample i has seed ``seed + i`` and class ``i % 10`` (its caption for the latent one)."""
+    from diffdistill.backbone import load_backbone
+    from diffdistill.sampling import generate
+
+    bb = backbone or load_backbone(path)
+    labels, prompts = teacher_prompts(num)
+    gs = float(guidance_scale)
+    if bb.kind == "pixel":
+        shape = (bb.unet.config.in_channels, 32, 32)
+
+        def cond_fn(sl):
+            return bb.class_cond(torch.tensor(labels[sl]), guidance=gs != 1.0)
+        decode = None
+    else:
+        f = bb.vae_scale_factor
+        shape = (bb.latent_channels, 32 // f, 32 // f)
+
+        def cond_fn(sl):
+            return bb.encode_prompts(prompts[sl], with_uncond=gs != 1.0)
+        decode = bb.decode_latents
+    return generate(bb.denoiser(), seeds=[seed + i for i in range(num)], shape=shape,
+                    cond_fn=cond_fn, sampler=sampler, num_steps=steps, guidance_scale=gs,
+                    batch_size=batch_size, decode=decode, output="uint8", progress=False)
+
+
+def run_report(ctx: BuildContext) -> dict:
+    from diffdistill.backbone import load_backbone
+    from diffdistill.eval.clip_score import clip_score
+    from diffdistill.eval.fid import fid_from_stats
+    from diffdistill.images import save_grid
+
+    from . import load_ref_stats
+
+    for s in ("classifier", "clip", "ref_stats", "teacher_pixel", "teacher_latent"):
+        _require(ctx, s, "report")
+    r = ctx.recipe["report"]
+    fm = _detector("fmnist-net", ctx)
+    cd = _detector("clip", ctx)
+    ref = load_ref_stats("fmnist-net", ctx.out)
+    seed = ctx.stage_seed("report")
+    teachers: dict = {}
+    for name in ("teacher_pixel", "teacher_latent"):
+        bb = load_backbone(ctx.out / name)
+        rows, samples = [], {}
+        for gs in r["guidance_scales"]:
+            t0 = time.perf_counter()
+            imgs = sample_teacher(None, r["num_samples"], steps=r["steps"], guidance_scale=gs,
+                                  seed=seed, batch_size=r["batch_size"], backbone=bb)
+            fid = fid_from_stats(_stats(fm, imgs, f"{name}-samples"), ref)
+            labels, prompts = teacher_prompts(len(imgs))
+            cs = clip_score(cd, imgs, prompts).mean
+            acc = float((fm.predict(imgs) == torch.tensor(labels)).float().mean())
+            rows.append({"guidance_scale": gs, "fid_fmnist": fid, "clip_score": cs,
+                         "class_accuracy": acc, "sample_s": time.perf_counter() - t0})
+            samples[gs] = imgs[:r["grid"]]
+            ctx.log(f"  {name}: cfg {gs:g}, {r['steps']} DDIM steps, {len(imgs)} samples: "
+                    f"FID-FMNIST {fid:.2f}, CLIP score {cs:.4f}, classifier agrees {acc:.3f}")
+        best = min(rows, key=lambda row: row["fid_fmnist"])
+        grid_path = save_grid(samples[best["guidance_scale"]], ctx.work / "grids" / f"{name}.png",
+                              nrow=10, scale=3)
+        teachers[name] = {"sampler": "ddim", "steps": r["steps"],
+                          "num_samples": r["num_samples"], "rows": rows,
+                          "best_guidance_scale": best["guidance_scale"],
+                          "grid": str(grid_path)}
+    sizes = {k: v for k, v in asset_sizes(ctx.out).items() if k != "world.json"}
+    total = sum(sizes.values())  # + world.json itself (a few kB) once written
+    forbidden = [f for f in sizes if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    ctx.log(f"  shipped files: {len(sizes)}, {total / 1e6:.2f} MB (budget "
+            f"{SIZE_BUDGET_BYTES / 1e6:.0f} MB)")
+    if forbidden:
+        raise RuntimeError(f"non-safetensors weight files in the assets: {forbidden}")
+    return {"teachers": teachers, "total_bytes": total, "files": len(sizes),
+            "within_budget": total <= SIZE_BUDGET_BYTES, "inputs": _report_inputs(ctx)}
+
+
+RUNNERS = {
+    "classifier": run_classifier,
+    "clip": run_clip,
+    "ref_stats": run_ref_stats,
+    "vae": run_vae,
+    "teacher_pixel": run_teacher_pixel,
+    "teacher_latent": run_teacher_latent,
+    "report": run_report,
+}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _summaries(world: dict) -> None:
+    """Top-level fields a reader wants first (accuracies, sizes), refreshed after each stage."""
+    st = world.get("stages", {})
+    acc = {}
+    if "classifier" in st:
+        acc["fmnist_net_test_accuracy"] = st["classifier"]["metrics"]["test_accuracy"]
+    if "clip" in st:
+        acc["clip_zero_shot_test_accuracy"] = st["clip"]["metrics"]["zero_shot_accuracy"]
+    world["accuracies"] = acc
+    world["cpu_seconds_total"] = sum(s.get("cpu_s", 0.0) for s in st.values())
+    world["wall_seconds_total"] = sum(s.get("wall_s", 0.0) for s in st.values())
+
+
+def resolve_dirs(scale: str, out=None, work=None) -> tuple[Path, Path]:
+    """(assets dir, work dir): defaults are the package assets + ``runs/world_build`` for
+    ``full``, a new temporary folder + its sibling ``OUT-work`` for ``tiny``."""
+    if out is None:
+        out = ASSETS_DIR if scale == "full" else Path(tempfile.mkdtemp(prefix="diffdistill-world-"))
+    out = Path(out).resolve()
+    if work is None:
+        work = "runs/world_build" if scale == "full" else out.with_name(out.name + "-work")
+    work = Path(work).resolve()
+    return out, work
+
+
+def build_world(scale: str = "full", out=None, work=None, only=None, force: bool = False,
+                root=None, command: Optional[str] = None,
+                log: Optional[Callable[[str], None]] = None) -> dict:
+    """Run the recipe (see the module docstring); returns the ``world.json`` content.
+
+    ``out``: where the shipped assets go (default: the package's assets for ``full``, a new
+    temporary folder for ``tiny``); ``work``: intermediate files (default
+    ``runs/world_build`` for ``full``, ``OUT-work`` beside ``OUT`` for ``tiny``); ``only``:
+    stage names to run; ``force``: rerun stages whose outputs exist.
+    """
+    if scale not in RECIPES:
+        raise ValueError(f"unknown scale {scale!r}; choose from {sorted(RECIPES)}")
+    only = list(only or STAGES)
+    unknown = [s for s in only if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    out, work = resolve_dirs(scale, out, work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    log = log or _default_log
+    recipe = RECIPES[scale]
+    world_path = out / "world.json"
+    world = json.loads(world_path.read_text()) if world_path.exists() else {}
+    if world.get("scale") not in (None, scale):
+        raise ValueError(f"{world_path} was built at scale {world['scale']!r}, not {scale!r}: "
+                         "use another --out")
+    world.update({"format_version": FORMAT_VERSION, "scale": scale, "seed": recipe["seed"],
+                  "command": command or f"diffdistill world build --scale {scale}",
+                  "machine": _machine()})
+    world.setdefault("stages", {})
+    ctx = BuildContext(scale=scale, recipe=recipe, out=out, work=work, seed=recipe["seed"],
+                       root=str(root) if root else None, command=world["command"], log=log,
+                       world=world)
+    log(f"building the embedded world ({scale}) into {out} (work: {work}); stages: "
+        f"{', '.join(s for s in STAGES if s in only)}")
+    for stage in STAGES:
+        if stage not in only:
+            continue
+        if not force and stage_done(stage, ctx):
+            log(f"stage {stage}: outputs exist, skipped")
+            continue
+        log(f"stage {stage}: start (seed {ctx.stage_seed(stage)})")
+        torch.manual_seed(ctx.stage_seed(stage))
+        w0, c0 = time.perf_counter(), time.process_time()
+        metrics = RUNNERS[stage](ctx)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        entry = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                 "seed": ctx.stage_seed(stage), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "settings": _settings(recipe, stage), "metrics": metrics}
+        if stage == "report":
+            world["report"] = {"inputs": metrics.pop("inputs")}
+            world["teachers"] = metrics["teachers"]
+            world["total_bytes"] = metrics["total_bytes"]
+        world["stages"][stage] = entry
+        _summaries(world)
+        _atomic_write_json(world_path, world)
+        log(f"stage {stage}: done in {wall:.0f} s wall, {cpu:.0f} s CPU")
+    _summaries(world)
+    _atomic_write_json(world_path, world)
+    return world
+
+
+def _settings(recipe: dict, stage: str) -> dict:
+    return json.loads(json.dumps(recipe.get(stage, {}), default=_json_default))
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def asset_sizes(out=None) -> dict[str, int]:
+    out = Path(out or ASSETS_DIR)
+    return {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*"))
+            if f.is_file() and not f.name.startswith(".")}
+
+
+def teacher_table(world: dict) -> str:
+    """Markdown table of the report stage's quick teacher measurements."""
+    lines = ["| teacher | CFG | DDIM steps | samples | FID-FMNIST | CLIP score | class acc. |",
+             "|---|---|---|---|---|---|---|"]
+    for name, t in world.get("teachers", {}).items():
+        for row in t["rows"]:
+            star = " (best)" if row["guidance_scale"] == t["best_guidance_scale"] else ""
+            lines.append(f"| {name} | {row['guidance_scale']:g}{star} | {t['steps']} | "
+                         f"{t['num_samples']} | {row['fid_fmnist']:.2f} | "
+                         f"{row['clip_score']:.4f} | {row['class_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def teacher_grids(out_dir, assets=None, *, num: int = 20, steps: int = 25,
+                  seed: int = 0) -> dict[str, Path]:
+    """Sample both shipped teachers (DDIM, ``steps``, the CFG scale the report found best,
+    else 2) and write ``OUT_DIR/<teacher>_grid.png`` — what ``make demo`` shows."""
+    from diffdistill.images import save_grid
+
+    from . import world_info
+
+    assets = Path(assets or ASSETS_DIR)
+    try:
+        teachers = world_info(assets).get("teachers", {})
+    except FileNotFoundError:
+        teachers = {}
+    paths = {}
+    for name in ("teacher_latent", "teacher_pixel"):
+        gs = float(teachers.get(name, {}).get("best_guidance_scale", 2.0))
+        imgs = sample_teacher(assets / name, num, steps=steps, guidance_scale=gs, seed=seed)
+        paths[name] = save_grid(imgs, Path(out_dir) / f"{name}_grid.png", nrow=10, scale=3)
+    return paths
+
+
+def format_info(out=None) -> str:
+    out = Path(out or ASSETS_DIR)
+    path = out / "world.json"
+    if not path.exists():
+        return (f"{out}: no world.json — the embedded world is not built. Build it with "
+                "`diffdistill world build` (about an hour on 2 CPU cores).")
+    world = json.loads(path.read_text())
+    lines = [f"embedded world in {out} (scale {world.get('scale')}, seed {world.get('seed')})",
+             f"built by: {world.get('command')}", "", "| stage | wall s | CPU s | finished |",
+             "|---|---|---|---|"]
+    for name in STAGES:
+        s = world.get("stages", {}).get(name)
+        if s:
+            lines.append(f"| {name} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | {s['finished']} |")
+        else:
+            lines.append(f"| {name} | — | — | not built |")
+    lines.append("")
+    for k, v in world.get("accuracies", {}).items():
+        lines.append(f"{k}: {v:.4f}")
+    sizes = asset_sizes(out)
+    total = sum(sizes.values())
+    lines.append(f"shipped files: {len(sizes)}, {total / 1e6:.2f} MB "
+                 f"(budget {SIZE_BUDGET_BYTES / 1e6:.0f} MB)")
+    if world.get("teachers"):
+        lines += ["", teacher_table(world)]
+    return "\n".join(lines)
+
+
+def main_build(args) -> int:
+    """CLI handler of ``diffdistill world build`` / ``diffdistill world info``."""
+    if args.action == "info":
+        print(format_info(args.out))
+        return 0
+    out, work = resolve_dirs(args.scale, args.out, args.work)
+    command = f"diffdistill world build --scale {args.scale}"
+    if args.only:
+        command += " --only " + " ".join(args.only)
+    if args.force:
+        command += " --force"
+    build_world(scale=args.scale, out=out, work=work, only=args.only, force=args.force,
+                root=args.data, command=command)
+    print(format_info(out))
+    return 0

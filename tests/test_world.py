@@ -1,0 +1,288 @@
+"""The embedded tiny world: the build recipe end to end at the test scale, and the shipped
+assets (``diffdistill/world/assets``).
+
+``test_shipped_*`` check the world that ships with the package. They FAIL (they do not
+skip) when it has not been built, naming the command to run; they carry the
+``world_assets`` marker so that a run can deselect them explicitly
+(``pytest -m "not world_assets"``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffdistill.world import ASSETS_DIR
+
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny-scale recipe run once into a temporary folder: (out, work, world.json)."""
+    from diffdistill.world.build import build_world
+
+    out = tmp_path_factory.mktemp("world") / "assets"
+    work = out.parent / "work"
+    info = build_world(scale="tiny", out=out, work=work, log=lambda m: None)
+    return out, work, info
+
+
+def _safetensors_dtypes(folder: Path) -> set:
+    from safetensors import safe_open
+
+    dtypes = set()
+    for f in folder.rglob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                if t.is_floating_point():
+                    dtypes.add(t.dtype)
+    return dtypes
+
+
+def test_world_json_records_every_stage(world):
+    from diffdistill.world.build import STAGES
+
+    out, _, info = world
+    on_disk = json.loads((out / "world.json").read_text())
+    assert on_disk["scale"] == "tiny" and on_disk["seed"] == 0
+    assert list(on_disk["stages"]) == list(STAGES)
+    for name, stage in on_disk["stages"].items():
+        assert stage["wall_s"] >= 0 and stage["cpu_s"] >= 0, name
+        assert stage["seed"] == STAGES.index(name) + 1, name  # seed * 1000 + stage offset
+    acc = on_disk["accuracies"]
+    assert set(acc) == {"fmnist_net_test_accuracy", "clip_zero_shot_test_accuracy"}
+    assert on_disk["command"] == "diffdistill world build --scale tiny"
+    assert on_disk["teachers"]["teacher_latent"]["rows"][0]["guidance_scale"] == 2.0
+    # the report measured exactly the shipped files, and nothing else is in the folder
+    assert on_disk["total_bytes"] == sum(f.stat().st_size for f in out.rglob("*")
+                                         if f.is_file() and f.name != "world.json")
+    assert on_disk["stages"]["report"]["metrics"]["within_budget"]
+
+
+def test_assets_are_fp16_safetensors_only(world):
+    out, _, _ = world
+    weights = [f for f in out.rglob("*") if f.suffix in WEIGHT_SUFFIXES]
+    assert weights and all(f.suffix == ".safetensors" for f in weights), weights
+    assert _safetensors_dtypes(out) == {torch.float16}
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in weights)  # world-readable
+    # the compact tokenizer: vocab.json + merges.txt, not transformers' 3.6 MB tokenizer.json
+    tok = out / "teacher_latent" / "tokenizer"
+    assert (tok / "vocab.json").is_file() and not (tok / "tokenizer.json").exists()
+
+
+def test_shipped_weights_are_the_trainer_export_in_fp16(world):
+    """finalize: every tensor equals the PretrainTrainer's EMA export rounded to fp16."""
+    from safetensors.torch import load_file
+
+    out, work, _ = world
+    for name in ("teacher_pixel", "teacher_latent"):
+        exported = load_file(str(work / "train" / name / "export" / "unet"
+                                 / "diffusion_pytorch_model.safetensors"))
+        shipped = load_file(str(out / name / "unet" / "diffusion_pytorch_model.safetensors"))
+        assert exported.keys() == shipped.keys()
+        for k, v in exported.items():
+            assert torch.equal(v.half(), shipped[k]), (name, k)
+
+
+def test_latent_teacher_stock_pipeline_matches_shared_sampler(world):
+    """Stock ``StableDiffusionPipeline.from_pretrained`` samples the folder (fp32) and gives
+    the same image as the toolkit's sampler (DDIM, 2 steps, CFG 2, same seed)."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffdistill.world.build import sample_teacher
+
+    out, _, _ = world
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "teacher_latent"))
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    assert len(pipe.vae.config.block_out_channels) == 3  # factor 4: 8x8 latents
+    assert pipe.unet.config.sample_size == 8
+    seed = 3
+    stock = pipe("a photo of a t-shirt", height=32, width=32, num_inference_steps=2,
+                 guidance_scale=2.0, generator=torch.Generator().manual_seed(seed),
+                 output_type="np").images[0]
+    ours = sample_teacher(out / "teacher_latent", 1, steps=2, guidance_scale=2.0, seed=seed)
+    ours = ours[0].permute(1, 2, 0).numpy().astype(np.float64)
+    assert np.abs(stock * 255 - ours).max() <= 1.0 + 1e-6  # uint8 rounding only
+    assert ours.std() > 0  # not a constant image
+
+
+def test_pixel_teacher_loads_through_backbone(world):
+    from diffdistill.backbone import load_backbone
+    from diffdistill.world.build import sample_teacher
+
+    out, _, info = world
+    bb = load_backbone(out / "teacher_pixel")
+    assert bb.kind == "pixel" and bb.pipeline_class == "DDPMPipeline"
+    assert (bb.num_classes, bb.null_class) == (10, 10)
+    assert bb.unet.config.num_class_embeds == 11 and bb.unet.config.sample_size == 32
+    assert bb.prediction_type == "epsilon" and bb.unet.dtype == torch.float32
+    imgs = sample_teacher(None, 3, steps=2, guidance_scale=2.0, seed=1, backbone=bb)
+    assert imgs.dtype == torch.uint8 and imgs.shape == (3, 3, 32, 32)
+    # batch composition does not change a sample (one seed per sample)
+    again = sample_teacher(None, 1, steps=2, guidance_scale=2.0, seed=1, backbone=bb)
+    assert (imgs[:1].int() - again.int()).abs().max() <= 1
+
+
+def test_classifier_detector_on_uint8(world):
+    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
+    from diffdistill.eval.features import get_detector
+    from diffdistill.world.classifier import FMNISTDetector, accuracy, load_fmnist_net
+
+    out, _, info = world
+    path = out / "fmnist_net.safetensors"
+    det = get_detector("fmnist-net", weights_path=path)
+    assert isinstance(det, FMNISTDetector) and det.name == "fmnist-net"
+    test = fashion_mnist_uint8("test", 32, limit=32)
+    feats = det(test)
+    assert feats.dtype == torch.float32 and feats.shape == (32, det.feature_dim)
+    # gray input: 1 channel or 3 replicated channels give the same features
+    assert torch.equal(det(test[:, :1]), feats)
+    # the features are the network's pooled activations on [-1, 1] gray inputs
+    net = load_fmnist_net(path)
+    manual = net.features(test[:, :1].float() / 127.5 - 1)
+    torch.testing.assert_close(feats, manual, rtol=0, atol=1e-6)
+    # other sizes are resized (28 px originals work)
+    assert det(torch.from_numpy(np.array(load_fashion_mnist("test")[0][:2]))[:, None]).shape \
+        == (2, det.feature_dim)
+    # world.json's accuracy is the shipped file's, recomputable exactly
+    labels = torch.from_numpy(load_fashion_mnist("test")[1][:32].copy())
+    assert accuracy(net, test, labels) == info["accuracies"]["fmnist_net_test_accuracy"]
+
+
+def test_clip_loads_through_open_clip(world):
+    import open_clip
+
+    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
+    from diffdistill.world.clip import (MODEL_NAME, WEIGHTS_FILE, load_clip_model,
+                                        zero_shot_accuracy)
+
+    out, _, info = world
+    folder = out / "clip"
+    open_clip.add_model_config(str(folder / f"{MODEL_NAME}.json"))
+    model = open_clip.create_model(MODEL_NAME, pretrained=str(folder / WEIGHTS_FILE))
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.visual.__class__.__name__ == "ModifiedResNet"
+    # the hub-style folder form loads the same weights
+    same = open_clip.create_model(f"local-dir:{folder}")
+    for (k, a), (_, b) in zip(model.state_dict().items(), same.state_dict().items()):
+        assert torch.equal(a, b), k
+    model2, _, tok = load_clip_model(folder)
+    test = fashion_mnist_uint8("test", 32, limit=32)
+    labels = torch.from_numpy(load_fashion_mnist("test")[1][:32].copy())
+    acc = zero_shot_accuracy(model2, tok, test, labels)
+    assert acc == info["accuracies"]["clip_zero_shot_test_accuracy"]
+
+
+def test_ref_stats_metadata_and_values(world):
+    from diffdistill.data import fashion_mnist_uint8
+    from diffdistill.eval.fid import FeatureStats
+    from diffdistill.world import load_ref_stats, world_clip_detector
+    from diffdistill.world.classifier import FMNISTDetector
+
+    out, _, _ = world
+    test = fashion_mnist_uint8("test", 32, limit=32)
+    dets = {"fmnist-net": FMNISTDetector(out / "fmnist_net.safetensors"),
+            "clip": world_clip_detector(out / "clip")}
+    for key, det in dets.items():
+        stats = load_ref_stats(key, out, extractor=det.name, resize_mode=det.resize_mode,
+                               resolution=32, count=32, source="fashion-mnist/test")
+        feats = det(test).double()
+        torch.testing.assert_close(stats.mean(), feats.mean(0), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(stats.cov(), torch.cov(feats.T), rtol=1e-5, atol=1e-8)
+        with pytest.raises(ValueError, match="resolution"):
+            FeatureStats.load(out / "ref_stats" / f"{key}.npz", resolution=64)
+
+
+def test_rebuild_skips_done_stages_and_force_is_deterministic(world):
+    from safetensors.torch import load_file
+
+    from diffdistill.world.build import build_world
+
+    out, work, info = world
+    before = json.loads((out / "world.json").read_text())
+    old = load_file(str(out / "fmnist_net.safetensors"))
+    logs: list[str] = []
+    build_world(scale="tiny", out=out, work=work, log=logs.append)
+    assert sum("outputs exist, skipped" in m for m in logs) == 7
+    build_world(scale="tiny", out=out, work=work, only=["classifier"], force=True,
+                log=logs.append)
+    after = json.loads((out / "world.json").read_text())
+    new = load_file(str(out / "fmnist_net.safetensors"))
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert after["stages"]["clip"] == before["stages"]["clip"]
+    assert after["accuracies"] == before["accuracies"]
+
+
+def test_cli_world_info(world, capsys):
+    from diffdistill.cli import main
+
+    out, _, _ = world
+    assert main(["world", "info", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| teacher_latent |" in text and "fmnist_net_test_accuracy" in text
+
+
+def test_build_refuses_unknown_stage(tmp_path):
+    from diffdistill.world.build import build_world
+
+    with pytest.raises(ValueError, match="unknown stage"):
+        build_world(scale="tiny", out=tmp_path / "o", only=["teachers"])
+
+
+# ----------------------------------------------------------------------------- shipped
+
+
+def _require_shipped() -> dict:
+    path = ASSETS_DIR / "world.json"
+    if not path.is_file():
+        pytest.fail(f"the embedded world is not built ({path} is missing): run "
+                    "`diffdistill world build` (about an hour on 2 CPU cores), or deselect "
+                    "with -m 'not world_assets'")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.world_assets
+def test_shipped_world_sizes_and_formats():
+    from diffdistill.world.build import SIZE_BUDGET_BYTES, STAGES
+
+    info = _require_shipped()
+    assert info["scale"] == "full"
+    assert set(info["stages"]) == set(STAGES), "world.json lacks stages: rerun the build"
+    files = [f for f in ASSETS_DIR.rglob("*") if f.is_file() and not f.name.startswith(".")]
+    total = sum(f.stat().st_size for f in files)
+    assert total <= SIZE_BUDGET_BYTES, f"{total / 1e6:.2f} MB shipped"
+    weights = [f for f in files if f.suffix in WEIGHT_SUFFIXES]
+    assert all(f.suffix == ".safetensors" for f in weights), weights
+    assert _safetensors_dtypes(ASSETS_DIR) == {torch.float16}
+
+
+@pytest.mark.world_assets
+def test_shipped_world_accuracies_and_stats():
+    from diffdistill.world import load_ref_stats
+
+    info = _require_shipped()
+    assert info["accuracies"]["fmnist_net_test_accuracy"] >= 0.90
+    assert info["accuracies"]["clip_zero_shot_test_accuracy"] >= 0.5
+    for key in ("fmnist-net", "clip"):
+        assert load_ref_stats(key, source="fashion-mnist/test", resolution=32).count == 10000
+
+
+@pytest.mark.world_assets
+def test_shipped_teachers_load():
+    from diffusers import StableDiffusionPipeline
+
+    from diffdistill.backbone import load_backbone
+
+    _require_shipped()
+    bb = load_backbone(ASSETS_DIR / "teacher_pixel")
+    assert (bb.kind, bb.num_classes, bb.null_class, bb.resolution) == ("pixel", 10, 10, 32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(ASSETS_DIR / "teacher_latent"))
+    img = pipe("a photo of a sneaker", height=32, width=32, num_inference_steps=2,
+               output_type="np").images[0]
+    assert img.shape == (32, 32, 3)
