@@ -286,3 +286,10 @@ def test_shipped_teachers_load():
     img = pipe("a photo of a sneaker", height=32, width=32, num_inference_steps=2,
                output_type="np").images[0]
     assert img.shape == (32, 32, 3)
+
+
+def test_fmnist_detector_metric_is_named_fid_fmnist():
+    from diffdistill.eval.fid import metric_name
+    from diffdistill.world.classifier import FMNISTDetector, FMNISTNet
+
+    assert metric_name(FMNISTDetector(net=FMNISTNet())) == "FID-FMNIST"

@@ -86,6 +86,7 @@ class FMNISTDetector(nn.Module):
     """Detector ``"fmnist-net"``: uint8 NCHW images → 128-d FMNISTNet features (float32)."""
 
     resize_mode = "clean"
+    metric_name = "FID-FMNIST"  # how reports name the Fréchet distance on these features
 
     def __init__(self, weights_path: Optional[Union[str, os.PathLike]] = None,
                  device: Optional[Union[str, torch.device]] = None,
