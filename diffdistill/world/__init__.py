@@ -113,3 +113,20 @@ def _register_detectors() -> None:
 
 
 _register_detectors()
+
+
+def warmup_cosine(optimizer, steps: int):
+    """The LR schedule of the world's small training loops (classifier, VAE, CLIP): linear
+    warm-up over the first 5% of ``steps``, then cosine decay to 0."""
+    import math
+
+    import torch
+
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)

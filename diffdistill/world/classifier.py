@@ -24,7 +24,6 @@ weights, ``weights_path=`` another file).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffdistill.world import warmup_cosine
 
 DETECTOR_NAME = "fmnist-net"
 FEATURE_DIM = 128
@@ -212,14 +213,7 @@ def train_fmnist_net(out_path: Union[str, os.PathLike], *, steps: int = 1410,
     test_y = torch.from_numpy(load_fashion_mnist("test", root)[1][:len(test_x)].copy())
     net = FMNISTNet(widths=widths)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, steps)
     n = len(train_x)
     bs = min(batch_size, n)
     per_epoch = n // bs

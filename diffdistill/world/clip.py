@@ -36,6 +36,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from diffdistill.world import warmup_cosine
+
 MODEL_NAME = "fmnist-clip"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir: loader looks for
 MODEL_CONFIG = {
@@ -193,14 +195,7 @@ def train_clip(out_dir: Union[str, os.PathLike], *, steps: int = 800, batch_size
          else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, steps)
     loss_fn = open_clip.ClipLoss()
     n = len(train_x)
     bs = min(batch_size, n)

@@ -35,6 +35,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from diffdistill.world import warmup_cosine
+
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
@@ -72,14 +74,7 @@ def train_vae(out_dir: Union[str, os.PathLike], *, channels=(16, 32, 64), norm_g
     train_x = fashion_mnist_uint8("train", 32, root=root, limit=limit)
     test_x = fashion_mnist_uint8("test", 32, root=root, limit=test_limit)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, steps)
     n = len(train_x)
     bs = min(batch_size, n)
     per_epoch = n // bs
