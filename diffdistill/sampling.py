@@ -311,10 +311,10 @@ def _ve_grid(model: DenoiserBase, timesteps) -> tuple[list[float], list[float]]:
     return ts, sigmas
 
 
-def sample_euler(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,
-                 guidance_scale: float = 1.0, generators: Generators = None,
-                 callback: Callback = None) -> Tensor:
-    """Euler on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ (Karras et al. 2022, Alg. 1)."""
+def _karras_ode(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond],
+                guidance_scale: float, callback: Callback, second_order: bool) -> Tensor:
+    """dx/dσ = (x − D(x; σ))/σ stepped in VE-equivalent sigma (Karras et al. 2022, Alg. 1/2):
+    an Euler step, plus Heun's correction at the next grid point when ``second_order``."""
     schedule = model.schedule
     ts, sigmas = _ve_grid(model, timesteps)
     x_ve = _work(x) / _alpha_sigma(schedule, ts[0])[0]
@@ -325,39 +325,34 @@ def sample_euler(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond]
         if callback is not None:
             callback(i, t, x_native, x0)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if sigma_next == 0:  # an Euler step to sigma = 0 is exactly x0_hat
-            x_ve = x0
-        else:
-            d = (x_ve - x0) / sigma
-            x_ve = x_ve + (sigma_next - sigma) * d
-    return x_ve
-
-
-def sample_heun(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,
-                guidance_scale: float = 1.0, generators: Generators = None,
-                callback: Callback = None) -> Tensor:
-    """Heun's 2nd-order method, deterministic (Karras et al. 2022, Alg. 2 with S_churn = 0)."""
-    schedule = model.schedule
-    ts, sigmas = _ve_grid(model, timesteps)
-    x_ve = _work(x) / _alpha_sigma(schedule, ts[0])[0]
-    for i, t in enumerate(ts):
-        alpha = _alpha_sigma(schedule, t)[0]
-        x_native = alpha * x_ve
-        x0, _ = _denoise(model, x_native, t, cond, guidance_scale)
-        if callback is not None:
-            callback(i, t, x_native, x0)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if sigma_next == 0:  # Alg. 2 line 8: no correction on the step to sigma = 0
-            x_ve = x0
+        if sigma_next == 0:  # a step to sigma = 0 is exactly x0_hat (Alg. 2 line 8: no
+            x_ve = x0        # correction there)
             continue
         d = (x_ve - x0) / sigma
         x_pred = x_ve + (sigma_next - sigma) * d
+        if not second_order:
+            x_ve = x_pred
+            continue
         t_next = ts[i + 1]  # sigma_next is a grid point: evaluate at its native time
         alpha_next = _alpha_sigma(schedule, t_next)[0]
         x0_next, _ = _denoise(model, alpha_next * x_pred, t_next, cond, guidance_scale)
         d_next = (x_pred - x0_next) / sigma_next
         x_ve = x_ve + (sigma_next - sigma) * 0.5 * (d + d_next)
     return x_ve
+
+
+def sample_euler(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,
+                 guidance_scale: float = 1.0, generators: Generators = None,
+                 callback: Callback = None) -> Tensor:
+    """Euler on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ (Karras et al. 2022, Alg. 1)."""
+    return _karras_ode(model, x, timesteps, cond, guidance_scale, callback, second_order=False)
+
+
+def sample_heun(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,
+                guidance_scale: float = 1.0, generators: Generators = None,
+                callback: Callback = None) -> Tensor:
+    """Heun's 2nd-order method, deterministic (Karras et al. 2022, Alg. 2 with S_churn = 0)."""
+    return _karras_ode(model, x, timesteps, cond, guidance_scale, callback, second_order=True)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
