@@ -238,13 +238,20 @@ def test_build_refuses_unknown_stage(tmp_path):
 # ----------------------------------------------------------------------------- shipped
 
 
-def _require_shipped() -> dict:
+def _require_shipped(*stages: str) -> dict:
+    """world.json of the shipped world; fails (never skips) when it or a stage is missing."""
+    from diffdistill.world.build import STAGES
+
     path = ASSETS_DIR / "world.json"
+    hint = ("run `diffdistill world build` (about an hour on 2 idle CPU cores), or deselect "
+            "with -m 'not world_assets'")
     if not path.is_file():
-        pytest.fail(f"the embedded world is not built ({path} is missing): run "
-                    "`diffdistill world build` (about an hour on 2 CPU cores), or deselect "
-                    "with -m 'not world_assets'")
-    return json.loads(path.read_text())
+        pytest.fail(f"the embedded world is not built ({path} is missing): {hint}")
+    info = json.loads(path.read_text())
+    missing = [s for s in (stages or STAGES) if s not in info.get("stages", {})]
+    if missing:
+        pytest.fail(f"the shipped world lacks stage(s) {', '.join(missing)}: {hint}")
+    return info
 
 
 @pytest.mark.world_assets
@@ -252,8 +259,7 @@ def test_shipped_world_sizes_and_formats():
     from diffdistill.world.build import SIZE_BUDGET_BYTES, STAGES
 
     info = _require_shipped()
-    assert info["scale"] == "full"
-    assert set(info["stages"]) == set(STAGES), "world.json lacks stages: rerun the build"
+    assert info["scale"] == "full" and set(info["stages"]) == set(STAGES)
     files = [f for f in ASSETS_DIR.rglob("*") if f.is_file() and not f.name.startswith(".")]
     total = sum(f.stat().st_size for f in files)
     assert total <= SIZE_BUDGET_BYTES, f"{total / 1e6:.2f} MB shipped"
@@ -266,7 +272,7 @@ def test_shipped_world_sizes_and_formats():
 def test_shipped_world_accuracies_and_stats():
     from diffdistill.world import load_ref_stats
 
-    info = _require_shipped()
+    info = _require_shipped("classifier", "clip", "ref_stats")
     assert info["accuracies"]["fmnist_net_test_accuracy"] >= 0.90
     assert info["accuracies"]["clip_zero_shot_test_accuracy"] >= 0.5
     for key in ("fmnist-net", "clip"):
@@ -279,7 +285,7 @@ def test_shipped_teachers_load():
 
     from diffdistill.backbone import load_backbone
 
-    _require_shipped()
+    _require_shipped("teacher_pixel", "teacher_latent")
     bb = load_backbone(ASSETS_DIR / "teacher_pixel")
     assert (bb.kind, bb.num_classes, bb.null_class, bb.resolution) == ("pixel", 10, 10, 32)
     pipe = StableDiffusionPipeline.from_pretrained(str(ASSETS_DIR / "teacher_latent"))
