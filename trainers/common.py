@@ -172,6 +172,21 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def load_reward_from(section, key: str, device):
+    """The reward model a config's reward section names (kind, path, ...); a bad path raises
+    a ConfigError naming ``key``. Shared by RG-LCD and Hyper-SD."""
+    from diffdistill.rewards import load_reward_model
+
+    try:
+        path = resolve_model_path(section.path)
+    except ConfigError as e:
+        raise ConfigError(f"{key}.path: {e}") from None
+    return load_reward_model(section.kind, path, model_name=section.model_name,
+                             config_path=section.config_path,
+                             processor_path=section.processor_path,
+                             head_path=section.head_path, device=device)
+
+
 def grid_prompt(i: int) -> str:
     """The fixed prompt of grid / evaluation sample i (the world's class i % 10)."""
     from diffdistill.data import caption_for_class

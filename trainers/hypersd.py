@@ -406,16 +406,10 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                                                     lr=p.discriminator_lr)
         self.reward_model = None
         if any(st.reward for st in p.stages):
-            from diffdistill.rewards import load_reward_model
+            from .common import load_reward_from
 
-            r = p.reward.model
-            try:
-                path = resolve_model_path(r.path)
-            except ConfigError as e:
-                raise ConfigError(f"hypersd.reward.model.path: {e}") from None
-            self.reward_model = load_reward_model(
-                r.kind, path, model_name=r.model_name, config_path=r.config_path,
-                processor_path=r.processor_path, head_path=r.head_path, device=self.device)
+            self.reward_model = load_reward_from(p.reward.model, "hypersd.reward.model",
+                                                 self.device)
 
     def _stage_ends(self) -> list[float]:
         stages = self.cfg.hypersd.stages

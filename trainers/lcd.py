@@ -457,16 +457,9 @@ class RGLCDTrainer(LCDTrainer):
 
     def build(self) -> None:
         super().build()
-        from diffdistill.rewards import load_reward_model
+        from .common import load_reward_from
 
-        r = self.cfg.reward
-        try:
-            path = resolve_model_path(r.path)
-        except ConfigError as e:
-            raise ConfigError(f"reward.path: {e}") from None
-        self.reward_model = load_reward_model(
-            r.kind, path, model_name=r.model_name, config_path=r.config_path,
-            processor_path=r.processor_path, head_path=r.head_path, device=self.device)
+        self.reward_model = load_reward_from(self.cfg.reward, "reward", self.device)
         self.reward_term = REWARD_TERMS[self.cfg.rglcd.mode](self)
 
     def train_step(self, batch: dict) -> dict[str, float]:
