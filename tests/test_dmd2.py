@@ -15,20 +15,14 @@ from safetensors.torch import load_file
 from diffdistill.config import ConfigError, build_config, deep_merge, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+from helpers import tiny_run_data  # noqa: E402
+
 FOUR = [999, 749, 499, 249]
 
 
 def make_cfg(model_dir, out, res, cls=DMD2Config, method="dmd2", **over):
-    data = {
-        "method": method, "output_dir": str(out), "seed": 0,
-        "model": {"path": str(model_dir)},
-        "data": {"kind": "fashion_mnist", "resolution": res, "limit": 16},
-        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0,
-                  "cpu": True},
-        "adapter": {"type": "full", "rank": 4},
-        "dmd2": {"fake_updates_per_generator_update": 2},
-        "log": {"every": 1, "progress": False, "tensorboard": False},
-    }
+    data = tiny_run_data(method, model_dir, out, res,
+                         dmd2={"fake_updates_per_generator_update": 2})
     return build_config(cls, deep_merge(data, over))
 
 

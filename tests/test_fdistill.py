@@ -26,20 +26,14 @@ from safetensors.torch import load_file
 
 from diffdistill.config import ConfigError, build_config, deep_merge
 
+from helpers import tiny_run_data  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fd_data(model_dir, out, res, method="fdistill", **over):
-    data = {
-        "method": method, "output_dir": str(out), "seed": 0,
-        "model": {"path": str(model_dir)},
-        "data": {"kind": "fashion_mnist", "resolution": res, "limit": 16},
-        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0,
-                  "cpu": True},
-        "adapter": {"type": "full", "rank": 4},
-        "dmd2": {"fake_updates_per_generator_update": 2},
-        "log": {"every": 1, "progress": False, "tensorboard": False},
-    }
+    data = tiny_run_data(method, model_dir, out, res,
+                         dmd2={"fake_updates_per_generator_update": 2})
     return deep_merge(data, over)
 
 

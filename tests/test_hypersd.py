@@ -30,6 +30,8 @@ from diffdistill.trainers.hypersd import (
 )
 from test_rewards import TINY_CLIP, make_tiny_clip
 
+from helpers import stock_sd_pipeline  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a bag", "a photo of a coat"]
 ALL_STAGES = [{"segments": 8, "steps": 1}, {"segments": 4, "steps": 1},
@@ -458,7 +460,7 @@ def _stock(pipe, steps, gamma, seeds=(3, 4)):
 
 def test_unified_lora_loads_in_a_stock_pipeline_with_tcd_at_1_2_4_8_steps(lora_runs, sd_dir,
                                                                           tmp_path):
-    from diffusers import StableDiffusionPipeline, TCDScheduler
+    from diffusers import TCDScheduler
 
     from diffdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
@@ -470,11 +472,7 @@ def test_unified_lora_loads_in_a_stock_pipeline_with_tcd_at_1_2_4_8_steps(lora_r
     assert (out / KOHYA_WEIGHT_NAME).is_file() and "eta=0.5" in (out / "README.md").read_text()
 
     def stock_pipe(weight_name=None):
-        pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
-        pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
-        if weight_name:
-            pipe.load_lora_weights(str(out), weight_name=weight_name)
-        return pipe
+        return stock_sd_pipeline(sd_dir, TCDScheduler, out, weight_name)
 
     pipe = stock_pipe(LORA_WEIGHT_NAME)
     unet = a.unwrap(a.unet)

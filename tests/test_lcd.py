@@ -26,6 +26,8 @@ from diffdistill.trainers.lcd import (
 )
 from test_rewards import TINY_CLIP, make_tiny_clip
 
+from helpers import stock_sd_pipeline  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a bag", "a photo of a coat"]
 
@@ -325,7 +327,7 @@ def test_full_export_is_a_stock_lcm_pipeline_giving_the_same_images(sd_v_dir, tm
 
 
 def test_lora_export_loads_in_a_stock_pipeline_with_lcm_scheduler(sd_dir, tmp_path):
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler
 
     from diffdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
@@ -338,11 +340,7 @@ def test_lora_export_loads_in_a_stock_pipeline_with_lcm_scheduler(sd_dir, tmp_pa
     assert (out / KOHYA_WEIGHT_NAME).is_file() and (out / "README.md").is_file()
 
     def stock_pipe(weight_name=None):
-        pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-        if weight_name:
-            pipe.load_lora_weights(str(out), weight_name=weight_name)
-        return pipe
+        return stock_sd_pipeline(sd_dir, LCMScheduler, out, weight_name)
 
     pipe = stock_pipe(LORA_WEIGHT_NAME)
     unet = tr.unwrap(tr.unet)
