@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-world lint clean
+.PHONY: setup data demo demo-all test test-world lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ data:
 
 demo: setup data
 	$(VENV)/bin/diffdistill demo
+
+demo-all: setup data
+	$(VENV)/bin/diffdistill demo --all
 
 # The shipped-world checks run once the world's assets are built and committed (issue:
 # "The embedded tiny world"); until then `make test-world` runs them on demand.

@@ -46,6 +46,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import re
 from collections import OrderedDict
@@ -741,3 +742,17 @@ def clone_unet(unet: nn.Module, dtype: Optional[torch.dtype] = None, *,
     if requires_grad is not None:
         new.requires_grad_(requires_grad)
     return new
+
+
+class _EmptyFp32ModulesFilter(logging.Filter):
+    """diffusers (0.36+) warns on every ``model.to(dtype)`` that "modules ... should be kept in
+    float32: []" even when that list is empty; the toolkit casts UNets on purpose (frozen
+    fp16 teacher, fp32 trainable copy), so the empty-list form is dropped. A non-empty list
+    still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("should be kept in float32: []" in msg)
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ModulesFilter())

@@ -91,9 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="bench YAML (see configs/bench/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_samples=1000")
 
-    p = sub.add_parser("demo", help="the end-to-end demo on the embedded world")
+    p = sub.add_parser("demo", help="distill the embedded world's teacher and compare",
+                       description="Distill the embedded world's teacher with the toolkit's "
+                       "methods, bench teacher and students, write the grid and the plot.")
     p.add_argument("--out", default="runs/demo", help="where the demo writes everything")
-    p.add_argument("--steps", type=int, default=300, help="training steps")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--methods", default=None,
+                   help="comma-separated: lcd, lcd-lora, rglcd, dmd2, fdistill, hypersd, ict "
+                   "(default: lcd-lora,dmd2)")
+    g.add_argument("--all", action="store_true", help="every method")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="optimizer steps per method (default: each method's demo budget)")
+    p.add_argument("--num-samples", type=int, default=1000,
+                   help="samples per model and step count for the metrics")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny batches and few samples: checks the path, measures nothing")
     return ap
 
 
@@ -136,9 +148,22 @@ def cmd_sample(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from diffdistill.demo import run_demo
+    from diffdistill.demo import METHODS, run_demo
 
-    return run_demo(out=args.out, steps=args.steps)
+    methods = list(METHODS) if args.all else (
+        [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
+    flags = [("--all", args.all), (f"--methods {args.methods}", args.methods),
+             (f"--train-steps {args.train_steps}", args.train_steps),
+             (f"--num-samples {args.num_samples}", args.num_samples != 1000),
+             (f"--out {args.out}", args.out != "runs/demo"), ("--smoke", args.smoke)]
+    command = " ".join(["diffdistill demo", *(f for f, on in flags if on)])
+    try:
+        run_demo(out=args.out, methods=methods, train_steps=args.train_steps,
+                 num_samples=args.num_samples, tiny=args.smoke, command=command)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_bench(args) -> int:

@@ -1,51 +1,239 @@
-"""``diffdistill demo``: the end-to-end path on data that ships with the machine.
+"""``diffdistill demo`` (``make demo``): the main job end to end on the embedded world.
 
-Current scope (until the embedded world's shipped teachers land): build a small pixel
-class-conditional UNet, pretrain it on Fashion-MNIST (16×16) with the project's own
-pretraining trainer, export it as a stock diffusers pipeline, and write a sample grid made
-through the shared sampler. Every step is the same code a real run uses.
+1. loads the embedded world (:mod:`diffdistill.world`): prints the teachers' table from
+   ``world.json`` and writes a sample grid of each teacher;
+2. distills the world's teacher with each selected method's toy config
+   (``configs/<method>/toy*.yaml``) through the same trainers ``accelerate launch -m
+   diffdistill.train`` runs, at a step budget sized for two CPU cores;
+3. runs the evaluation harness (``diffdistill bench``) on the teacher and every student:
+   FID-FMNIST, FD-EffNetLite0, CLIP score, steps and seconds per image in one table, a grid
+   with the same seeds and prompts in every row and a plot of FID vs sampling steps;
+4. prints the diffusers lines that load the best student.
+
+Everything is written under ``--out`` (default ``runs/demo``); ``results.md`` there is the
+table the README quotes. Training resumes from its checkpoints, so a second run only
+re-evaluates. ``--all`` runs every method; ``--methods a,b`` picks some.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Sequence
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def run_demo(out: str = "runs/demo", steps: int = 300, batch_size: int = 32,
-             resolution: int = 16) -> int:
+@dataclass(frozen=True)
+class DemoMethod:
+    label: str  # row name in the tables
+    config: str  # toy config, relative to configs/
+    train_steps: int  # demo budget (optimizer steps); see METHODS for the measured minutes
+    bench_steps: tuple[int, ...]  # sampling step counts the student is evaluated at
+    teacher: str = "teacher_latent"  # the world teacher it distills (its bench row)
+    overrides: tuple[str, ...] = ()  # demo-only config overrides
+    scale_stages: bool = False  # Hyper-SD: scale hypersd.stages[*].steps to the budget
+
+
+#: The methods, in the order the table lists them. Step budgets: what fits a few minutes of
+#: one 2-core CPU (the toy configs' own max_steps are the longer runs).
+METHODS: dict[str, DemoMethod] = {
+    "lcd": DemoMethod("LCD", "lcd/toy.yaml", 400, (1, 2, 4, 8)),
+    "lcd-lora": DemoMethod("LCD-LoRA", "lcd/toy_lora.yaml", 400, (1, 2, 4, 8)),
+    "rglcd": DemoMethod("RG-LCD", "rglcd/toy.yaml", 400, (1, 2, 4, 8)),
+    "dmd2": DemoMethod("DMD2", "dmd2/toy.yaml", 300, (1,)),
+    "fdistill": DemoMethod("f-distill (JS)", "fdistill/toy.yaml", 300, (1,)),
+    "hypersd": DemoMethod("Hyper-SD", "hypersd/toy.yaml", 500, (1, 2, 4, 8),
+                          scale_stages=True),
+    "ict": DemoMethod("iCT", "ict/toy.yaml", 400, (1, 2), teacher="teacher_pixel"),
+}
+#: ``make demo``: one consistency student (multi-step) and one distribution-matching student
+#: (one step) — the two families of the toolkit, in the time budget of a first look.
+DEFAULT_METHODS = ("lcd-lora", "dmd2")
+TEACHER_STEPS = (1, 2, 4, 8, 25)
+
+# Smoke scale (tests): every path runs, nothing is measured.
+TINY_OVERRIDES = ("train.batch_size=4", "data.limit=64", "log.every=1")
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    trained: dict = field(default_factory=dict)  # key -> {steps, wall_s, export}
+    bench: Optional[object] = None  # BenchResults
+    paths: dict = field(default_factory=dict)
+
+
+def _hypersd_stage_override(config: Path, steps: int) -> str:
+    """``hypersd.stages=[...]`` with every fixed stage length scaled by steps / max_steps."""
+    from diffdistill.config import deep_merge, load_yaml
+
+    data = load_yaml(config)
+    total = int(data["train"]["max_steps"])
+    stages = deep_merge({}, data)["hypersd"]["stages"]
+    for st in stages:
+        if st.get("steps") is not None:
+            st["steps"] = max(1, math.floor(st["steps"] * steps / total))
+    return "hypersd.stages=" + json.dumps(stages)
+
+
+def train_method(key: str, out: Path, *, steps: Optional[int] = None, tiny: bool = False
+                 ) -> dict:
+    """Train one method's toy config under ``out/train/<key>`` (resuming) and export it."""
+    from diffdistill.trainers import load_run_config
+
+    m = METHODS[key]
+    steps = int(steps or m.train_steps)
+    config = CONFIG_DIR / m.config
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} is missing: run the demo from a clone of the "
+                                "diffdistill repository (it reads configs/)")
+    run_dir = out / "train" / key
+    overrides = [f"output_dir={run_dir}", f"train.max_steps={steps}",
+                 f"train.checkpoint_every={max(1, steps // 2)}", "train.keep_checkpoints=1",
+                 "log.grid_every=0", "log.tensorboard=false", "eval.every=0", *m.overrides]
+    if m.scale_stages:
+        overrides.append(_hypersd_stage_override(config, steps))
+    if tiny:
+        overrides += TINY_OVERRIDES
+    cls, cfg = load_run_config(config, overrides)
+    t0 = time.perf_counter()
+    last = cls(cfg).fit(resume="latest")
+    export = run_dir / "export"
+    return {"label": m.label, "config": f"configs/{m.config}", "train_steps": steps,
+            "batch_size": cfg.train.batch_size, "wall_s": round(time.perf_counter() - t0, 1),
+            "export": str(export), "lora": not (export / "model_index.json").exists(),
+            "last_logs": last}
+
+
+def bench_models(trained: dict, teacher_guidance: dict, tiny: bool = False) -> list[dict]:
+    """Bench entries: every teacher a student distills (DDIM, its best CFG) and the students
+    (their exports, sampled as each records)."""
+    teachers = list(dict.fromkeys(METHODS[k].teacher for k in trained))
+    steps = [1, 2] if tiny else list(TEACHER_STEPS)
+    models = [{"name": f"teacher ({t.split('_')[1]}, DDIM)", "path": f"world:{t}",
+               "sampler": "ddim", "steps": steps,
+               "guidance_scale": float(teacher_guidance.get(t, 2.0))} for t in teachers]
+    for key, info in trained.items():
+        m = METHODS[key]
+        entry = {"name": m.label, "sampler": "auto",
+                 "steps": [1] if tiny else list(m.bench_steps)}
+        if info["lora"]:
+            entry.update(path=f"world:{m.teacher}", lora=info["export"])
+        else:
+            entry["path"] = info["export"]
+        models.append(entry)
+    return models
+
+
+def run_bench_for(models: list[dict], out: Path, *, num_samples: int, tiny: bool = False):
     from diffdistill.config import build_config
-    from diffdistill.images import save_grid
-    from diffdistill.tiny import tiny_pixel_pipeline
-    from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
+    from diffdistill.eval.harness import BenchConfig, run_bench
+
+    cfg = build_config(BenchConfig, {
+        "models": models, "num_samples": num_samples, "batch_size": min(250, num_samples),
+        "prompts": {"kind": "classes", "template": 0},
+        "reference": {"kind": "fashion_mnist_test"},
+        "detectors": ["fmnist-net"] if tiny else ["fmnist-net", "effnet-lite0"],
+        "clip": {"detector": "world-clip"}, "grid_samples": min(10, num_samples),
+        "out": str(out / "bench"), "warmup": not tiny,
+    })
+    return run_bench(cfg, command="diffdistill demo (bench stage)")
+
+
+def best_student(results, students: Sequence[str]):
+    """The student row with the lowest first Fréchet distance (ties: fewer steps)."""
+    metric = results.metrics[0]
+    rows = [r for r in results.rows if r.model in students and r.metrics.get(metric) is not None]
+    return min(rows, key=lambda r: (r.metrics[metric], r.steps)) if rows else None
+
+
+def _world_check() -> dict:
+    from diffdistill.world import TEACHERS, asset_path, world_info
+
+    info = world_info()
+    missing = [t for t in TEACHERS if not (asset_path(t) / "model_index.json").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"the embedded world has no {', '.join(missing)} in {asset_path('')}: build it "
+            "with `diffdistill world build` (about an hour on 2 CPU cores)")
+    return info
+
+
+def _markdown(result: DemoResult, command: str, total_s: float) -> str:
+    from diffdistill.eval.report import markdown_table
+
+    lines = [f"# diffdistill demo — {time.strftime('%Y-%m-%d')}", "",
+             f"Command: `{command}` (total {total_s / 60:.1f} min).", "",
+             "| method | config | train steps | batch | train wall (s) | adapter |",
+             "|---|---|---:|---:|---:|---|"]
+    for key, t in result.trained.items():
+        lines.append(f"| {t['label']} | `{t['config']}` | {t['train_steps']} | "
+                     f"{t['batch_size']} | {t['wall_s']:.0f} | "
+                     f"{'LoRA' if t['lora'] else 'full'} |")
+    lines += ["", markdown_table(result.bench)]
+    return "\n".join(lines)
+
+
+def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
+             train_steps: Optional[int] = None, num_samples: int = 1000, tiny: bool = False,
+             command: str = "diffdistill demo") -> DemoResult:
+    from diffdistill.world.build import teacher_grids, teacher_table
 
     root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    methods = list(methods or DEFAULT_METHODS)
+    unknown = [k for k in methods if k not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(METHODS)}")
     t0 = time.perf_counter()
-    init = root / "teacher_init"
-    if not (init / "model_index.json").exists():
-        print(f"[1/3] building a class-conditional pixel UNet in {init}")
-        tiny_pixel_pipeline(sample_size=resolution, seed=0).save_pretrained(str(init))
-    cfg = build_config(PretrainConfig, {
-        "method": "pretrain", "output_dir": str(root / "pretrain"), "seed": 0,
-        "model": {"path": str(init)},
-        "data": {"kind": "fashion_mnist", "resolution": resolution},
-        "train": {"max_steps": steps, "batch_size": batch_size, "lr": 2e-3,
-                  "checkpoint_every": 0, "ema_decay": 0.99, "lr_warmup_steps": 20},
-        "log": {"every": 25, "tensorboard": False},
-        "pretrain": {"cond_dropout": 0.1, "guidance_scale": 2.0},
-    })
-    print(f"[2/3] pretraining for {steps} steps on Fashion-MNIST ({resolution}x{resolution})")
-    trainer = PretrainTrainer(cfg)
-    last = trainer.fit()
-    print(f"      final loss {last.get('loss', float('nan')):.4f}")
-    print("[3/3] sampling a grid (DDIM, 25 steps, CFG 2) through the shared sampler")
-    imgs = trainer.sample_images(list(range(40)))
-    grid = save_grid(imgs, root / "teacher_grid.png", nrow=10, scale=4)
-    export = root / "pretrain" / "export"
-    print(f"\nDone in {time.perf_counter() - t0:.0f} s.")
-    print(f"  sample grid : {grid}")
-    print(f"  export      : {export}")
-    print("  load it in stock diffusers:")
-    print("    from diffusers import DiffusionPipeline")
-    print(f"    pipe = DiffusionPipeline.from_pretrained('{export}')")
-    return 0
+    world = _world_check()
+    n = len(methods) + 3
+    print(f"[1/{n}] the embedded world's teachers (world.json):\n")
+    print(teacher_table(world) + "\n")
+    grids = teacher_grids(root, num=4 if tiny else 20, steps=2 if tiny else 25)
+    for name, p in grids.items():
+        print(f"      {name} sample grid: {p}")
+    result = DemoResult(out=root)
+    for i, key in enumerate(methods):
+        m = METHODS[key]
+        print(f"\n[{i + 2}/{n}] distilling with {m.label} ({m.config}, "
+              f"{train_steps or m.train_steps} steps)")
+        result.trained[key] = train_method(key, root, steps=train_steps, tiny=tiny)
+        print(f"      {m.label}: {result.trained[key]['wall_s']:.0f} s -> "
+              f"{result.trained[key]['export']}")
+    print(f"\n[{n - 1}/{n}] diffdistill bench: teacher and students, {num_samples} samples each")
+    guidance = {k: v.get("best_guidance_scale", 2.0)
+                for k, v in world.get("teachers", {}).items()}
+    result.bench = run_bench_for(bench_models(result.trained, guidance, tiny), root,
+                                 num_samples=num_samples, tiny=tiny)
+    total = time.perf_counter() - t0
+    bench_dir = root / "bench"
+    result.paths = {"results": root / "results.md", "grid": bench_dir / "grid.png",
+                    "plot": bench_dir / "fid_vs_steps.png", **grids}
+    text = _markdown(result, command, total)
+    result.paths["results"].write_text(text)
+    (root / "demo.json").write_text(json.dumps(
+        {"command": command, "total_s": round(total, 1), "trained": result.trained,
+         "num_samples": num_samples}, indent=1, default=str))
+    print(f"\n[{n}/{n}] results ({total / 60:.1f} min in all)\n")
+    print(text)
+    print(f"  table      : {result.paths['results']}")
+    print(f"  sample grid: {result.paths['grid']} (rows: the table's models; columns: the "
+          "same seeds and prompts)")
+    print(f"  FID vs steps: {result.paths['plot']}")
+    best = best_student(result.bench, [METHODS[k].label for k in methods])
+    if best is not None:
+        key = next(k for k in methods if METHODS[k].label == best.model)
+        card = Path(result.trained[key]["export"]) / "README.md"
+        print(f"\nBest student: {best.model} at {best.steps} step(s) "
+              f"({result.bench.metrics[0]} {best.metrics[result.bench.metrics[0]]:.2f}). "
+              f"Load it in stock diffusers ({card}):\n")
+        if card.exists():
+            from diffdistill.export import card_code
+
+            print(card_code(card))
+    return result

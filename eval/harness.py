@@ -368,7 +368,8 @@ def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torc
                     ) -> EvalModel:
     """Load a bench model entry (full folder, or base + LoRA) the way ``diffdistill sample``
     does: ``choose_sampler`` picks the export's recorded sampler, the recorded timesteps are
-    used for the recorded step count, the recorded guidance (and TCD gamma) when the entry
+    used for the recorded step count (``timesteps_by_steps``: for further step counts), its
+    ``sampler_opts`` are passed on, the recorded guidance (and TCD gamma) when the entry
     gives none, consistency samplers get the LCM boundary, and a UNet with a guidance
     embedding (``time_cond_proj_dim``) gets w = guidance − 1 instead of CFG."""
     from diffdistill.trainers.common import resolve_model_path
@@ -393,10 +394,13 @@ def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torc
     guidance = (spec.guidance_scale if spec.guidance_scale is not None
                 else float(info.get("guidance_scale", 1.0)))
     opts = {"gamma": float(info["gamma"])} if sampler == "tcd" and "gamma" in info else {}
+    opts.update(info.get("sampler_opts", {}))
     opts.update(spec.sampler_opts)
     grids = {}
     if info.get("timesteps"):
         grids[len(info["timesteps"])] = list(info["timesteps"])
+    for ts in info.get("timesteps_by_steps", {}).values():  # more trained grids (iCT 2-step)
+        grids[len(ts)] = list(ts)
     if spec.timesteps:
         grids[len(spec.timesteps)] = list(spec.timesteps)
     return EvalModel(name=spec.name, backbone=bb, denoiser=model, sampler=sampler,

@@ -64,3 +64,15 @@ def pixel_dir(tmp_path_factory):
     from diffdistill.tiny import tiny_pixel_pipeline
 
     return _save(tiny_pixel_pipeline(), tmp_path_factory.mktemp("tiny-pixel"))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The world recipe at ``--scale tiny`` run once: (assets folder, work folder, world.json).
+    Tests that run code reading ``world:NAME`` point ``$DIFFDISTILL_WORLD_DIR`` at it."""
+    from diffdistill.world.build import build_world
+
+    out = tmp_path_factory.mktemp("world") / "assets"
+    work = out.parent / "work"
+    info = build_world(scale="tiny", out=out, work=work, log=lambda m: None)
+    return out, work, info

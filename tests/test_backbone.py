@@ -353,3 +353,16 @@ def test_prompt_disk_cache_skips_the_encoders_in_a_second_run(fixture, request, 
     if a.added_cond_kwargs:
         assert torch.equal(b.added_cond_kwargs["text_embeds"],
                            a.added_cond_kwargs["text_embeds"].flip(0))
+
+
+def test_empty_fp32_module_warning_is_dropped_but_real_ones_pass(caplog):
+    import logging
+
+    import diffdistill.backbone  # noqa: F401  (installs the filter)
+
+    lg = logging.getLogger("diffusers.models.modeling_utils")
+    with caplog.at_level(logging.WARNING, logger=lg.name):
+        lg.warning("There are modules in UNet2DModel that should be kept in float32: []. x")
+        lg.warning("There are modules in UNet2DModel that should be kept in float32: ['a']. x")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "['a']" in msgs[0]

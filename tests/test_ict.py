@@ -311,6 +311,19 @@ def test_pixel_export_is_a_stock_cm_pipeline_sampling_like_ours(pixel_dir, tmp_p
                        generator=torch.Generator().manual_seed(seed), **kwargs).images
             stock = (img * 255).round().to(torch.uint8)[0]
             assert (stock.int() - grid[row + seed].int()).abs().max() <= 1
+    # bench / `diffdistill sample` read the export info: the trained 2-step grid, clipping
+    from diffdistill.eval.harness import BenchModel, generate_for_eval, load_eval_model
+
+    info = json.loads((out / "export" / "diffdistill_export.json").read_text())
+    assert info["sampler"] == "cm" and info["timesteps"] == [80.0]
+    assert info["timesteps_by_steps"]["2"] == pytest.approx(t.two_step_sigmas().tolist())
+    model = load_eval_model(BenchModel(name="ict", path=str(out / "export")))
+    assert model.sampler_opts == {"clip_denoised": True}
+    assert torch.equal(model.grid_for(2), torch.as_tensor(info["timesteps_by_steps"]["2"],
+                                                          dtype=model.grid_for(2).dtype))
+    for steps, row in ((1, 0), (2, 2)):
+        gen = generate_for_eval(model, [0, 1], num_steps=steps, batch_size=2, grid_samples=2)
+        assert (gen.grid.int() - grid[row:row + 2].int()).abs().max() <= 1, steps
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])

@@ -22,14 +22,9 @@ WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The tiny-scale recipe run once into a temporary folder: (out, work, world.json)."""
-    from diffdistill.world.build import build_world
-
-    out = tmp_path_factory.mktemp("world") / "assets"
-    work = out.parent / "work"
-    info = build_world(scale="tiny", out=out, work=work, log=lambda m: None)
-    return out, work, info
+def world(tiny_world):
+    """The tiny-scale recipe run once (conftest ``tiny_world``): (out, work, world.json)."""
+    return tiny_world
 
 
 def _safetensors_dtypes(folder: Path) -> set:

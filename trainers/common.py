@@ -156,13 +156,12 @@ class BackboneMixin:
 
 
 def resolve_model_path(path: str) -> str:
-    """``world:NAME`` → the embedded world's shipped folder ``diffdistill/world/assets/NAME``."""
+    """``world:NAME`` → the embedded world's folder NAME (``diffdistill/world/assets/NAME``, or
+    under ``$DIFFDISTILL_WORLD_DIR``)."""
     if path.startswith("world:"):
-        from pathlib import Path
+        from diffdistill.world import asset_path
 
-        import diffdistill.world as world
-
-        folder = Path(world.__file__).parent / "assets" / path[len("world:"):]
+        folder = asset_path(path[len("world:"):])
         if not folder.exists():
             raise ConfigError(f"model.path={path!r}: the embedded world has no {folder.name!r} "
                               "(build it with `diffdistill world build`)")

@@ -366,12 +366,17 @@ class ICTTrainer(BackboneMixin, Trainer):
         return torch.cat([one, two])
 
     def export(self, out_dir: Path) -> Path | None:
-        from diffdistill.export import save_full_pipeline, write_model_card
+        from diffdistill.export import save_full_pipeline, write_export_info, write_model_card
 
         c, bb = self.cfg.ict, self.backbone
         save_full_pipeline(bb, self.generator_unet(), out_dir, scheduler="cm")
         j = c.two_step_index if c.two_step_index is not None else CM_GRID_POINTS // 2
-        sigma_mid = float(self.two_step_sigmas()[1])
+        two = [float(s) for s in self.two_step_sigmas()]
+        sigma_mid = two[1]
+        # what `diffdistill sample` / `bench` read: 1 step from σ_max, the trained 2-step grid
+        write_export_info(out_dir, sampler="cm", steps=1, guidance_scale=1.0,
+                          timesteps=[float(c.sigma_max)], timesteps_by_steps={"2": two},
+                          sampler_opts={"clip_denoised": bb.kind == "pixel"})
         same = " = `num_inference_steps=2`" if j == CM_GRID_POINTS // 2 else ""
         extra = {
             "two-step sampling": f"`pipe(..., num_inference_steps=None, timesteps=[{j}, 0])`"

@@ -31,15 +31,27 @@ from pathlib import Path
 from typing import Optional, Union
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+#: environment variable naming another world folder (e.g. a ``--scale tiny`` build for tests)
+WORLD_DIR_ENV = "DIFFDISTILL_WORLD_DIR"
 
 TEACHERS = ("teacher_latent", "teacher_pixel")
 #: ref_stats file stem -> detector registry name
 REF_STATS = {"fmnist-net": "fmnist-net", "clip": "world-clip"}
 
 
+def world_dir() -> Path:
+    """The world in use: ``$DIFFDISTILL_WORLD_DIR`` when set, else the shipped assets.
+    ``world:NAME`` model paths, the ``fmnist-net`` / ``world-clip`` detectors and the
+    shipped reference statistics all resolve through it."""
+    import os
+
+    env = os.environ.get(WORLD_DIR_ENV)
+    return Path(env) if env else ASSETS_DIR
+
+
 def asset_path(name: str, assets: Optional[Union[str, Path]] = None) -> Path:
-    """Path of a shipped asset (``teacher_latent``, ``clip``, ``fmnist_net.safetensors``...)."""
-    return Path(assets or ASSETS_DIR) / name
+    """Path of a world asset (``teacher_latent``, ``clip``, ``fmnist_net.safetensors``...)."""
+    return Path(assets or world_dir()) / name
 
 
 def world_info(assets: Optional[Union[str, Path]] = None) -> dict:

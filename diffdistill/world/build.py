@@ -714,12 +714,26 @@ def build_world(scale: str = "full", out=None, work=None, only=None, force: bool
             world["teachers"] = metrics["teachers"]
             world["total_bytes"] = metrics["total_bytes"]
         world["stages"][stage] = entry
+        _merge_stages_from_disk(world_path, world)
         _summaries(world)
         _atomic_write_json(world_path, world)
         log(f"stage {stage}: done in {wall:.0f} s wall, {cpu:.0f} s CPU")
+    _merge_stages_from_disk(world_path, world)
     _summaries(world)
     _atomic_write_json(world_path, world)
     return world
+
+
+def _merge_stages_from_disk(world_path: Path, world: dict) -> None:
+    """Keep stage entries another build process (``--only`` of another stage) wrote since
+    this one started: two teachers can train side by side on two cores."""
+    if not world_path.exists():
+        return
+    on_disk = json.loads(world_path.read_text()).get("stages", {})
+    mine = world["stages"]
+    for name, entry in on_disk.items():
+        if name not in mine or entry.get("finished", "") > mine[name].get("finished", ""):
+            mine[name] = entry
 
 
 def _settings(recipe: dict, stage: str) -> dict:
@@ -756,7 +770,9 @@ def teacher_grids(out_dir, assets=None, *, num: int = 20, steps: int = 25,
 
     from . import world_info
 
-    assets = Path(assets or ASSETS_DIR)
+    from . import world_dir
+
+    assets = Path(assets or world_dir())
     try:
         teachers = world_info(assets).get("teachers", {})
     except FileNotFoundError:

@@ -130,9 +130,9 @@ class FMNISTDetector(nn.Module):
 
 
 def default_weights_path() -> Path:
-    from . import ASSETS_DIR
+    from . import asset_path
 
-    return ASSETS_DIR / WEIGHTS_FILE
+    return asset_path(WEIGHTS_FILE)
 
 
 def load_fmnist_net(weights_path: Optional[Union[str, os.PathLike]] = None) -> FMNISTNet:

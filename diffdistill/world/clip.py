@@ -49,9 +49,9 @@ MODEL_CONFIG = {
 
 
 def default_clip_dir() -> Path:
-    from . import ASSETS_DIR
+    from . import asset_path
 
-    return ASSETS_DIR / "clip"
+    return asset_path("clip")
 
 
 def write_clip_config(folder: Union[str, os.PathLike], config: Optional[dict] = None) -> Path:

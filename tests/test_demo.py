@@ -1,0 +1,88 @@
+"""``diffdistill demo`` end to end on the tiny-scale world (every method, smoke budgets)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffdistill.world import WORLD_DIR_ENV
+
+
+def test_hypersd_stages_scale_with_the_demo_budget():
+    from diffdistill.config import parse_overrides
+    from diffdistill.demo import CONFIG_DIR, _hypersd_stage_override
+
+    stages = parse_overrides([_hypersd_stage_override(CONFIG_DIR / "hypersd/toy.yaml", 500)])
+    steps = [st.get("steps") for st in stages["hypersd"]["stages"]]
+    assert steps == [100, 100, 100, 100, None]  # 500 of 2500 steps: a fifth of each stage
+    assert [st["segments"] for st in stages["hypersd"]["stages"]] == [8, 4, 2, 1, 1]
+
+
+def test_demo_refuses_a_world_without_teachers(tmp_path, monkeypatch, capsys):
+    from diffdistill.cli import main
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "world.json").write_text(json.dumps({"stages": {}}))
+    monkeypatch.setenv(WORLD_DIR_ENV, str(tmp_path / "w"))
+    assert main(["demo", "--out", str(tmp_path / "d"), "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher_latent" in err and "diffdistill world build" in err
+
+
+def test_demo_rejects_unknown_method(tiny_world, tmp_path, monkeypatch, capsys):
+    from diffdistill.cli import main
+
+    monkeypatch.setenv(WORLD_DIR_ENV, str(tiny_world[0]))
+    assert main(["demo", "--methods", "lcd,dmd3", "--out", str(tmp_path)]) == 2
+    assert "dmd3" in capsys.readouterr().err
+
+
+def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, capsys):
+    from diffdistill.demo import METHODS, run_demo
+
+    monkeypatch.setenv(WORLD_DIR_ENV, str(tiny_world[0]))
+    out = tmp_path / "demo"
+    res = run_demo(out=str(out), methods=list(METHODS), train_steps=6, num_samples=8,
+                   tiny=True, command="diffdistill demo --all --smoke")
+    text = capsys.readouterr().out
+    # every method trained for its budget and exported
+    assert list(res.trained) == list(METHODS)
+    for key, t in res.trained.items():
+        lines = (out / "train" / key / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["step"] == 6, key
+        assert (out / "train" / key / "export" / "diffdistill_export.json").exists(), key
+    assert res.trained["lcd-lora"]["lora"] and not res.trained["lcd"]["lora"]
+    # one bench row per model x steps: both teachers (iCT distills the pixel one) + students
+    rows = res.bench.rows
+    models = list(dict.fromkeys(r.model for r in rows))
+    assert models[:2] == ["teacher (latent, DDIM)", "teacher (pixel, DDIM)"]
+    assert models[2:] == [m.label for m in METHODS.values()]
+    fid = res.bench.metrics[0]
+    assert fid == "FID-FMNIST" and all(np.isfinite(r.metrics[fid]) for r in rows)
+    assert all(0 < r.sec_per_image and r.num_samples == 8 for r in rows)
+    # the grid has a row per bench row, same 8 seeds per row, 32 px images (+2 px padding)
+    grid = np.asarray(Image.open(res.paths["grid"]))
+    assert grid.shape[:2] == (2 + len(rows) * 34, 2 + 8 * 34)
+    assert Image.open(res.paths["plot"]).format == "PNG"
+    for name in ("teacher_latent", "teacher_pixel"):
+        assert np.asarray(Image.open(res.paths[name])).std() > 0
+    # the results file holds the training table and the bench table
+    md = res.paths["results"].read_text()
+    for m in METHODS.values():
+        assert f"| {m.label} | `configs/{m.config}` | 6 |" in md
+    assert "FID-FMNIST" in md and "`diffdistill demo --all --smoke`" in md
+    # the best student is the lowest-FID student row, and its load lines are printed
+    students = [r for r in rows if not r.model.startswith("teacher")]
+    best = min(students, key=lambda r: (r.metrics[fid], r.steps))
+    assert f"Best student: {best.model} at {best.steps} step(s)" in text
+    assert "from_pretrained" in text
+
+
+def test_make_demo_runs_the_demo_command():
+    from pathlib import Path
+
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    demo = make.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "diffdistill demo" in demo
+    assert "demo-all:" in make and "diffdistill demo --all" in make
