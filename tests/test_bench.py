@@ -290,3 +290,17 @@ def test_report_table_grid_and_plot(tmp_path):
     tiles = _tiles(save_grid_rows([img[0], small], tmp_path / "mixed.png"), 2, 2, size=10)
     assert np.array_equal(tiles[1][0], np.asarray(Image.fromarray(
         small[0].permute(1, 2, 0).numpy()).resize((10, 10), Image.LANCZOS)))
+
+
+@pytest.mark.parametrize("name", ["world", "world_teachers", "coco_sd15"])
+def test_shipped_bench_configs_validate(name):
+    from pathlib import Path
+
+    from diffdistill.eval.harness import load_bench_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "bench" / f"{name}.yaml"
+    cfg = load_bench_config(path)
+    assert cfg.models and all(m.path for m in cfg.models)
+    if name.startswith("world"):
+        assert cfg.num_samples == 10000 and cfg.reference.kind == "fashion_mnist_test"
+        assert cfg.detectors == ["fmnist-net", "effnet-lite0"]
