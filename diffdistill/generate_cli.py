@@ -31,16 +31,19 @@ def choose_sampler(requested: str, model_dir: Path, lora_dir: Path | None, sched
 
 
 def load_lora_into(unet, lora_dir: Path) -> None:
-    """Load a diffusers-format LoRA (``unet.`` keys) into ``unet``; fail clearly on mismatch."""
+    """Load a diffusers-format LoRA (``unet.`` keys) into ``unet``; fail clearly on mismatch
+    (a :class:`~diffdistill.config.ConfigError`: the command prints it and exits 2)."""
+    from diffdistill.config import ConfigError
+
     if not (lora_dir / LORA_FILE).exists():
         raise FileNotFoundError(f"--lora {lora_dir}: no {LORA_FILE} in that folder")
     try:
         unet.load_lora_adapter(str(lora_dir), weight_name=LORA_FILE, prefix="unet",
                                adapter_name="default")
     except (RuntimeError, ValueError, KeyError) as e:
-        raise ValueError(f"--lora {lora_dir} does not fit this base model (shape or key "
-                         f"mismatch: {str(e).splitlines()[0][:300]}); was it trained on a "
-                         "different base?") from None
+        raise ConfigError(f"--lora {lora_dir} does not fit this base model (shape or key "
+                          f"mismatch: {str(e).splitlines()[0][:300]}); was it trained on a "
+                          "different base?") from None
 
 
 class _Items:

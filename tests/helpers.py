@@ -28,3 +28,48 @@ def stock_sd_pipeline(base_dir, scheduler_cls, lora_dir=None, weight_name=None):
     if weight_name:
         pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
     return pipe
+
+
+# ----------------------------------------------------------------------------- every trainer
+#: The trainers the reliability tests (crash/resume, two processes) run, in registry order.
+ALL_METHODS = ("pretrain", "ict", "lcd", "rglcd", "dmd2", "fdistill", "hypersd")
+#: Methods that distil a latent SD-structured teacher (the others run on the pixel fixture).
+LATENT_METHODS = frozenset({"lcd", "rglcd", "hypersd"})
+
+
+def method_run_data(method: str, model_dir, out, *, steps: int, reward: dict | None = None,
+                    stage_steps: int = 1, **sections) -> dict:
+    """A tiny run of ``method`` that exercises its stateful parts: EMAs / θ⁻, the iCT
+    curriculum and dropout, RG-LCD's latent reward model, DMD2 / f-distill's two time-scale
+    rule (ratio > 1) with the GAN and multi-step backward simulation, f-distill's ratio bins
+    and R1, and Hyper-SD's stages (TSCD → + reward → one-step + DM), each ``stage_steps``
+    long. ``reward``: the reward section for rglcd / hypersd (a tiny CLIP in the tests)."""
+    from diffdistill.config import deep_merge
+
+    if method in ("rglcd", "hypersd") and reward is None:
+        raise ValueError(f"{method} needs a reward section")
+    latent = method in LATENT_METHODS
+    per: dict = {"train": {"max_steps": steps, "ema_decay": 0.9}}
+    if method == "ict":
+        per["ict"] = {"init": "pretrained", "s0": 2, "s1": 16, "dropout": 0.1}
+    elif method == "lcd":
+        per["lcd"] = {"time_cond_proj_dim": 32}
+    elif method == "rglcd":
+        per.update(adapter={"type": "lora", "rank": 4, "conv": True},
+                   lcd={"time_cond_proj_dim": 32}, rglcd={"mode": "lrm", "beta": 0.5},
+                   reward=reward, lrm={"width": 16, "depth": 2})
+    elif method in ("dmd2", "fdistill"):
+        per["dmd2"] = {"fake_updates_per_generator_update": 3 if method == "dmd2" else 2,
+                       "timesteps": [999, 499]}
+        if method == "fdistill":
+            per["fdistill"] = {"r1_gamma": 0.5}
+    elif method == "hypersd":
+        per.update(adapter={"type": "lora", "rank": 4, "conv": True}, hypersd={
+            "stages": [{"segments": 4, "steps": stage_steps},
+                       {"segments": 2, "steps": stage_steps, "reward": True},
+                       {"segments": 1, "score_distill": True}],
+            "w_min": 1.0, "w_max": 4.0,
+            "score_distill": {"guidance_scale": 2.0, "fake_updates_per_generator_update": 2},
+            "reward": {"weight": 0.5, "model": reward}})
+    data = tiny_run_data(method, model_dir, out, 32 if latent else 16, **per)
+    return deep_merge(data, sections)

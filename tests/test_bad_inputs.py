@@ -225,6 +225,57 @@ def test_resume_from_other_method(pixel_dir, tmp_path):
         PretrainTrainer(cfg_for(pixel_dir, out, max_steps=2)).setup(resume=str(tmp_path))
 
 
+def test_damaged_checkpoint_names_itself_and_an_older_one(pixel_dir, tmp_path):
+    """A checkpoint damaged after it was written (disk error, a copy cut short) fails naming
+    the folder and the previous checkpoint, not with a bare deserialisation error."""
+    out = tmp_path / "d"
+    PretrainTrainer(cfg_for(pixel_dir, out, max_steps=2)).fit()
+    ck1, ck2 = list_checkpoints(out)
+    weights = ck2 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=f"checkpoint {ck2} cannot be read .*SafetensorError"
+                                           f".*--resume {ck1}"):
+        PretrainTrainer(cfg_for(pixel_dir, out, max_steps=3)).setup(resume="latest")
+    (ck1 / "trainer_state.json").write_text('{"method": "pretr')
+    with pytest.raises(RuntimeError, match=f"checkpoint {ck1} cannot be read .*JSONDecodeError"):
+        PretrainTrainer(cfg_for(pixel_dir, out, max_steps=3)).setup(resume=str(ck1))
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd_lora(sd_dir, tmp_path_factory):
+    from diffdistill.backbone import load_backbone, make_trainable
+    from diffdistill.export import save_lora
+
+    bb = load_backbone(str(sd_dir))
+    make_trainable(bb.unet, adapter="lora", rank=4)
+    return save_lora(bb.unet, tmp_path_factory.mktemp("sd-lora"), kind="sd").parent
+
+
+def test_lora_for_a_different_base_in_sample(sd_dir, sdxl_dir, sd_lora, tmp_path, capsys):
+    from diffdistill.cli import main
+
+    sample = ["--num", "1", "--steps", "1", "--sampler", "ddim", "--prompt", "a bag"]
+    assert main(["sample", str(sd_dir), "--lora", str(sd_lora), "--out",
+                 str(tmp_path / "ok.png"), *sample]) == 0  # its own base: fine
+    capsys.readouterr()
+    assert main(["sample", str(sdxl_dir), "--lora", str(sd_lora), "--out",
+                 str(tmp_path / "bad.png"), *sample]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --lora {sd_lora} does not fit this base model" in err
+    assert "trained on a different base" in err and not (tmp_path / "bad.png").exists()
+
+
+def test_lora_folder_without_the_weights_file(sd_dir, tmp_path, capsys):
+    from diffdistill.cli import main
+
+    (tmp_path / "nolora").mkdir()
+    assert main(["sample", str(sd_dir), "--lora", str(tmp_path / "nolora"), "--out",
+                 str(tmp_path / "x.png"), "--num", "1"]) == 2
+    assert "no pytorch_lora_weights.safetensors in that folder" in capsys.readouterr().err
+
+
 # -- weights for metrics ------------------------------------------------------------------------
 
 def test_inception_weights_missing_or_wrong(tmp_path, monkeypatch):
@@ -246,3 +297,34 @@ def test_clip_weights_missing(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         ClipDetector("ViT-B-32", pretrained_path=tmp_path / "none.safetensors")
+
+
+def test_clip_weights_wrong_file(tmp_path):
+    from diffdistill.eval.features import ClipDetector
+    from safetensors.torch import save_file
+    from test_rewards import TINY_CLIP, make_tiny_clip
+
+    cfg_file, weights, _ = make_tiny_clip(tmp_path)
+    assert ClipDetector(TINY_CLIP, pretrained_path=weights, config_path=cfg_file)  # right file
+    wrong = tmp_path / "not_clip.safetensors"
+    save_file({"x": torch.zeros(2)}, str(wrong))
+    with pytest.raises(Exception, match="(?i)missing key"):
+        ClipDetector(TINY_CLIP, pretrained_path=wrong, config_path=cfg_file)
+
+
+# -- cases tested beside their subject (not repeated here) -----------------------------------
+# f-distill without its GAN term: test_fdistill.py::test_config_without_gan_is_rejected
+# DMD2 GAN without real images (data.kind=prompts): test_dmd2.py::test_prompts_only_data_with_gan_is_rejected
+# NaN/Inf loss, skip then stop naming the last good checkpoint:
+#     test_trainer.py::test_nonfinite_loss_skips_then_stops_naming_checkpoint
+# resume under another config (adapter/model): test_trainer.py::test_resume_rejects_other_config
+# bench with fewer reference images (or captions) than num_samples:
+#     test_bench.py::test_bench_config_shorthands_and_early_errors
+# reference statistics from another extractor / resolution / resize mode / count:
+#     test_eval_fid.py::test_stats_save_load_and_metadata_checks,
+#     test_eval_harness.py::test_reference_folder_coco_protocol_cache_and_refusal,
+#     test_eval_harness.py::test_trainer_periodic_eval_logs_the_harness_metric
+# image modes (CMYK, alpha, 16-bit, palette), corrupt files counted and logged:
+#     test_data.py::test_mode_conversion, ::test_palette_images_with_and_without_transparency,
+#     ::test_corrupt_file_is_skipped_counted_and_logged, ::test_all_files_corrupt_raises
+# a killed run / a half-written checkpoint: test_crash_resume.py

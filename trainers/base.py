@@ -300,13 +300,18 @@ class Trainer:
         from diffdistill.data import collate
 
         ds = self.dataset
+        # Its own generator: starting a DataLoader iterator draws worker seeds, which would
+        # otherwise come from the global RNG at a different point of a resumed run than of an
+        # uninterrupted one (and shift every later global draw, e.g. dropout masks).
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.rank)
         if isinstance(ds, torch.utils.data.IterableDataset):
             return DataLoader(ds, batch_size=self.cfg.train.batch_size, collate_fn=collate,
-                              num_workers=self.cfg.data.num_workers, drop_last=True)
+                              num_workers=self.cfg.data.num_workers, drop_last=True,
+                              generator=gen)
         sampler = ShardedBatchSampler(len(ds), self.cfg.train.batch_size, self.rank, self.world,
                                       self.cfg.seed, start_batch=self.batches_consumed)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                          num_workers=self.cfg.data.num_workers)
+                          num_workers=self.cfg.data.num_workers, generator=gen)
 
     def _batches(self) -> Iterator[dict]:
         while True:
@@ -510,11 +515,11 @@ class Trainer:
                           f"{prev} is intact") from e
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # re-writing a step (resumed from an older checkpoint)
+                _discard(final)
             os.replace(tmp, final)  # atomic: "latest" is always complete
             for old in list_checkpoints(self.out)[:-self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
         acc.wait_for_everyone()
         self.last_checkpoint = final
         return final
@@ -536,18 +541,24 @@ class Trainer:
         if path is None:
             log.info("--resume latest: no checkpoint in %s, starting fresh", self.out)
             return
-        meta = json.loads((path / "trainer_state.json").read_text())
+        try:
+            meta = json.loads((path / "trainer_state.json").read_text())
+        except ValueError as e:
+            raise self._damaged(path, e) from e
         self._check_compatible(meta, path)
-        self.accelerator.load_state(str(path), strict=False)
         rng_file = path / f"trainer_rng_{self.rank}.safetensors"
         if not rng_file.exists():
             raise ConfigError(f"checkpoint {path} was written by fewer processes than "
                               f"{self.world}; resume with the same number of processes")
-        rng = load_file(str(rng_file))
+        tfile = path / "trainer_tensors.safetensors"
+        try:
+            self.accelerator.load_state(str(path), strict=False)
+            rng = load_file(str(rng_file))
+            tensors = load_file(str(tfile)) if tfile.exists() else {}
+        except Exception as e:  # truncated / overwritten files: name the folder and a way out
+            raise self._damaged(path, e) from e
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch_rng"])
-        tfile = path / "trainer_tensors.safetensors"
-        tensors = load_file(str(tfile)) if tfile.exists() else {}
         for name, (ema, _) in self.emas.items():
             ema.load_tensors(tensors, f"ema.{name}.")
         for k in list(self.state_tensors):
@@ -559,6 +570,13 @@ class Trainer:
         self.last_checkpoint = path
         self.on_resume()
         log.info("resumed from %s at step %d", path, self.global_step)
+
+    def _damaged(self, path: Path, err: Exception) -> RuntimeError:
+        others = [p for p in list_checkpoints(self.out) if p.name != path.name]
+        hint = f", e.g. --resume {others[-1]}" if others else ""
+        first = (str(err).splitlines() or [""])[0][:200]
+        return RuntimeError(f"checkpoint {path} cannot be read ({type(err).__name__}: {first}); "
+                            f"it is damaged or incomplete: resume from another checkpoint{hint}")
 
     def on_resume(self) -> None:
         """Hook for methods whose structure depends on restored state (e.g. stages)."""
@@ -573,6 +591,15 @@ class Trainer:
             if a != b:
                 raise ConfigError(f"checkpoint {path} was trained with {key}={a!r}, but this "
                                   f"run has {key}={b!r}; use the same value to resume")
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder without ever exposing it half-deleted: it is first renamed
+    (atomically) out of the ``checkpoint-<step>`` names that "latest" and resume look at."""
+    trash = folder.with_name(f".old-{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _dig(d: dict, dotted: str):

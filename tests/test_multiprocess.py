@@ -1,0 +1,185 @@
+"""Every trainer under 2 CPU processes through ``accelerate launch``: world size 2 inside, each
+step logged once, every rank holding the same weights, EMAs and method state at the end, data
+shards that never overlap, checkpoints (with one RNG file per rank) and one export written
+once, and a resume under 2 processes with a larger ``train.max_steps`` that continues from
+the last step with the batches an uninterrupted run would have drawn.
+
+The launched script is ``diffdistill.train`` plus a probe (written below) that records, per
+rank, the dataset indices of every batch and a digest of the trainable weights, EMA shadows
+and method state tensors after ``fit`` — what the ranks hold is otherwise invisible, since
+only rank 0 writes checkpoints. To pay the start-up of two interpreters twice rather than 14
+times, one launch trains all seven methods one after the other (each with its own
+Accelerator and output folder, as separate runs would) and a second launch resumes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from diffdistill.trainers.base import ShardedBatchSampler, list_checkpoints
+from helpers import ALL_METHODS, LATENT_METHODS, method_run_data
+from test_rewards import TINY_CLIP, make_tiny_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, LIMIT = 2, 16
+
+PROBE = '''
+import hashlib, json, sys
+from diffdistill.trainers import base
+
+_fit, _batches, seen = base.Trainer.fit, base.Trainer._batches, []
+
+
+def _probe_batches(self):
+    for batch in _batches(self):
+        seen.append(batch["index"].tolist())
+        yield batch
+
+
+def _digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _probe_fit(self, resume=None):
+    start_step = None
+    def _setup_then_note(*a, _orig=self.setup, **k):
+        nonlocal start_step
+        _orig(*a, **k)
+        start_step = self.global_step
+    self.setup = _setup_then_note
+    result = _fit(self, resume)
+    report = {
+        "rank": self.rank, "world": self.world, "start_step": start_step,
+        "global_step": self.global_step, "indices": seen, "state": self.state,
+        "weights": {n: _digest(ps) for n, ps in self.trainable.items()},
+        "emas": {n: _digest(ema.shadow.values()) for n, (ema, _) in self.emas.items()},
+        "state_tensors": _digest([self.state_tensors[k] for k in sorted(self.state_tensors)]),
+        "noise": _digest([self.generator.get_state()]),
+    }
+    path = self.out / f"probe-rank{self.rank}-step{self.global_step}.json"
+    path.write_text(json.dumps(report))
+    return result
+
+
+import torch  # noqa: E402
+base.Trainer.fit, base.Trainer._batches = _probe_fit, _probe_batches
+from diffdistill.cli import main  # noqa: E402
+for argv in json.load(open(sys.argv[1])):  # one `diffdistill train ...` after the other
+    seen.clear()
+    if main(["train", *argv]) != 0:
+        sys.exit(f"diffdistill train {argv} failed")
+'''
+
+
+def launch(root: Path, jobs: list[list[str]], port: int) -> str:
+    probe, job_file = root / "probe_train.py", root / f"jobs-{port}.json"
+    probe.write_text(PROBE)
+    job_file.write_text(json.dumps(jobs))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    accel = Path(sys.executable).with_name("accelerate")
+    r = subprocess.run([str(accel), "launch", "--config_file",
+                        str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port",
+                        str(port), str(probe), str(job_file)],
+                       env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert r.returncode == 0, r.stderr[-6000:]
+    return r.stderr
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(out: Path, err: str, step: int) -> dict:
+    """What one launch left in ``out`` (read before the next launch changes it)."""
+    probes = [json.loads((out / f"probe-rank{r}-step{step}.json").read_text()) for r in (0, 1)]
+    return {
+        "rows": metrics(out), "probes": probes,
+        "checkpoints": [p.name for p in list_checkpoints(out)],
+        "rng_files": [sorted(p.name for p in ck.glob("trainer_rng_*"))
+                      for ck in list_checkpoints(out)],
+        "state": json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text()),
+        "folders": sorted(p.name for p in out.iterdir() if p.is_dir()),
+        "hidden": sorted(p.name for p in (out / "checkpoints").iterdir()
+                         if p.name.startswith(".")),
+        "exports_logged": err.count(f"exported to {out / 'export'}\n"),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(sd_dir, pixel_dir, tmp_path_factory):
+    """method -> (snapshot after 2 steps, snapshot after resuming to 3), both under 2 ranks."""
+    root = tmp_path_factory.mktemp("ddp")
+    cfg_file, weights, _ = make_tiny_clip(root)
+    reward = {"kind": "clip", "path": str(weights), "model_name": TINY_CLIP,
+              "config_path": str(cfg_file)}
+    cfgs, outs = {}, {}
+    for m in ALL_METHODS:
+        outs[m] = root / m
+        data = method_run_data(m, sd_dir if m in LATENT_METHODS else pixel_dir, outs[m],
+                               steps=2, reward=reward, stage_steps=1,
+                               train={"checkpoint_every": 1, "batch_size": BATCH},
+                               data={"limit": LIMIT})
+        cfgs[m] = root / f"{m}.yaml"
+        cfgs[m].write_text(yaml.safe_dump(data))
+    err = launch(root, [[str(cfgs[m])] for m in ALL_METHODS], 29641)
+    first = {m: snapshot(outs[m], err, 2) for m in ALL_METHODS}
+    err = launch(root, [[str(cfgs[m]), "train.max_steps=3", "--resume", "latest"]
+                        for m in ALL_METHODS], 29642)
+    return {m: (first[m], snapshot(outs[m], err, 3)) for m in ALL_METHODS}
+
+
+def sampler_batches(rank: int, seed: int, start: int, count: int) -> list[list[int]]:
+    it = iter(ShardedBatchSampler(LIMIT, BATCH, rank, 2, seed, start_batch=start))
+    return [next(it) for _ in range(count)]
+
+
+def assert_ranks_agree(ranks: list[dict]) -> None:
+    a, b = ranks
+    assert [a["rank"], b["rank"]] == [0, 1] and a["world"] == b["world"] == 2
+    for key in ("weights", "emas", "state_tensors", "state", "global_step"):
+        assert a[key] == b[key], key
+    assert a["weights"] and a["noise"] != b["noise"]  # same weights, per-rank noise streams
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_two_processes_agree_shard_checkpoint_once_and_resume(method, runs):
+    first, resumed = runs[method]
+    assert {row["world_size"] for row in first["rows"]} == {2}
+    assert [row["step"] for row in first["rows"]] == [1, 2]  # logged once, by rank 0
+    assert first["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
+    assert first["rng_files"] == [["trainer_rng_0.safetensors", "trainer_rng_1.safetensors"]] * 2
+    assert first["folders"] == ["checkpoints", "export"] and first["hidden"] == []
+    assert first["exports_logged"] == 1  # by rank 0 only
+    assert_ranks_agree(first["probes"])
+    # disjoint shards: rank r takes slice r of each global batch of the seeded permutation
+    for r, p in enumerate(first["probes"]):
+        assert p["start_step"] == 0 and p["indices"] == sampler_batches(r, 0, 0, 2)
+    used = [i for p in first["probes"] for batch in p["indices"] for i in batch]
+    assert len(used) == len(set(used)) == 2 * 2 * BATCH
+
+    rows = resumed["rows"]
+    assert [row["step"] for row in rows] == [1, 2, 3] and {r["world_size"] for r in rows} == {2}
+    assert resumed["checkpoints"] == ["checkpoint-2", "checkpoint-3"]
+    assert resumed["rng_files"] == first["rng_files"]
+    assert resumed["state"]["global_step"] == 3 and resumed["state"]["batches_consumed"] == 3
+    assert resumed["exports_logged"] == 1 and resumed["hidden"] == []
+    assert_ranks_agree(resumed["probes"])
+    for r, p in enumerate(resumed["probes"]):  # continues at the 3rd batch of each rank's shard
+        assert p["start_step"] == 2 and p["indices"] == sampler_batches(r, 0, 2, 1)
+    assert resumed["probes"][0]["weights"] != first["probes"][0]["weights"]  # trained on
+    if method == "hypersd":  # stages of one step each: 4 segments, 2 + reward, 1 + DM
+        assert [row["segments"] for row in rows] == [4, 2, 1]
+        assert first["probes"][0]["state"] == {"stage": 1}
+        assert resumed["probes"][0]["state"] == {"stage": 2}
+    if method in ("dmd2", "fdistill"):  # TTUR ratio 3 / 2: generator on steps 0 / 0, 2
+        gen = [row["step"] for row in rows if "loss_dm" in row]
+        assert gen == ([1] if method == "dmd2" else [1, 3])
