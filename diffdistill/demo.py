@@ -80,9 +80,10 @@ def _hypersd_stage_override(config: Path, steps: int) -> str:
     return "hypersd.stages=" + json.dumps(stages)
 
 
-def train_method(key: str, out: Path, *, steps: Optional[int] = None, tiny: bool = False
-                 ) -> dict:
-    """Train one method's toy config under ``out/train/<key>`` (resuming) and export it."""
+def train_method(key: str, out: Path, *, steps: Optional[int] = None, tiny: bool = False,
+                 overrides: Sequence[str] = ()) -> dict:
+    """Train one method's toy config under ``out/train/<key>`` (resuming) and export it;
+    ``overrides``: further dotted config overrides (applied last)."""
     from diffdistill.trainers import load_run_config
 
     m = METHODS[key]
@@ -92,14 +93,14 @@ def train_method(key: str, out: Path, *, steps: Optional[int] = None, tiny: bool
         raise FileNotFoundError(f"{config} is missing: run the demo from a clone of the "
                                 "diffdistill repository (it reads configs/)")
     run_dir = out / "train" / key
-    overrides = [f"output_dir={run_dir}", f"train.max_steps={steps}",
+    run_overrides = [f"output_dir={run_dir}", f"train.max_steps={steps}",
                  f"train.checkpoint_every={max(1, steps // 2)}", "train.keep_checkpoints=1",
                  "log.grid_every=0", "log.tensorboard=false", "eval.every=0", *m.overrides]
     if m.scale_stages:
-        overrides.append(_hypersd_stage_override(config, steps))
+        run_overrides.append(_hypersd_stage_override(config, steps))
     if tiny:
-        overrides += TINY_OVERRIDES
-    cls, cfg = load_run_config(config, overrides)
+        run_overrides += TINY_OVERRIDES
+    cls, cfg = load_run_config(config, [*run_overrides, *overrides])
     t0 = time.perf_counter()
     last = cls(cfg).fit(resume="latest")
     export = run_dir / "export"

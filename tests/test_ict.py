@@ -460,7 +460,7 @@ def uncond_pixel_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name", ["toy", "cifar10", "imagenet64"])
+@pytest.mark.parametrize("name", ["toy", "toy_scratch", "cifar10", "imagenet64"])
 def test_shipped_configs_run_one_step(name, pixel_dir, uncond_pixel_dir, tmp_path):
     from diffdistill.trainers import load_run_config
 
@@ -476,7 +476,8 @@ def test_shipped_configs_run_one_step(name, pixel_dir, uncond_pixel_dir, tmp_pat
     c = cfg.ict
     assert (c.p_mean, c.p_std, c.s0, c.s1, c.sigma_min, c.sigma_max, c.rho, c.loss) == \
         (-1.1, 2.0, 10, 1280, 0.002, 80.0, 7.0, "pseudo_huber")
-    paper = {"cifar10": ("scratch", 0.3, 0.99993, 1e-4, 24),
+    paper = {"toy_scratch": ("scratch", None, 0.996, 1e-3, 24),
+             "cifar10": ("scratch", 0.3, 0.99993, 1e-4, 24),
              "imagenet64": ("scratch", 0.2, 0.99997, 1e-4, 22)}
     if name in paper:
         assert (c.init, c.dropout, cfg.train.ema_decay, cfg.train.lr, c.two_step_index) == \
