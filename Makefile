@@ -31,10 +31,10 @@ data:
 	fi
 
 demo: setup data
-	$(VENV)/bin/diffdistill demo
+	$(VENV)/bin/diffdistill demo --jobs 2
 
 demo-all: setup data
-	$(VENV)/bin/diffdistill demo --all
+	$(VENV)/bin/diffdistill demo --all --jobs 2
 
 # The shipped-world checks run once the world's assets are built and committed (issue:
 # "The embedded tiny world"); until then `make test-world` runs them on demand.

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -101,13 +103,61 @@ def train_method(key: str, out: Path, *, steps: Optional[int] = None, tiny: bool
     if tiny:
         run_overrides += TINY_OVERRIDES
     cls, cfg = load_run_config(config, [*run_overrides, *overrides])
+    # Training wall time accumulates across resumed invocations (a re-run that finds the run
+    # finished only re-exports, and reports the time the training itself took).
+    timing_file = run_dir / "demo_timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"wall_s": 0.0}
     t0 = time.perf_counter()
-    last = cls(cfg).fit(resume="latest")
+    trainer = cls(cfg)
+    last = trainer.fit(resume="latest")
+    timing["wall_s"] = round(timing["wall_s"] + time.perf_counter() - t0, 1)
+    timing["threads"] = torch.get_num_threads()
+    timing_file.write_text(json.dumps(timing))
     export = run_dir / "export"
     return {"label": m.label, "config": f"configs/{m.config}", "train_steps": steps,
-            "batch_size": cfg.train.batch_size, "wall_s": round(time.perf_counter() - t0, 1),
-            "export": str(export), "lora": not (export / "model_index.json").exists(),
-            "last_logs": last}
+            "batch_size": cfg.train.batch_size, "wall_s": timing["wall_s"],
+            "threads": timing["threads"], "export": str(export),
+            "lora": not (export / "model_index.json").exists(), "last_logs": last}
+
+
+def _train_worker(job: tuple) -> tuple[str, dict]:
+    """One method in a worker process (``--jobs``): its share of the CPU threads."""
+    key, out, steps, tiny, threads = job
+    torch.set_num_threads(threads)
+    return key, train_method(key, Path(out), steps=steps, tiny=tiny,
+                             overrides=["log.progress=false"])
+
+
+def train_methods(keys: Sequence[str], out: Path, *, steps: Optional[int] = None,
+                  tiny: bool = False, jobs: int = 1) -> dict:
+    """Train ``keys`` one after another (``jobs`` = 1, with progress bars) or in ``jobs``
+    worker processes that split the CPU threads (one line per finished method)."""
+    if jobs <= 1 or len(keys) <= 1:
+        trained = {}
+        for i, key in enumerate(keys):
+            m = METHODS[key]
+            print(f"      [{i + 1}/{len(keys)}] {m.label} ({m.config}, "
+                  f"{steps or m.train_steps} steps)")
+            trained[key] = train_method(key, out, steps=steps, tiny=tiny)
+            print(f"      {m.label}: {trained[key]['wall_s']:.0f} s -> {trained[key]['export']}")
+        return trained
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"      {len(keys)} methods in {jobs} worker processes ({threads} thread(s) each); "
+          "each prints a line when done")
+    done = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_worker, (k, str(out), steps, tiny, threads))
+                   for k in keys]
+        for f in as_completed(futures):
+            key, info = f.result()
+            done[key] = info
+            print(f"      {info['label']}: {info['train_steps']} steps in {info['wall_s']:.0f} s"
+                  f" -> {info['export']}")
+    return {k: done[k] for k in keys}
 
 
 def bench_models(trained: dict, teacher_guidance: dict, tiny: bool = False) -> list[dict]:
@@ -169,11 +219,11 @@ def _markdown(result: DemoResult, command: str, total_s: float) -> str:
 
     lines = [f"# diffdistill demo — {time.strftime('%Y-%m-%d')}", "",
              f"Command: `{command}` (total {total_s / 60:.1f} min).", "",
-             "| method | config | train steps | batch | train wall (s) | adapter |",
-             "|---|---|---:|---:|---:|---|"]
+             "| method | config | train steps | batch | train wall (s) | threads | adapter |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for key, t in result.trained.items():
         lines.append(f"| {t['label']} | `{t['config']}` | {t['train_steps']} | "
-                     f"{t['batch_size']} | {t['wall_s']:.0f} | "
+                     f"{t['batch_size']} | {t['wall_s']:.0f} | {t['threads']} | "
                      f"{'LoRA' if t['lora'] else 'full'} |")
     lines += ["", markdown_table(result.bench)]
     return "\n".join(lines)
@@ -181,7 +231,7 @@ def _markdown(result: DemoResult, command: str, total_s: float) -> str:
 
 def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
              train_steps: Optional[int] = None, num_samples: int = 1000, tiny: bool = False,
-             command: str = "diffdistill demo") -> DemoResult:
+             jobs: int = 1, command: str = "diffdistill demo") -> DemoResult:
     from diffdistill.world.build import teacher_grids, teacher_table
 
     root = Path(out)
@@ -192,20 +242,15 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
         raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(METHODS)}")
     t0 = time.perf_counter()
     world = _world_check()
-    n = len(methods) + 3
+    n = 4
     print(f"[1/{n}] the embedded world's teachers (world.json):\n")
     print(teacher_table(world) + "\n")
     grids = teacher_grids(root, num=4 if tiny else 20, steps=2 if tiny else 25)
     for name, p in grids.items():
         print(f"      {name} sample grid: {p}")
     result = DemoResult(out=root)
-    for i, key in enumerate(methods):
-        m = METHODS[key]
-        print(f"\n[{i + 2}/{n}] distilling with {m.label} ({m.config}, "
-              f"{train_steps or m.train_steps} steps)")
-        result.trained[key] = train_method(key, root, steps=train_steps, tiny=tiny)
-        print(f"      {m.label}: {result.trained[key]['wall_s']:.0f} s -> "
-              f"{result.trained[key]['export']}")
+    print(f"\n[2/{n}] distilling the teacher: {', '.join(METHODS[k].label for k in methods)}")
+    result.trained = train_methods(methods, root, steps=train_steps, tiny=tiny, jobs=jobs)
     print(f"\n[{n - 1}/{n}] diffdistill bench: teacher and students, {num_samples} samples each")
     guidance = {k: v.get("best_guidance_scale", 2.0)
                 for k, v in world.get("teachers", {}).items()}

@@ -1,6 +1,7 @@
 """``diffdistill demo`` end to end on the tiny-scale world (every method, smoke budgets)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -39,12 +40,12 @@ def test_demo_rejects_unknown_method(tiny_world, tmp_path, monkeypatch, capsys):
 
 
 def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, capsys):
-    from diffdistill.demo import METHODS, run_demo
+    from diffdistill.demo import METHODS, run_demo, train_method
 
     monkeypatch.setenv(WORLD_DIR_ENV, str(tiny_world[0]))
     out = tmp_path / "demo"
     res = run_demo(out=str(out), methods=list(METHODS), train_steps=6, num_samples=8,
-                   tiny=True, command="diffdistill demo --all --smoke")
+                   tiny=True, jobs=2, command="diffdistill demo --all --smoke")
     text = capsys.readouterr().out
     # every method trained for its budget and exported
     assert list(res.trained) == list(METHODS)
@@ -53,6 +54,12 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
         assert json.loads(lines[-1])["step"] == 6, key
         assert (out / "train" / key / "export" / "diffdistill_export.json").exists(), key
     assert res.trained["lcd-lora"]["lora"] and not res.trained["lcd"]["lora"]
+    # --jobs 2: two worker processes, one thread each on this 2-core machine
+    assert {t["threads"] for t in res.trained.values()} == {max(1, (os.cpu_count() or 1) // 2)}
+    # a second invocation finds every run finished: it re-exports and keeps the training time
+    again = train_method("ict", out, steps=6, tiny=True)
+    timing = json.loads((out / "train" / "ict" / "demo_timing.json").read_text())
+    assert again["wall_s"] == timing["wall_s"] < res.trained["ict"]["wall_s"] + 5
     # one bench row per model x steps: both teachers (iCT distills the pixel one) + students
     rows = res.bench.rows
     models = list(dict.fromkeys(r.model for r in rows))
@@ -85,4 +92,4 @@ def test_make_demo_runs_the_demo_command():
     make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     demo = make.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     assert "diffdistill demo" in demo
-    assert "demo-all:" in make and "diffdistill demo --all" in make
+    assert "demo-all:" in make and "diffdistill demo --all --jobs 2" in make
