@@ -359,6 +359,16 @@ class Backbone:
         return Denoiser(self.unet if unet is None else unet, self.schedule,
                         self.prediction_type, **kw)
 
+    def sampler_options(self, sampler: str) -> dict:
+        """What the model's own scheduler config implies for the shared samplers: a pixel
+        model whose scheduler sets ``clip_sample`` (DDPM / ADM pixel models clip x0̂ to
+        [-1, 1] at every step, as the stock DDPM/DDIM schedulers then do) samples with
+        ``clip_denoised`` on the samplers that have it. Latent models never clip."""
+        if (self.kind == "pixel" and self.scheduler_config.get("clip_sample")
+                and sampler in CLIPPING_SAMPLERS):
+            return {"clip_denoised": True}
+        return {}
+
     # -- text -----------------------------------------------------------------------
     def _require_text(self):
         if self.kind == "pixel":
@@ -742,6 +752,10 @@ def clone_unet(unet: nn.Module, dtype: Optional[torch.dtype] = None, *,
     if requires_grad is not None:
         new.requires_grad_(requires_grad)
     return new
+
+
+#: samplers with a ``clip_denoised`` option (diffdistill.sampling)
+CLIPPING_SAMPLERS = ("onestep", "lcm", "cm", "ddim")
 
 
 class _EmptyFp32ModulesFilter(logging.Filter):

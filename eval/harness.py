@@ -393,7 +393,9 @@ def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torc
     embed = w_dim if (bb.kind != "pixel" and w_dim is not None) else None
     guidance = (spec.guidance_scale if spec.guidance_scale is not None
                 else float(info.get("guidance_scale", 1.0)))
-    opts = {"gamma": float(info["gamma"])} if sampler == "tcd" and "gamma" in info else {}
+    opts = bb.sampler_options(sampler)
+    if sampler == "tcd" and "gamma" in info:
+        opts["gamma"] = float(info["gamma"])
     opts.update(info.get("sampler_opts", {}))
     opts.update(spec.sampler_opts)
     grids = {}

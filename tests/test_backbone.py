@@ -366,3 +366,39 @@ def test_empty_fp32_module_warning_is_dropped_but_real_ones_pass(caplog):
         lg.warning("There are modules in UNet2DModel that should be kept in float32: ['a']. x")
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "['a']" in msgs[0]
+
+
+def test_pixel_scheduler_clip_sample_reaches_the_shared_samplers(pixel_dir, tmp_path):
+    """A pixel model whose scheduler clips x0̂ (DDPM/ADM convention) is sampled with
+    clip_denoised by bench / sample — the same images as the stock clipping DDIMScheduler."""
+    import json
+    import shutil
+
+    from diffusers import DDIMScheduler
+
+    from diffdistill.eval.harness import BenchModel, generate_for_eval, load_eval_model
+
+    folder = tmp_path / "px"
+    shutil.copytree(pixel_dir, folder)
+    cfg_file = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    assert cfg["clip_sample"] is False
+    assert load_backbone(str(folder)).sampler_options("ddim") == {}
+    cfg_file.write_text(json.dumps({**cfg, "clip_sample": True}))
+    bb = load_backbone(str(folder))
+    assert bb.sampler_options("ddim") == {"clip_denoised": True}
+    assert bb.sampler_options("euler") == {}  # no clipping option there
+    model = load_eval_model(BenchModel(name="px", path=str(folder), sampler="ddim"))
+    assert model.sampler_opts == {"clip_denoised": True}
+    gen = generate_for_eval(model, [0, 1], num_steps=3, batch_size=2, grid_samples=2)
+    # the stock scheduler loop, same noise (seeded per sample) and class labels 0, 1
+    sched = DDIMScheduler.from_config(bb.scheduler_config)
+    sched.set_timesteps(3)
+    x = torch.cat([torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(s))
+                   for s in (0, 1)])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = bb.unet(x, t, class_labels=torch.tensor([0, 1])).sample
+            x = sched.step(eps, t, x).prev_sample
+    stock = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert (gen.grid.int() - stock.int()).abs().max() <= 1

@@ -150,7 +150,8 @@ class BackboneMixin:
                             num_steps=num_steps, timesteps=timesteps,
                             guidance_scale=guidance_scale,
                             decode=None if bb.kind == "pixel" else bb.decode_latents,
-                            output="uint8", progress=False, sampler_opts=sampler_opts)
+                            output="uint8", progress=False,
+                            sampler_opts={**bb.sampler_options(sampler), **(sampler_opts or {})})
         finally:
             unet.train(was_training)
 

@@ -367,9 +367,11 @@ def init_teacher_pixel(folder: Path, seed: int, unet: dict) -> Path:
                             up_block_types=unet["up_block_types"],
                             layers_per_block=unet["layers_per_block"],
                             norm_groups=unet["norm_groups"])
-    # DDPM's CIFAR-10 schedule (Ho et al. 2020): 1000 steps, linear β 1e-4 → 0.02, ε target.
+    # DDPM's CIFAR-10 schedule (Ho et al. 2020): 1000 steps, linear β 1e-4 → 0.02, ε target,
+    # x0̂ clipped to [-1, 1] when sampling (as google/ddpm-cifar10-32): the terminal SNR of
+    # this schedule is not 0, and a small ε-model's x0̂ at t ≈ T is far outside the data range.
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                          beta_end=0.02, prediction_type="epsilon", clip_sample=False)
+                          beta_end=0.02, prediction_type="epsilon", clip_sample=True)
     tmp = _fresh_tmp(folder)
     DDPMPipeline(unet=model, scheduler=sched).save_pretrained(str(tmp), safe_serialization=True)
     (tmp / "diffdistill.json").write_text(json.dumps({"num_classes": 10, "null_class": 10}))
@@ -568,7 +570,8 @@ def sample_teacher(path, num: int, *, steps: int = 25, guidance_scale: float = 2
         decode = bb.decode_latents
     return generate(bb.denoiser(), seeds=[seed + i for i in range(num)], shape=shape,
                     cond_fn=cond_fn, sampler=sampler, num_steps=steps, guidance_scale=gs,
-                    batch_size=batch_size, decode=decode, output="uint8", progress=False)
+                    batch_size=batch_size, decode=decode, output="uint8", progress=False,
+                    sampler_opts=bb.sampler_options(sampler))
 
 
 def run_report(ctx: BuildContext) -> dict:
