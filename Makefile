@@ -36,10 +36,9 @@ demo: setup data
 demo-all: setup data
 	$(VENV)/bin/diffdistill demo --all --jobs 2
 
-# The shipped-world checks run once the world's assets are built and committed (issue:
-# "The embedded tiny world"); until then `make test-world` runs them on demand.
+# The whole suite, the shipped-world checks included (`make test-world`: those alone).
 test: setup data
-	$(PY) -m pytest -q tests -m "not world_assets"
+	$(PY) -m pytest -q tests
 
 test-world: setup data
 	$(PY) -m pytest -q tests -m world_assets

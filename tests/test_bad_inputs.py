@@ -225,6 +225,20 @@ def test_resume_from_other_method(pixel_dir, tmp_path):
         PretrainTrainer(cfg_for(pixel_dir, out, max_steps=2)).setup(resume=str(tmp_path))
 
 
+def test_resume_with_another_process_count_is_refused(pixel_dir, tmp_path):
+    """A checkpoint holds one generator per writing rank: resuming it with more or fewer
+    processes would silently change noise and data order."""
+    import shutil
+
+    out = tmp_path / "w"
+    PretrainTrainer(cfg_for(pixel_dir, out, max_steps=1)).fit()
+    ck = list_checkpoints(out)[-1]
+    # as if written by 2 processes, resumed by 1
+    shutil.copy(ck / "trainer_rng_0.safetensors", ck / "trainer_rng_1.safetensors")
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1"):
+        PretrainTrainer(cfg_for(pixel_dir, out, max_steps=2)).setup(resume="latest")
+
+
 def test_damaged_checkpoint_names_itself_and_an_older_one(pixel_dir, tmp_path):
     """A checkpoint damaged after it was written (disk error, a copy cut short) fails naming
     the folder and the previous checkpoint, not with a bare deserialisation error."""

@@ -547,9 +547,13 @@ class Trainer:
             raise self._damaged(path, e) from e
         self._check_compatible(meta, path)
         rng_file = path / f"trainer_rng_{self.rank}.safetensors"
-        if not rng_file.exists():
-            raise ConfigError(f"checkpoint {path} was written by fewer processes than "
-                              f"{self.world}; resume with the same number of processes")
+        writers = len(list(path.glob("trainer_rng_*.safetensors")))
+        if writers != self.world or not rng_file.exists():
+            # each rank's generator and data position are in the checkpoint: another process
+            # count would silently change the noise and the data order
+            raise ConfigError(f"checkpoint {path} was written by {writers} process(es), this "
+                              f"run has {self.world}; resume with {writers} process(es) for an "
+                              "exact resume")
         tfile = path / "trainer_tensors.safetensors"
         try:
             self.accelerator.load_state(str(path), strict=False)
