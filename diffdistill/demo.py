@@ -182,7 +182,7 @@ def bench_models(trained: dict, teacher_guidance: dict, tiny: bool = False) -> l
 
 
 def run_bench_for(models: list[dict], out: Path, *, num_samples: int, tiny: bool = False,
-                  effnet: bool = False):
+                  effnet: bool = False, command: str = "diffdistill demo"):
     from diffdistill.config import build_config
     from diffdistill.eval.harness import BenchConfig, run_bench
 
@@ -196,7 +196,7 @@ def run_bench_for(models: list[dict], out: Path, *, num_samples: int, tiny: bool
         "clip": {"detector": "world-clip"}, "grid_samples": min(10, num_samples),
         "out": str(out / "bench"), "warmup": not tiny,
     })
-    return run_bench(cfg, command="diffdistill demo (bench stage)")
+    return run_bench(cfg, command=f"{command} (bench stage)")
 
 
 def best_student(results, students: Sequence[str]):
@@ -262,7 +262,8 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
     guidance = {k: v.get("best_guidance_scale", 2.0)
                 for k, v in world.get("teachers", {}).items()}
     result.bench = run_bench_for(bench_models(result.trained, guidance, tiny), root,
-                                 num_samples=num_samples, tiny=tiny, effnet=effnet)
+                                 num_samples=num_samples, tiny=tiny, effnet=effnet,
+                                 command=command)
     total = time.perf_counter() - t0
     bench_dir = root / "bench"
     result.paths = {"results": root / "results.md", "grid": bench_dir / "grid.png",

@@ -79,6 +79,7 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
     for m in METHODS.values():
         assert f"| {m.label} | `configs/{m.config}` | 6 |" in md
     assert "FID-FMNIST" in md and "`diffdistill demo --all --smoke`" in md
+    assert res.bench.command == "diffdistill demo --all --smoke (bench stage)"
     # the best student is the lowest-FID student row, and its load lines are printed
     students = [r for r in rows if not r.model.startswith("teacher")]
     best = min(students, key=lambda r: (r.metrics[fid], r.steps))
