@@ -127,6 +127,22 @@ def _register_detectors() -> None:
 _register_detectors()
 
 
+def epoch_batches(n: int, batch_size: int, steps: int, generator):
+    """``(step, indices)`` for ``steps`` minibatches of the world's small training loops
+    (classifier, VAE, CLIP): a fresh permutation of ``n`` items from ``generator`` each epoch,
+    drawn just before the epoch's first batch; a partial last batch is dropped."""
+    import torch
+
+    bs = min(batch_size, n)
+    per_epoch = n // bs
+    perm = None
+    for step in range(steps):
+        pos = step % per_epoch
+        if pos == 0:
+            perm = torch.randperm(n, generator=generator)
+        yield step, perm[pos * bs:(pos + 1) * bs]
+
+
 def warmup_cosine(optimizer, steps: int):
     """The LR schedule of the world's small training loops (classifier, VAE, CLIP): linear
     warm-up over the first 5% of ``steps``, then cosine decay to 0."""

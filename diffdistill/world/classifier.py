@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffdistill.world import warmup_cosine
+from diffdistill.world import epoch_batches, warmup_cosine
 
 DETECTOR_NAME = "fmnist-net"
 FEATURE_DIM = 128
@@ -214,17 +214,9 @@ def train_fmnist_net(out_path: Union[str, os.PathLike], *, steps: int = 1410,
     net = FMNISTNet(widths=widths)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = warmup_cosine(opt, steps)
-    n = len(train_x)
-    bs = min(batch_size, n)
-    per_epoch = n // bs
-    perm = torch.randperm(n, generator=gen)
     t0 = time.perf_counter()
     net.train()
-    for step in range(steps):
-        pos = step % per_epoch
-        if step and pos == 0:
-            perm = torch.randperm(n, generator=gen)
-        idx = perm[pos * bs:(pos + 1) * bs]
+    for step, idx in epoch_batches(len(train_x), batch_size, steps, gen):
         x = _augment(train_x[idx].float() / 127.5 - 1.0, gen, translate)
         loss = F.cross_entropy(net(x), train_y[idx], label_smoothing=0.05)
         opt.zero_grad(set_to_none=True)
@@ -244,7 +236,7 @@ def train_fmnist_net(out_path: Union[str, os.PathLike], *, steps: int = 1410,
     log(f"  classifier: test accuracy {test_acc:.4f} (train subset {train_acc:.4f}), "
         f"{params / 1e6:.2f} M params")
     return {"test_accuracy": test_acc, "train_accuracy_10k": train_acc, "params": params,
-            "test_images": len(test_x), "train_images": n}
+            "test_images": len(test_x), "train_images": len(train_x)}
 
 
 def _register() -> None:

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from diffdistill.world import warmup_cosine
+from diffdistill.world import epoch_batches, warmup_cosine
 
 MODEL_NAME = "fmnist-clip"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir: loader looks for
@@ -197,17 +197,9 @@ def train_clip(out_dir: Union[str, os.PathLike], *, steps: int = 800, batch_size
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     sched = warmup_cosine(opt, steps)
     loss_fn = open_clip.ClipLoss()
-    n = len(train_x)
-    bs = min(batch_size, n)
-    per_epoch = n // bs
-    perm = torch.randperm(n, generator=gen)
     model.train()
     t0 = time.perf_counter()
-    for step in range(steps):
-        pos = step % per_epoch
-        if step and pos == 0:
-            perm = torch.randperm(n, generator=gen)
-        idx = perm[pos * bs:(pos + 1) * bs]
+    for step, idx in epoch_batches(len(train_x), batch_size, steps, gen):
         images = train_x[idx]
         flip = torch.rand(len(idx), generator=gen) < 0.5
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from diffdistill.world import warmup_cosine
+from diffdistill.world import epoch_batches, warmup_cosine
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,18 +75,11 @@ def train_vae(out_dir: Union[str, os.PathLike], *, channels=(16, 32, 64), norm_g
     test_x = fashion_mnist_uint8("test", 32, root=root, limit=test_limit)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = warmup_cosine(opt, steps)
-    n = len(train_x)
-    bs = min(batch_size, n)
-    per_epoch = n // bs
-    perm = torch.randperm(n, generator=gen)
     pixels_per_image = train_x[0].numel()
     vae.train()
     t0 = time.perf_counter()
-    for step in range(steps):
-        pos = step % per_epoch
-        if step and pos == 0:
-            perm = torch.randperm(n, generator=gen)
-        x = train_x[perm[pos * bs:(pos + 1) * bs]].float() / 127.5 - 1.0
+    for step, idx in epoch_batches(len(train_x), batch_size, steps, gen):
+        x = train_x[idx].float() / 127.5 - 1.0
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
