@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="where the demo writes everything")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--methods", default=None,
-                   help="comma-separated: lcd, lcd-lora, rglcd, dmd2, fdistill, hypersd, ict "
-                   "(default: lcd-lora,dmd2)")
-    g.add_argument("--all", action="store_true", help="every method")
+                   help="comma-separated: lcd, lcd-lora, rglcd, dmd2, fdistill, hypersd, ict, "
+                   "or an ablation: dmd2-nogan, dmd2-4step, dmd2-4step-nogan, dmd2-pixel, "
+                   "dmd2-pixel-nogan, rglcd-lrm (default: lcd-lora,dmd2)")
+    g.add_argument("--all", action="store_true", help="the seven main methods")
     p.add_argument("--train-steps", type=int, default=None,
                    help="optimizer steps per method (default: each method's demo budget)")
     p.add_argument("--num-samples", type=int, default=1000,
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--effnet", action="store_true",
                    help="add FD-EffNetLite0 to the table (ImageNet net at 224 px: ~11 img/s "
                    "on 2 CPU cores)")
+    p.add_argument("--no-teachers", action="store_true",
+                   help="bench only the students (the teachers' rows are measured elsewhere, "
+                   "e.g. configs/bench/world_teachers.yaml)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny batches and few samples: checks the path, measures nothing")
     return ap
@@ -154,22 +158,21 @@ def cmd_sample(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from diffdistill.demo import METHODS, run_demo
+    from diffdistill.demo import MAIN_METHODS, run_demo
 
-    methods = list(METHODS) if args.all else (
+    methods = list(MAIN_METHODS) if args.all else (
         [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
     flags = [("--all", args.all), (f"--methods {args.methods}", args.methods),
              (f"--train-steps {args.train_steps}", args.train_steps),
              (f"--num-samples {args.num_samples}", args.num_samples != 1000),
              (f"--out {args.out}", args.out != "runs/demo"),
              (f"--jobs {args.jobs}", args.jobs != 1), ("--effnet", args.effnet),
-             ("--smoke", args.smoke)]
+             ("--no-teachers", args.no_teachers), ("--smoke", args.smoke)]
     command = " ".join(["diffdistill demo", *(f for f, on in flags if on)])
     try:
         run_demo(out=args.out, methods=methods, train_steps=args.train_steps,
                  num_samples=args.num_samples, tiny=args.smoke, jobs=args.jobs,
-                 effnet=args.effnet,
-                 command=command)
+                 effnet=args.effnet, teachers=not args.no_teachers, command=command)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

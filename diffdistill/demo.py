@@ -39,7 +39,11 @@ class DemoMethod:
     teacher: str = "teacher_latent"  # the world teacher it distills (its bench row)
     overrides: tuple[str, ...] = ()  # demo-only config overrides
     scale_stages: bool = False  # Hyper-SD: scale hypersd.stages[*].steps to the budget
+    variant: bool = False  # an ablation of a main method: only by name, not in --all
 
+
+NO_GAN = ("dmd2.gan_generator_weight=0", "dmd2.gan_discriminator_weight=0")
+FOUR_STEPS = "dmd2.timesteps=[999,749,499,249]"  # DMD2's 4-step SD/SDXL grid
 
 #: The methods, in the order the table lists them. Step budgets: what fits a few minutes of
 #: one 2-core CPU (the toy configs' own max_steps are the longer runs).
@@ -52,7 +56,23 @@ METHODS: dict[str, DemoMethod] = {
     "hypersd": DemoMethod("Hyper-SD", "hypersd/toy.yaml", 500, (1, 2, 4, 8),
                           scale_stages=True),
     "ict": DemoMethod("iCT", "ict/toy.yaml", 400, (1, 2), teacher="teacher_pixel"),
+    # Ablations the method issues ask for (`--methods NAME`; not part of --all), each the
+    # main method's demo budget with one thing changed.
+    "dmd2-nogan": DemoMethod("DMD2 (no GAN)", "dmd2/toy.yaml", 300, (1,),
+                             overrides=NO_GAN, variant=True),
+    "dmd2-4step": DemoMethod("DMD2 4-step", "dmd2/toy.yaml", 300, (4,),
+                             overrides=(FOUR_STEPS,), variant=True),
+    "dmd2-4step-nogan": DemoMethod("DMD2 4-step (no GAN)", "dmd2/toy.yaml", 300, (4,),
+                                   overrides=(FOUR_STEPS, *NO_GAN), variant=True),
+    "dmd2-pixel": DemoMethod("DMD2 (pixel)", "dmd2/toy_pixel.yaml", 300, (1,),
+                             teacher="teacher_pixel", variant=True),
+    "dmd2-pixel-nogan": DemoMethod("DMD2 (pixel, no GAN)", "dmd2/toy_pixel.yaml", 300, (1,),
+                                   teacher="teacher_pixel", overrides=NO_GAN, variant=True),
+    "rglcd-lrm": DemoMethod("RG-LCD (LRM)", "rglcd/toy_lrm.yaml", 400, (1, 2, 4, 8),
+                            variant=True),
 }
+#: ``--all``: the seven main methods.
+MAIN_METHODS = tuple(k for k, m in METHODS.items() if not m.variant)
 #: ``make demo``: one consistency student (multi-step) and one distribution-matching student
 #: (one step) — the two families of the toolkit, in the time budget of a first look.
 DEFAULT_METHODS = ("lcd-lora", "dmd2")
@@ -161,10 +181,11 @@ def train_methods(keys: Sequence[str], out: Path, *, steps: Optional[int] = None
     return {k: done[k] for k in keys}
 
 
-def bench_models(trained: dict, teacher_guidance: dict, tiny: bool = False) -> list[dict]:
-    """Bench entries: every teacher a student distills (DDIM, its best CFG) and the students
-    (their exports, sampled as each records)."""
-    teachers = list(dict.fromkeys(METHODS[k].teacher for k in trained))
+def bench_models(trained: dict, teacher_guidance: dict, tiny: bool = False,
+                 teachers: bool = True) -> list[dict]:
+    """Bench entries: every teacher a student distills (DDIM, its best CFG; unless
+    ``teachers`` is false) and the students (their exports, sampled as each records)."""
+    teachers = list(dict.fromkeys(METHODS[k].teacher for k in trained)) if teachers else []
     steps = [1, 2] if tiny else list(TEACHER_STEPS)
     models = [{"name": f"teacher ({t.split('_')[1]}, DDIM)", "path": f"world:{t}",
                "sampler": "ddim", "steps": steps,
@@ -237,8 +258,8 @@ def _markdown(result: DemoResult, command: str, total_s: float) -> str:
 
 def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
              train_steps: Optional[int] = None, num_samples: int = 1000, tiny: bool = False,
-             jobs: int = 1, effnet: bool = False, command: str = "diffdistill demo"
-             ) -> DemoResult:
+             jobs: int = 1, effnet: bool = False, teachers: bool = True,
+             command: str = "diffdistill demo") -> DemoResult:
     from diffdistill.world.build import teacher_grids, teacher_table
 
     root = Path(out)
@@ -258,10 +279,11 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
     result = DemoResult(out=root)
     print(f"\n[2/{n}] distilling the teacher: {', '.join(METHODS[k].label for k in methods)}")
     result.trained = train_methods(methods, root, steps=train_steps, tiny=tiny, jobs=jobs)
-    print(f"\n[{n - 1}/{n}] diffdistill bench: teacher and students, {num_samples} samples each")
+    print(f"\n[{n - 1}/{n}] diffdistill bench: {'teacher and ' if teachers else ''}"
+          f"students, {num_samples} samples each")
     guidance = {k: v.get("best_guidance_scale", 2.0)
                 for k, v in world.get("teachers", {}).items()}
-    result.bench = run_bench_for(bench_models(result.trained, guidance, tiny), root,
+    result.bench = run_bench_for(bench_models(result.trained, guidance, tiny, teachers), root,
                                  num_samples=num_samples, tiny=tiny, effnet=effnet,
                                  command=command)
     total = time.perf_counter() - t0

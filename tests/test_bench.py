@@ -292,7 +292,8 @@ def test_report_table_grid_and_plot(tmp_path):
         small[0].permute(1, 2, 0).numpy()).resize((10, 10), Image.LANCZOS)))
 
 
-@pytest.mark.parametrize("name", ["world", "world_teachers", "world_ict_scratch", "world_fdistill", "coco_sd15"])
+@pytest.mark.parametrize("name", ["world", "world_teachers", "world_teacher_pixel",
+                                  "world_ict_scratch", "world_fdistill", "coco_sd15"])
 def test_shipped_bench_configs_validate(name):
     from pathlib import Path
 
@@ -302,7 +303,10 @@ def test_shipped_bench_configs_validate(name):
     cfg = load_bench_config(path)
     assert cfg.models and all(m.path for m in cfg.models)
     if name.startswith("world"):
-        small = name in ("world_ict_scratch", "world_fdistill")  # the demo's protocol
-        assert cfg.num_samples == (1000 if small else 10000)
+        expected = {  # name -> (num_samples, detectors); 1000: the demo's protocol
+            "world": (10000, ["fmnist-net", "effnet-lite0"]),
+            "world_teachers": (10000, ["fmnist-net"]),
+            "world_teacher_pixel": (2000, ["fmnist-net"]),
+        }.get(name, (1000, ["fmnist-net"]))
+        assert (cfg.num_samples, cfg.detectors) == expected
         assert cfg.reference.kind == "fashion_mnist_test"
-        assert cfg.detectors == (["fmnist-net"] if small else ["fmnist-net", "effnet-lite0"])

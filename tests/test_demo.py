@@ -40,15 +40,15 @@ def test_demo_rejects_unknown_method(tiny_world, tmp_path, monkeypatch, capsys):
 
 
 def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, capsys):
-    from diffdistill.demo import METHODS, run_demo, train_method
+    from diffdistill.demo import MAIN_METHODS, METHODS, run_demo, train_method
 
     monkeypatch.setenv(WORLD_DIR_ENV, str(tiny_world[0]))
     out = tmp_path / "demo"
-    res = run_demo(out=str(out), methods=list(METHODS), train_steps=6, num_samples=8,
+    res = run_demo(out=str(out), methods=list(MAIN_METHODS), train_steps=6, num_samples=8,
                    tiny=True, jobs=2, command="diffdistill demo --all --smoke")
     text = capsys.readouterr().out
     # every method trained for its budget and exported
-    assert list(res.trained) == list(METHODS)
+    assert list(res.trained) == list(MAIN_METHODS)
     for key, t in res.trained.items():
         lines = (out / "train" / key / "metrics.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["step"] == 6, key
@@ -64,7 +64,7 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
     rows = res.bench.rows
     models = list(dict.fromkeys(r.model for r in rows))
     assert models[:2] == ["teacher (latent, DDIM)", "teacher (pixel, DDIM)"]
-    assert models[2:] == [m.label for m in METHODS.values()]
+    assert models[2:] == [METHODS[k].label for k in MAIN_METHODS]
     fid = res.bench.metrics[0]
     assert fid == "FID-FMNIST" and all(np.isfinite(r.metrics[fid]) for r in rows)
     assert all(0 < r.sec_per_image and r.num_samples == 8 for r in rows)
@@ -76,7 +76,7 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
         assert np.asarray(Image.open(res.paths[name])).std() > 0
     # the results file holds the training table and the bench table
     md = res.paths["results"].read_text()
-    for m in METHODS.values():
+    for m in map(METHODS.get, MAIN_METHODS):
         assert f"| {m.label} | `configs/{m.config}` | 6 |" in md
     assert "FID-FMNIST" in md and "`diffdistill demo --all --smoke`" in md
     assert res.bench.command == "diffdistill demo --all --smoke (bench stage)"
@@ -85,6 +85,34 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
     best = min(students, key=lambda r: (r.metrics[fid], r.steps))
     assert f"Best student: {best.model} at {best.steps} step(s)" in text
     assert "from_pretrained" in text
+
+
+def test_demo_ablations_change_one_thing_of_their_main_method():
+    """Each ablation loads as its main method's demo config with exactly the stated change."""
+    from diffdistill.demo import MAIN_METHODS, METHODS, CONFIG_DIR
+    from diffdistill.trainers import load_run_config
+
+    assert MAIN_METHODS == ("lcd", "lcd-lora", "rglcd", "dmd2", "fdistill", "hypersd", "ict")
+
+    def cfg(key):
+        m = METHODS[key]
+        return load_run_config(CONFIG_DIR / m.config, list(m.overrides))[1]
+
+    base, pixel = cfg("dmd2"), cfg("dmd2-pixel")
+    assert base.dmd2.timesteps == [999] and base.dmd2.gan_generator_weight > 0
+    assert pixel.model.path == "world:teacher_pixel" and pixel.dmd2.gan_generator_weight > 0
+    for key, ref, steps, gan in [("dmd2-nogan", base, [999], False),
+                                 ("dmd2-4step", base, [999, 749, 499, 249], True),
+                                 ("dmd2-4step-nogan", base, [999, 749, 499, 249], False),
+                                 ("dmd2-pixel-nogan", pixel, [999], False)]:
+        c = cfg(key)
+        assert c.dmd2.timesteps == steps, key
+        assert (c.dmd2.gan_generator_weight > 0, c.dmd2.gan_discriminator_weight > 0) == (
+            gan, gan), key
+        assert c.model.path == ref.model.path and c.train.lr == ref.train.lr, key
+        assert METHODS[key].bench_steps == (len(steps),) and METHODS[key].variant
+    lrm = cfg("rglcd-lrm")
+    assert lrm.rglcd.mode == "lrm" and cfg("rglcd").rglcd.mode != "lrm"
 
 
 def test_make_demo_runs_the_demo_command():
