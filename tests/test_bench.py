@@ -306,7 +306,6 @@ def test_shipped_bench_configs_validate(name):
         expected = {  # name -> (num_samples, detectors); 1000: the demo's protocol
             "world": (10000, ["fmnist-net", "effnet-lite0"]),
             "world_teachers": (10000, ["fmnist-net"]),
-            "world_teacher_pixel": (2000, ["fmnist-net"]),
         }.get(name, (1000, ["fmnist-net"]))
         assert (cfg.num_samples, cfg.detectors) == expected
         assert cfg.reference.kind == "fashion_mnist_test"
