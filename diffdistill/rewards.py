@@ -28,6 +28,17 @@ Rewards (all "CLIP-style": cosine of L2-normalised image and text embeddings):
   improved-aesthetic-predictor; used by Hyper-SD's feedback learning): an MLP on the
   L2-normalised open_clip image embedding (ViT-L-14, 768-d); prompts are ignored.
 
+And one cross-attention reward:
+
+* :func:`imagereward_reward` — ImageReward (Xu et al. 2023, "ImageReward: Learning and
+  Evaluating Human Preferences for Text-to-Image Generation"; the reward of ReFL and of
+  Hyper-SD's feedback learning): BLIP's ViT encodes the image, BLIP's image-grounded text
+  encoder reads the prompt while cross-attending to the image tokens, its first ([CLS])
+  output feature goes through an MLP (1024, 128, 64, 16, 1) and the score is
+  ``(s − mean) / std`` with THUDM's fixed mean/std. The BLIP networks are transformers'
+  own (``BlipForImageTextRetrieval``'s ``vision_model`` and ``text_encoder``), read from a
+  local folder (see :func:`imagereward_reward`; :func:`save_imagereward` writes one).
+
 Missing files raise ``FileNotFoundError`` naming what to supply; nothing is downloaded.
 
 Each reward carries ``logit_scale``: the factor that turns its scores into the logits of the
@@ -63,6 +74,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 __all__ = [
     "RewardModel", "ClipStyleReward", "OpenClipReward", "PickScoreReward", "clip_score_reward",
     "hpsv2_reward", "pickscore_reward", "AestheticHead", "AestheticReward", "aesthetic_reward",
+    "ImageRewardModel", "imagereward_reward", "save_imagereward", "IMAGEREWARD_MEAN",
+    "IMAGEREWARD_STD", "IMAGEREWARD_HEAD", "IMAGEREWARD_INFO",
     "load_reward_model", "REWARD_LOADERS",
     "LatentRewardModel", "lrm_preference_loss",
 ]
@@ -257,6 +270,75 @@ class PickScoreReward(ClipStyleReward):
             attention_mask=tok.attention_mask.to(self.device)))
 
 
+#: ImageReward's score normalisation, ``(s − mean) / std`` (THUDM/ImageReward, ImageReward.py)
+IMAGEREWARD_MEAN = 0.16717362830052426
+IMAGEREWARD_STD = 1.0333394966054072
+#: file names inside an ImageReward folder (besides transformers' config / weights / tokenizer)
+IMAGEREWARD_HEAD = "imagereward_head.safetensors"
+IMAGEREWARD_INFO = "imagereward.json"
+
+
+class ImageRewardModel(ClipStyleReward):
+    """ImageReward: ``(MLP(T(prompt | V(image))[:, 0]) − mean) / std``.
+
+    ``V`` is BLIP's ViT (transformers ``BlipVisionModel``, last hidden state after its final
+    LayerNorm), ``T`` BLIP's text encoder in its image-grounded mode (``BlipTextModel`` with
+    cross-attention to every image token, bidirectional self-attention); the prompt is
+    tokenised as ImageReward does (BERT WordPiece, ``[CLS] … [SEP]``, padded / truncated to
+    ``max_length`` = 35). ``head`` is the MLP (same layout as :class:`AestheticHead`: linear
+    layers 768 → 1024 → 128 → 64 → 16 → 1 with dropout, no activations). Preprocessing is
+    ReFL's tensor transform: [-1, 1] → [0, 1], bicubic antialiased resize of the shortest side
+    to the ViT's ``image_size`` (224), centre crop, normalise with BLIP's mean/std.
+
+    ImageReward was trained with a cross-entropy over the *raw* MLP outputs of candidate
+    images, so its preference logits are ``std · score`` (+ a constant): ``logit_scale = std``.
+    """
+
+    def __init__(self, blip: nn.Module, tokenizer, head: nn.Module, *,
+                 mean: float = IMAGEREWARD_MEAN, std: float = IMAGEREWARD_STD,
+                 max_length: int = 35, image_size=None, pixel_mean=CLIP_MEAN,
+                 pixel_std=CLIP_STD, name: str = "imagereward"):
+        text_cfg = blip.config.text_config
+        if not getattr(text_cfg, "is_decoder", True):
+            raise ValueError("ImageReward needs BLIP's text encoder with cross-attention layers: "
+                             "its text_config must keep is_decoder: true (transformers builds "
+                             "the cross-attention only then)")
+        size = image_size or blip.config.vision_config.image_size
+        super().__init__(size, mean=pixel_mean, std=pixel_std, logit_scale=float(std), name=name)
+        self.vision_model = _freeze(blip.vision_model)
+        self.text_encoder = _freeze(blip.text_encoder)
+        self.head = _freeze(head)
+        self.tokenizer = tokenizer
+        self.score_mean, self.score_std = float(mean), float(std)
+        self.max_length = int(max_length)
+
+    def tokenize(self, prompts: list[str]):
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+
+    def features(self, pixels: Tensor, prompts: list[str]) -> Tensor:
+        """The image-grounded text encoder's first-token feature (what the MLP reads)."""
+        dt = next(self.vision_model.parameters()).dtype
+        image = self.vision_model(pixel_values=pixels.to(dt)).last_hidden_state
+        ids, mask = self.tokenize(prompts)
+        out = self.text_encoder(input_ids=ids, attention_mask=mask,
+                                encoder_hidden_states=image,
+                                encoder_attention_mask=torch.ones(
+                                    image.shape[:-1], dtype=torch.long, device=image.device),
+                                is_decoder=False)
+        return out.last_hidden_state[:, 0, :]
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        feats = self.features(self.preprocess(images.to(self.device)), prompts)
+        head_dt = next(self.head.parameters()).dtype
+        raw = _at_least_fp32(self.head(_at_least_fp32(feats).to(head_dt)).squeeze(-1))
+        return (raw - self.score_mean) / self.score_std
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
@@ -384,12 +466,119 @@ def aesthetic_reward(path: PathLike, model_name: str = "ViT-L-14", *,
     return AestheticReward(model, head).to(device or "cpu")
 
 
+_IMAGEREWARD_HINT = (
+    "an ImageReward folder: a transformers BLIP config (config.json, BlipConfig with the ViT at "
+    "image_size 224) + its weights (model.safetensors: BlipForImageTextRetrieval's vision_model "
+    "and text_encoder), BLIP's BERT tokenizer (vocab.txt or tokenizer.json; or processor_path), "
+    f"the MLP head ({IMAGEREWARD_HEAD}: layers.{{0,2,4,6,7}}) and {IMAGEREWARD_INFO} "
+    '({"mean": ..., "std": ...}; THUDM\'s are 0.16717362830052426 and 1.0333394966054072). '
+    "diffdistill.rewards.save_imagereward writes this layout; nothing is downloaded")
+
+
+def imagereward_reward(path: PathLike, processor_path: Optional[PathLike] = None, *,
+                       head_path: Optional[PathLike] = None, device=None) -> ImageRewardModel:
+    """ImageReward from a local folder (layout: :func:`save_imagereward`).
+
+    ``path`` holds ``config.json`` (a transformers ``BlipConfig``), the weights
+    ``BlipForImageTextRetrieval.from_pretrained`` reads (only ``vision_model.*`` and
+    ``text_encoder.*`` are used and required), :data:`IMAGEREWARD_HEAD` (the MLP) and
+    :data:`IMAGEREWARD_INFO` (``{"mean", "std", optional "max_length"}``). ``processor_path``
+    holds the tokenizer and optionally ``preprocessor_config.json`` (its ``image_mean`` /
+    ``image_std`` normalise the pixels; default BLIP's, the OpenAI CLIP values ImageReward
+    uses); default ``path``. ``head_path`` overrides where the MLP is read from.
+
+    No converter from THUDM's ``ImageReward.pt`` is provided (its key names could not be
+    checked against the real checkpoint here): convert it with your own key mapping onto
+    ``BlipForImageTextRetrieval`` (the ViT there uses LayerNorm eps 1e-6) and write the folder
+    with :func:`save_imagereward`.
+    """
+    what = "ImageReward reward"
+    if not path:
+        raise FileNotFoundError(f"{what}: no folder given; supply {_IMAGEREWARD_HINT}")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what}: {folder} is not a folder; supply {_IMAGEREWARD_HINT}")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{what}: {folder} has no config.json (a transformers BlipConfig);"
+                                f" supply {_IMAGEREWARD_HINT}")
+    if not any((folder / n).is_file() for n in ("model.safetensors",
+                                                 "model.safetensors.index.json")):
+        raise FileNotFoundError(f"{what}: {folder} has no BLIP weights (model.safetensors); "
+                                f"supply {_IMAGEREWARD_HINT}")
+    head_file = Path(head_path).expanduser() if head_path else folder / IMAGEREWARD_HEAD
+    if not head_file.is_file():
+        raise FileNotFoundError(f"{what}: the MLP head {head_file} does not exist; supply "
+                                f"{IMAGEREWARD_HEAD} (ImageReward's mlp.layers.* as "
+                                "layers.* in safetensors)")
+    info_file = folder / IMAGEREWARD_INFO
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{what}: {info_file} does not exist; supply {IMAGEREWARD_INFO} "
+                                f'with the score normalisation {{"mean": {IMAGEREWARD_MEAN}, '
+                                f'"std": {IMAGEREWARD_STD}}} (THUDM\'s values)')
+    info = json.loads(info_file.read_text())
+    if "mean" not in info or "std" not in info or not float(info["std"]) > 0:
+        raise ValueError(f"{what}: {info_file} must hold \"mean\" and a positive \"std\", "
+                         f"got {info}")
+    proc = Path(processor_path).expanduser() if processor_path else folder
+    if not ((proc / "tokenizer.json").is_file() or (proc / "vocab.txt").is_file()):
+        raise FileNotFoundError(f"{what}: no tokenizer (vocab.txt or tokenizer.json) in {proc}; "
+                                "supply BLIP's BERT tokenizer (bert-base-uncased + [DEC], [ENC], "
+                                "as in any Salesforce/blip-* folder) there or as processor_path")
+    from safetensors.torch import load_file
+    from transformers import BertTokenizer, BlipForImageTextRetrieval
+
+    blip, loading = BlipForImageTextRetrieval.from_pretrained(
+        str(folder), output_loading_info=True, use_safetensors=True)
+    missing = sorted(k for k in loading["missing_keys"]
+                     if k.startswith(("vision_model.", "text_encoder.")))
+    if missing:
+        raise ValueError(f"{what}: the weights in {folder} lack {len(missing)} BLIP tensors the "
+                         f"reward uses, e.g. {missing[:3]}; supply {_IMAGEREWARD_HINT}")
+    state = load_file(str(head_file))
+    head = AestheticHead(int(state["layers.0.weight"].shape[1]))
+    head.load_state_dict(state)
+    hidden = blip.config.text_config.hidden_size
+    if head.layers[0].in_features != hidden:
+        raise ValueError(f"{what}: the head reads {head.layers[0].in_features}-d features but "
+                         f"the BLIP text encoder gives {hidden}-d ones")
+    tokenizer = BertTokenizer.from_pretrained(str(proc))
+    kw = {}
+    pre = proc / "preprocessor_config.json"
+    if pre.is_file():
+        cfg = json.loads(pre.read_text())
+        kw = {"pixel_mean": tuple(cfg.get("image_mean", CLIP_MEAN)),
+              "pixel_std": tuple(cfg.get("image_std", CLIP_STD))}
+    return ImageRewardModel(blip, tokenizer, head, mean=float(info["mean"]),
+                            std=float(info["std"]), max_length=int(info.get("max_length", 35)),
+                            **kw).to(device or "cpu")
+
+
+def save_imagereward(folder: PathLike, blip: nn.Module, tokenizer, head: nn.Module, *,
+                     mean: float = IMAGEREWARD_MEAN, std: float = IMAGEREWARD_STD,
+                     max_length: int = 35) -> Path:
+    """Write the folder :func:`imagereward_reward` reads: ``blip`` (a transformers
+    ``BlipForImageTextRetrieval``) with ``save_pretrained`` (safetensors), the tokenizer, the
+    MLP ``head`` (layers.{0,2,4,6,7}) as :data:`IMAGEREWARD_HEAD`, and :data:`IMAGEREWARD_INFO`."""
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    blip.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
+              str(out / IMAGEREWARD_HEAD))
+    (out / IMAGEREWARD_INFO).write_text(json.dumps(
+        {"mean": float(mean), "std": float(std), "max_length": int(max_length)}, indent=1))
+    return out
+
+
 #: reward kind → loader(path, **options)
 REWARD_LOADERS: dict[str, Callable[..., ClipStyleReward]] = {
     "clip": clip_score_reward,
     "hpsv2": hpsv2_reward,
     "pickscore": pickscore_reward,
     "aesthetic": aesthetic_reward,
+    "imagereward": imagereward_reward,
 }
 
 
@@ -397,12 +586,15 @@ def load_reward_model(kind: str, path: PathLike, *, model_name: Optional[str] = 
                       config_path: Optional[PathLike] = None,
                       processor_path: Optional[PathLike] = None,
                       head_path: Optional[PathLike] = None, device=None) -> ClipStyleReward:
-    """Build a reward of ``kind`` ("clip", "hpsv2", "pickscore", "aesthetic") from local files
-    (``head_path``: the aesthetic predictor's MLP)."""
+    """Build a reward of ``kind`` ("clip", "hpsv2", "pickscore", "aesthetic", "imagereward")
+    from local files (``head_path``: the aesthetic predictor's MLP, or ImageReward's when not
+    in its folder; ``processor_path``: the tokenizer folder of pickscore / imagereward)."""
     if kind not in REWARD_LOADERS:
         raise ValueError(f"reward kind {kind!r} is unknown; use one of {sorted(REWARD_LOADERS)}")
     if kind == "pickscore":
         return pickscore_reward(path, processor_path, device=device)
+    if kind == "imagereward":
+        return imagereward_reward(path, processor_path, head_path=head_path, device=device)
     kw = {"config_path": config_path, "device": device}
     if kind == "aesthetic":
         kw["head_path"] = head_path

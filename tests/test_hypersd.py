@@ -28,7 +28,7 @@ from diffdistill.trainers.hypersd import (
     segment_index,
     segment_jump,
 )
-from test_rewards import TINY_CLIP, make_tiny_clip
+from test_rewards import TINY_CLIP, make_tiny_clip, make_tiny_imagereward
 
 from helpers import stock_sd_pipeline  # noqa: E402
 
@@ -59,7 +59,9 @@ def make_cfg(model_dir, out, *, adapter="lora", steps=2, lr=1e-3, stages=None, c
         "data": {"kind": "fashion_mnist", "resolution": 32, "limit": 8},
         "train": {"max_steps": steps, "batch_size": 2, "lr": lr, "checkpoint_every": 0,
                   "cpu": True},
-        "adapter": {"type": adapter, "rank": 4, "conv": True},
+        # adapter: "lora" / "full", or a dict over the LoRA defaults
+        "adapter": {"type": "lora", "rank": 4, "conv": True,
+                    **({"type": adapter} if isinstance(adapter, str) else adapter)},
         "hypersd": hs,
         "log": {"every": 1, "progress": False, "tensorboard": False},
     }
@@ -317,6 +319,34 @@ def test_aesthetic_reward_is_the_laion_mlp_on_the_normalised_clip_embedding(tiny
         load_reward_model("aesthetic", weights, model_name=TINY_CLIP, config_path=cfg_file)
 
 
+def test_imagereward_from_the_reward_section_drives_the_refl_term(sd_dir, tmp_path):
+    """`reward.model: {kind: imagereward, path: folder}` (the section RG-LCD shares) runs a
+    ReFL step whose reward gradient reaches the LoRA through the VAE decoder and BLIP."""
+    from diffdistill.rewards import ImageRewardModel
+    from diffdistill.trainers.lcd import RGLCDConfig
+
+    folder, *_ = make_tiny_imagereward(tmp_path)
+    section = {"kind": "imagereward", "path": str(folder)}
+    rg = build_config(RGLCDConfig, {"method": "rglcd", "model": {"path": "x"},
+                                    "reward": section})
+    assert rg.reward.kind == "imagereward"
+    tr, batch = ready(make_cfg(sd_dir, tmp_path / "run", stages=[{"segments": 2, "reward": True}],
+                               hypersd={"reward": {"weight": 0.5, "model": section}}))
+    assert isinstance(tr.reward_model, ImageRewardModel)
+    randomize(tr.trainable["unet"])
+    cond = tr.backbone.encode_prompts(PROMPTS)
+    x, t = tr.reward_input(cond, 2)
+    reward = tr.reward(tr.student_forward([(x, t)], cond)[0], PROMPTS)
+    grads = torch.autograd.grad(reward.sum(), tr.trainable["unet"], allow_unused=True)
+    grads = [g for g in grads if g is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    logs = tr.train_step(batch)
+    assert math.isfinite(float(logs["reward"]))
+    assert float(logs["loss"]) == pytest.approx(
+        float(logs["loss_tscd"]) - 0.5 * float(logs["reward"]), abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- score distill
 
 
@@ -458,33 +488,73 @@ def _stock(pipe, steps, gamma, seeds=(3, 4)):
                     generator=gens, output_type="pt", height=32, width=32).images
 
 
-def test_unified_lora_loads_in_a_stock_pipeline_with_tcd_at_1_2_4_8_steps(lora_runs, sd_dir,
-                                                                          tmp_path):
-    from diffusers import TCDScheduler
+@pytest.fixture(scope="module")
+def sdxl_lora_run(sdxl_dir, tmp_path_factory):
+    """Two Hyper-SD steps (4 then 2 segments) of a LoRA on the SDXL-structured fixture. The
+    LoRA skips the tiny UNet's ``upsamplers.0.conv``: that upsampler sits in an attention-free
+    up block, which real SDXL does not have and diffusers' kohya (sgm-name) loader cannot
+    place (see test_export.test_ldm_names_of_real_sdxl)."""
+    from diffdistill.backbone import ATTENTION_TARGETS, CONV_TARGETS
 
+    root = tmp_path_factory.mktemp("hypersd-sdxl")
+    targets = list(ATTENTION_TARGETS) + [t for t in CONV_TARGETS if t != "upsamplers.0.conv"]
+    cfg = make_cfg(sdxl_dir, root, steps=2, lr=1e-2,
+                   stages=[{"segments": 4, "steps": 1}, {"segments": 2}],
+                   adapter={"conv": False, "target_modules": targets}, hypersd={"gamma": 0.5})
+    tr = HyperSDTrainer(cfg)
+    tr.fit()
+    return root, tr
+
+
+def _stock_pipe(kind, base_dir, lora_dir=None, weight_name=None):
+    """A fresh stock SD / SDXL pipeline with ``TCDScheduler`` from its own scheduler config
+    (as the export's model card does) and optionally the exported LoRA file."""
+    from diffusers import StableDiffusionXLPipeline, TCDScheduler
+
+    if kind == "sd":
+        return stock_sd_pipeline(base_dir, TCDScheduler, lora_dir, weight_name)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(base_dir))
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    if weight_name:
+        pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_unified_lora_loads_in_a_stock_pipeline_with_tcd_at_1_2_4_8_steps(kind, request, sd_dir,
+                                                                          sdxl_dir, tmp_path):
+    """The exported LoRA (diffusers and kohya files) in a stock pipeline + TCDScheduler gives
+    the trainer's own TCD samples at every served step count (SD: the all-stages run, SDXL:
+    a short run on the SDXL-structured fixture)."""
+    from diffdistill.backbone import adapters_disabled
     from diffdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
-    root, a, _ = lora_runs
-    out = root / "a" / "export"
+    if kind == "sd":
+        root, a, _ = request.getfixturevalue("lora_runs")
+        out, base = root / "a" / "export", sd_dir
+    else:
+        root, a = request.getfixturevalue("sdxl_lora_run")
+        out, base = root / "export", sdxl_dir
+    assert a.backbone.kind == kind
     info = json.loads((out / EXPORT_INFO).read_text())
     assert info["sampler"] == "tcd" and info["gamma"] == 0.5
     assert info["served_steps"] == [1, 2, 4, 8] and info["timesteps"] == [999, 759, 499, 259]
-    assert (out / KOHYA_WEIGHT_NAME).is_file() and "eta=0.5" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (out / KOHYA_WEIGHT_NAME).is_file() and "eta=0.5" in card
+    assert "TCDScheduler.from_config(pipe.scheduler.config)" in card  # what _stock_pipe does
 
-    def stock_pipe(weight_name=None):
-        return stock_sd_pipeline(sd_dir, TCDScheduler, out, weight_name)
-
-    pipe = stock_pipe(LORA_WEIGHT_NAME)
+    pipe = _stock_pipe(kind, base, out, LORA_WEIGHT_NAME)
     unet = a.unwrap(a.unet)
-    for steps in (1, 2, 4, 8):
+    n_lora = sum(1 for k in unet.state_dict() if "lora_A" in k)
+    assert n_lora and sum(1 for k in pipe.unet.state_dict() if "lora_A" in k) == n_lora
+    for steps in (1, 2, 4, 8):  # images in [0, 1]
         assert (_stock(pipe, steps, 0.5) - _ours(a, unet, steps, 0.5)).abs().max() <= 1e-4, steps
-    from diffdistill.backbone import adapters_disabled
-
     with adapters_disabled(unet):  # the LoRA matters
         assert (_ours(a, unet, 2, 0.5) - _stock(pipe, 2, 0.5)).abs().max() > 1e-3
     assert (_stock(pipe, 4, 0.0) - _stock(pipe, 4, 0.5)).abs().max() > 1e-3  # eta matters
-    kohya = _stock(stock_pipe(KOHYA_WEIGHT_NAME), 2, 0.5)
-    assert (kohya - _ours(a, unet, 2, 0.5)).abs().max() <= 1e-4
+    kohya_pipe = _stock_pipe(kind, base, out, KOHYA_WEIGHT_NAME)
+    assert sum(1 for k in kohya_pipe.unet.state_dict() if "lora_A" in k) == n_lora
+    assert (_stock(kohya_pipe, 2, 0.5) - _ours(a, unet, 2, 0.5)).abs().max() <= 1e-4
     # `diffdistill sample` reads the export's sampler, steps and gamma (0.5, not TCD's 0.3)
     import numpy as np
     from PIL import Image
@@ -492,7 +562,7 @@ def test_unified_lora_loads_in_a_stock_pipeline_with_tcd_at_1_2_4_8_steps(lora_r
     from diffdistill.cli import main
 
     png = tmp_path / "cli.png"
-    args = ["sample", str(sd_dir), "--lora", str(out), "--seed", "3", "--num", "1",
+    args = ["sample", str(base), "--lora", str(out), "--seed", "3", "--num", "1",
             "--out", str(png)]
     for p in PROMPTS:
         args += ["--prompt", p]

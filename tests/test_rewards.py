@@ -174,8 +174,8 @@ def test_pickscore_style_reward_equals_the_clip_model_logits(tiny_pickscore, tmp
 
 
 def test_unknown_reward_kind():
-    with pytest.raises(ValueError, match="clip.*hpsv2.*pickscore"):
-        load_reward_model("imagereward", "x")
+    with pytest.raises(ValueError, match="clip.*hpsv2.*imagereward.*pickscore"):
+        load_reward_model("vqascore", "x")
 
 
 def test_lrm_preference_loss_is_the_kl_of_softmaxed_scores():
@@ -221,3 +221,146 @@ def test_lrm_loss_decreases_on_fixed_preference_data():
     assert agree == 1.0
     with pytest.raises(ValueError, match="text"):
         lrm(latents)
+
+
+# ----------------------------------------------------------------------------- ImageReward
+
+IR_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "bag", "sneaker",
+            "dress", "coat", "shirt", "trouser", "[DEC]", "[ENC]"]
+
+
+def make_tiny_imagereward(d, *, mean=0.3, std=2.0):
+    """A random tiny ImageReward folder in ``d`` (BLIP ViT 48-d, image-grounded text encoder
+    32-d, as ImageReward's 1024-d ViT / 768-d BERT differ), with its modules."""
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+
+    from diffdistill.rewards import AestheticHead, save_imagereward
+
+    (d / "vocab.txt").write_text("\n".join(IR_WORDS) + "\n")
+    tokenizer = BertTokenizer(str(d / "vocab.txt"))
+    cfg = BlipConfig(
+        text_config={"vocab_size": len(IR_WORDS), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 40, "pad_token_id": 0, "bos_token_id": 14,
+                     "sep_token_id": 3, "eos_token_id": 3},
+        vision_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                       "layer_norm_eps": 1e-6, "initializer_range": 0.02},
+        image_text_hidden_size=16)
+    torch.manual_seed(0)
+    blip = BlipForImageTextRetrieval(cfg).eval()
+    head = AestheticHead(32).eval()
+    # unit-gain random weights (transformers' 0.02 init barely lets the image reach [CLS])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in [*blip.named_parameters(), *head.named_parameters()]:
+            if p.ndim >= 2:
+                scale = 0.5 if "embedding" in name else p[0].numel() ** -0.5
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    folder = save_imagereward(d / "imagereward", blip, tokenizer, head, mean=mean, std=std)
+    return folder, blip, tokenizer, head
+
+
+@pytest.fixture(scope="module")
+def tiny_imagereward(tmp_path_factory):
+    return make_tiny_imagereward(tmp_path_factory.mktemp("tiny-imagereward"))
+
+
+def _refl_transform(images, size):
+    """ReFL's reward preprocessing (THUDM/ImageReward ReFL.py) with torchvision itself."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
+
+    from diffdistill.rewards import CLIP_MEAN, CLIP_STD
+
+    t = Compose([Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                 CenterCrop(size), Normalize(CLIP_MEAN, CLIP_STD)])
+    return t(((images + 1) / 2).clamp(0, 1))
+
+
+def test_imagereward_is_the_mlp_on_blips_image_grounded_text_feature(tiny_imagereward):
+    from diffdistill.rewards import AestheticHead, ImageRewardModel
+
+    folder, blip, tokenizer, head = tiny_imagereward
+    r = load_reward_model("imagereward", folder)
+    assert isinstance(r, RewardModel) and isinstance(r, ImageRewardModel)
+    assert all(not p.requires_grad for p in r.parameters())
+    assert r.logit_scale == 2.0  # preference logits = raw MLP outputs = std * score + mean
+    # 40x48 images: shortest side resized to the ViT's 32 px (bicubic, antialiased), centre crop
+    x = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
+    got = r(x, PROMPTS)
+    tok = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35,
+                    return_tensors="pt")
+    assert tok.input_ids[0, 0] == 2 and tok.input_ids.shape[1] == 35  # [CLS] first, 35 tokens
+    with torch.no_grad():
+        # transformers' own ITM forward runs the text encoder with cross-attention to the image
+        out = blip(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                   pixel_values=_refl_transform(x, 32), use_itm_head=True)
+        feature = out.question_embeds[:, 0, :]  # ImageReward: last_hidden_state[:, 0, :]
+        expected = (head(feature).squeeze(-1) - 0.3) / 2.0
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+    assert got.std() > 1e-3
+    # the prompt matters (it is read in the same forward, not cached as a text embedding)
+    swapped = r(x, PROMPTS[::-1])
+    assert (swapped - got).abs().max() > 1e-4
+    # the head is ImageReward's MLP layout (the LAION predictor's: layers.{0,2,4,6,7})
+    assert isinstance(r.head, AestheticHead) and r.head.layers[0].in_features == 32
+    r.train()
+    assert not r.training
+
+
+def test_imagereward_gradient_reaches_the_images(tiny_imagereward):
+    folder, *_ = tiny_imagereward
+    r = load_reward_model("imagereward", folder)
+    x = (_images(2, 24, seed=1) * 0.8).requires_grad_(True)  # 24 px: upsampled in the graph
+    (g,) = torch.autograd.grad(r(x, PROMPTS[:2]).sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    # … and it is the gradient of the score (float64 central differences)
+    r = r.double()
+    x = x.detach().double().requires_grad_(True)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (g,) = torch.autograd.grad(r(x, PROMPTS[:2]).sum(), x)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (r(x + h * v, PROMPTS[:2]).sum() - r(x - h * v, PROMPTS[:2]).sum()) / (2 * h)
+    assert float((g * v).sum()) == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
+
+
+def test_imagereward_missing_files_are_named(tiny_imagereward, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from diffdistill.rewards import IMAGEREWARD_HEAD, IMAGEREWARD_INFO
+
+    folder, *_ = tiny_imagereward
+    with pytest.raises(FileNotFoundError, match=f"ImageReward.*absent.*{IMAGEREWARD_HEAD}"):
+        load_reward_model("imagereward", tmp_path / "absent")
+    cases = [(IMAGEREWARD_HEAD, FileNotFoundError, IMAGEREWARD_HEAD),
+             (IMAGEREWARD_INFO, FileNotFoundError, f"{IMAGEREWARD_INFO}.*mean.*std"),
+             ("config.json", FileNotFoundError, "config.json"),
+             ("model.safetensors", FileNotFoundError, "model.safetensors"),
+             ("tokenizer", FileNotFoundError, "vocab.txt or tokenizer.json")]
+    for name, err, match in cases:
+        broken = tmp_path / f"no-{name}"
+        shutil.copytree(folder, broken)
+        for f in broken.iterdir():
+            if f.name == name or (name == "tokenizer" and f.name.startswith(("tokenizer",
+                                                                                "vocab"))):
+                f.unlink()
+        with pytest.raises(err, match=match):
+            load_reward_model("imagereward", broken)
+    # weights lacking the text encoder: a clear error, not a randomly initialised encoder
+    partial = tmp_path / "partial"
+    shutil.copytree(folder, partial)
+    state = load_file(str(partial / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("text_encoder.")},
+              str(partial / "model.safetensors"))
+    with pytest.raises(ValueError, match="text_encoder"):
+        load_reward_model("imagereward", partial)
+    # the head may live elsewhere (head_path)
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    shutil.move(str(moved / IMAGEREWARD_HEAD), str(tmp_path / "head.safetensors"))
+    r = load_reward_model("imagereward", moved, head_path=tmp_path / "head.safetensors")
+    x = _images(seed=6)
+    assert torch.equal(r(x, PROMPTS), load_reward_model("imagereward", folder)(x, PROMPTS))

@@ -48,8 +48,8 @@ noise without gradient (TCD at γ = 0: edge-to-edge jumps), x_{c_{m+1}} = sg f_�
 c_{m+1}), to a step c_j drawn
 uniformly among those in ``reward.t_range``; then x0̂ = x0̂_θ(x_{c_j}, c_j) with gradient is
 decoded and scored, L_R = −λ R(decode(x0̂), prompt) with any
-:class:`~diffdistill.rewards.RewardModel` (CLIP, HPSv2, PickScore, LAION aesthetic predictor;
-local weights).
+:class:`~diffdistill.rewards.RewardModel` (CLIP, HPSv2, PickScore, LAION aesthetic predictor,
+ImageReward; local weights).
 
 **Score distillation for one step** (Sec. 3.3, DMD of Yin et al. 2024) in a k = 1 stage with
 ``score_distill: true``: x = x0̂_θ(ε, T−1) is the one-step sample; L_DM is DMD2's

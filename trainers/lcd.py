@@ -112,12 +112,14 @@ class RGLCDSection:
 
 @dataclass
 class RewardSection:
-    kind: Literal["clip", "hpsv2", "pickscore", "aesthetic"] = "hpsv2"  # HPSv2.1: RG-LCD's headline
+    # HPSv2.1: RG-LCD's headline expert; ImageReward: ReFL's / Hyper-SD's
+    kind: Literal["clip", "hpsv2", "pickscore", "aesthetic", "imagereward"] = "hpsv2"
     path: str = ""  # local weights: open_clip file or folder (clip, hpsv2), CLIPModel folder
+    # (pickscore), ImageReward folder (imagereward: BLIP config + weights, head, mean/std)
     model_name: Optional[str] = None  # open_clip architecture of a weights file (hpsv2: ViT-H-14)
     config_path: Optional[str] = None  # open_clip model-config JSON registering a custom arch
-    processor_path: Optional[str] = None  # pickscore: tokenizer folder (default: path)
-    head_path: Optional[str] = None  # aesthetic: the LAION predictor's MLP state dict
+    processor_path: Optional[str] = None  # pickscore / imagereward: tokenizer (default: path)
+    head_path: Optional[str] = None  # aesthetic: the LAION predictor's MLP; imagereward: its MLP
 
 
 @dataclass
