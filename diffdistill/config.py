@@ -297,13 +297,31 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def deep_merge(base: dict, new: dict) -> dict:
+    """``new`` over ``base``, recursively. A mapping with integer keys over a list merges into
+    the list's elements (the override ``models.0.steps=[50]`` changes the first model only)."""
     out = dict(base)
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), list) and v:
+            out[k] = _merge_into_list(k, out[k], v)
         else:
             out[k] = v
     return out
+
+
+def _merge_into_list(key: str, items: list, new: dict) -> list:
+    items = list(items)
+    for i, v in new.items():
+        if not str(i).isdigit():
+            raise ConfigError(f"{key}.{i}: {key} is a list; index its entries as {key}.0, "
+                              f"{key}.1, ...")
+        j = int(i)
+        if j >= len(items):
+            raise ConfigError(f"{key}.{j}: {key} has only {len(items)} entries")
+        items[j] = (deep_merge(items[j], v) if isinstance(v, dict) and isinstance(items[j], dict)
+                    else v)
+    return items
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

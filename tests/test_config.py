@@ -23,6 +23,19 @@ def test_overrides_parse_and_types():
     assert cfg.eval.steps == [1, 2, 4] and cfg.model.prediction_type is None
 
 
+def test_overrides_index_into_lists():
+    base = {"models": [{"name": "a", "steps": [1, 2]}, {"name": "b", "steps": [4]}], "n": 3}
+    out = deep_merge(base, parse_overrides(["models.1.steps=[50]", "models.0.name=z"]))
+    assert out == {"models": [{"name": "z", "steps": [1, 2]}, {"name": "b", "steps": [50]}],
+                   "n": 3}
+    assert base["models"][1]["steps"] == [4]  # the base is not modified
+    assert deep_merge(base, parse_overrides(["models=[]"]))["models"] == []  # whole list
+    with pytest.raises(ConfigError, match="models has only 2 entries"):
+        deep_merge(base, parse_overrides(["models.2.steps=[1]"]))
+    with pytest.raises(ConfigError, match="models is a list; index its entries as models.0"):
+        deep_merge(base, parse_overrides(["models.first.steps=[1]"]))
+
+
 def test_unknown_key_names_key_and_allowed():
     with pytest.raises(ConfigError) as e:
         build_config(BaseConfig, {"train": {"lrr": 1e-4}})
