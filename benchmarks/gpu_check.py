@@ -20,8 +20,10 @@ Stages (each wrapped: a failure is recorded with its traceback tail and the scri
 * ``gen_*`` — 1- and 4-step LCM-consistency generation over the teacher UNet and the
   50-step DDIM teacher (CFG 7.5), batch 8 at 512 px, through ``diffdistill.sampling.generate``
   including prompt encoding and VAE decoding (images/s).
-* ``fsdp_launch`` — ``accelerate launch --config_file configs/accelerate/fsdp.yaml
-  --num_processes 1 -m diffdistill.train CFG`` for one step (skipped without CUDA).
+* ``fsdp_launch``, ``zero2_launch`` — ``accelerate launch --config_file
+  configs/accelerate/{fsdp,deepspeed_zero2}.yaml --num_processes 1 -m diffdistill.train CFG``
+  for one step of LCD with full weights (skipped without CUDA; ``zero2_launch`` is skipped,
+  saying which files to add to ./wheels, when deepspeed is not installed).
 
 Output: ``$OUT/results.json`` and ``$OUT/results.md`` (``$OUT`` defaults to ./gpu_check_out).
 
@@ -440,36 +442,62 @@ def gen_stages(ctx: Ctx, results: dict) -> None:
         torch.cuda.empty_cache()
 
 
-# --- FSDP launch ----------------------------------------------------------------------------
-def fsdp_stage(ctx: Ctx) -> dict:
+# --- accelerate launch of the sharded configs -----------------------------------------------
+DEEPSPEED_VERSION = "0.19.8"  # the newest release when this stage was written (sdist only)
+DEEPSPEED_HINT = ("add it to ./wheels: pip download --no-deps -d wheels "
+                  f"deepspeed=={DEEPSPEED_VERSION} einops hjson msgpack ninja py-cpuinfo "
+                  "nvidia-ml-py; see benchmarks/gpu_check.sh")
+#: stage -> (config in configs/accelerate, what it is, a module it needs besides accelerate)
+LAUNCHES = {
+    "fsdp_launch": ("fsdp.yaml", "FSDP", None),
+    "zero2_launch": ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", "deepspeed"),
+}
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def launch_stage(ctx: Ctx, name: str) -> dict:
+    """``accelerate launch --config_file configs/accelerate/<config> --num_processes 1 -m
+    diffdistill.train CFG``: one step of LCD with full weights (one trained network — what
+    accelerate's DeepSpeed integration supports; see the comment in deepspeed_zero2.yaml)."""
+    config, what, needs = LAUNCHES[name]
+    if needs is not None and not _module_available(needs):
+        return {"status": "skipped", "reason": f"{needs} not installed ({DEEPSPEED_HINT})"}
     if not ctx.cuda or ctx.tiny:
         return {"status": "skipped",
-                "reason": "FSDP needs CUDA + NCCL" if not ctx.cuda else "--tiny run"}
+                "reason": f"{what} needs CUDA + NCCL" if not ctx.cuda else "--tiny run"}
     if ctx.sd_dir is None:
         return {"status": "skipped", "reason": "build_models failed"}
     import yaml
 
     case = {"mod": "lcd", "sdxl": False, "bs": 2, "over": {"adapter": {"type": "full"}}}
-    data = _trainer_config(ctx, case, ctx.tmp / "runs" / "fsdp")
+    data = _trainer_config(ctx, case, ctx.tmp / "runs" / name)
     data["train"].update(max_steps=1)
     data["train"].pop("cpu")
-    cfg_path = ctx.tmp / "fsdp_lcd_full.yaml"
+    cfg_path = ctx.tmp / f"{name}_lcd_full.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
+           str(REPO / "configs" / "accelerate" / config), "--num_processes", "1",
            "-m", "diffdistill.train", str(cfg_path)]
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.args.fsdp_timeout,
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.args.launch_timeout,
                            cwd=str(REPO), check=False)
         rc, err, out = p.returncode, p.stderr, p.stdout
     except subprocess.TimeoutExpired as e:
         rc = "timeout"
         err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-    res = {"command": " ".join(cmd), "method": "lcd", "adapter": "full", "steps": 1,
-           "returncode": rc, "launch_s": time.perf_counter() - t0,
+    res = {"command": " ".join(cmd), "config": config, "method": "lcd", "adapter": "full",
+           "steps": 1, "returncode": rc, "launch_s": time.perf_counter() - t0,
            "stderr_tail": _tail(err, 2500), "stdout_tail": _tail(out, 800)}
+    metrics = Path(data["output_dir"]) / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        res["last_metrics"] = json.loads(metrics.read_text().strip().splitlines()[-1])
     if rc != 0:
         res["status"] = "error"
         res["error"] = f"accelerate launch returned {rc}; see stderr_tail"
@@ -531,7 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=None, help="warm-up train steps (2; tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="measured train steps (4; tiny 2)")
     p.add_argument("--gen-batch", type=int, default=None, help="generation batch (8; tiny 2)")
-    p.add_argument("--fsdp-timeout", type=int, default=240)
+    p.add_argument("--launch-timeout", "--fsdp-timeout", dest="launch_timeout", type=int,
+                   default=240, help="seconds per accelerate-launch stage")
     p.add_argument("--only", nargs="*", default=None, help="run only these stages")
     args = p.parse_args(argv)
     if args.warmup is None:
@@ -582,8 +611,9 @@ def main(argv: list[str] | None = None) -> dict:
             run_stage(results, name, lambda n=name, c=case: train_stage(ctx, n, c))
     if not args.only or any(n.startswith("gen_") for n in args.only):
         gen_stages(ctx, results)
-    if want("fsdp_launch"):
-        run_stage(results, "fsdp_launch", lambda: fsdp_stage(ctx))
+    for name in LAUNCHES:
+        if want(name):
+            run_stage(results, name, lambda n=name: launch_stage(ctx, n))
     results["total_wall_s"] = time.perf_counter() - t_all
     write(results)
     _WRITE = None

@@ -694,21 +694,16 @@ def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
             "this UNet carries no LoRA adapters, so disabling them would leave the student "
             "in place of the teacher: keep a separate teacher UNet (e.g. clone_unet) instead")
     was_disabled = all(m.disable_adapters for m in layers)
-    mixin = callable(getattr(unet, "disable_adapters", None))
-    if mixin:
-        unet.disable_adapters()
-    else:  # no diffusers PEFT mixin (UNet2DModel): switch the peft layers themselves
-        for m in layers:
-            m.enable_adapters(False)
+    # Switch the peft layers found above, which is all diffusers' ``disable_adapters()`` /
+    # ``enable_adapters()`` do (each after its own walk over every module: one walk here).
+    for m in layers:
+        m.enable_adapters(False)
     try:
         yield unet
     finally:
         if not was_disabled:
-            if mixin:
-                unet.enable_adapters()
-            else:
-                for m in layers:
-                    m.enable_adapters(True)
+            for m in layers:
+                m.enable_adapters(True)
 
 
 def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:

@@ -607,6 +607,13 @@ class EffNetLite0Detector(_FrozenModule):
 # CLIP (open_clip)
 # ----------------------------------------------------------------------------------------
 
+def _is_rgb_conversion(step) -> bool:
+    """open_clip's ``MaybeConvertMode("RGB")`` / ``_convert_to_rgb`` transform step."""
+    if type(step).__name__ == "MaybeConvertMode":
+        return getattr(step, "mode", None) == "RGB"
+    return getattr(step, "__name__", None) == "_convert_to_rgb"
+
+
 class ClipDetector(_FrozenModule):
     """L2-normalised open_clip image (and text) embeddings.
 
@@ -682,9 +689,64 @@ class ClipDetector(_FrozenModule):
         if device is not None:
             self.to(device)
 
+    def _batched_preprocess(self, height: int, width: int):
+        """``(dtype, Normalize or None)`` when ``self.preprocess`` reduces to ToTensor (+
+        Normalize) for RGB images of this size, else None.
+
+        That is the case for open_clip's evaluation transform on images already at the
+        model's size: torchvision's Resize returns its input unchanged when the output size
+        equals the input size, a centre crop to the full size and an RGB conversion of an
+        RGB image copy it. ToTensor (``x.to(dtype).div(255)``) and Normalize
+        (``x.sub_(mean).div_(std)``) are elementwise, so doing them once on the batch gives
+        the per-image PIL path's values bit for bit, without its per-image overhead (which
+        costs about as much as the tiny world CLIP's forward). Any other step: None.
+        """
+        cache = self.__dict__.setdefault("_batched_plans", {})
+        key = (id(self.preprocess), height, width)
+        if key in cache:
+            return cache[key]
+        from torchvision import transforms as T
+
+        plan = None
+        steps = getattr(self.preprocess, "transforms", None)
+        if isinstance(self.preprocess, T.Compose) and steps:
+            to_tensor, normalize, ok = False, None, True
+            for step in steps:
+                if normalize is not None:
+                    ok = False  # anything after Normalize
+                elif isinstance(step, T.Resize) and not to_tensor:
+                    size = [step.size] if isinstance(step.size, int) else list(step.size)
+                    ok = height == width and size in ([height], [height, width]) and (
+                        step.max_size is None or step.max_size >= height)
+                elif isinstance(step, T.CenterCrop) and not to_tensor:
+                    ok = tuple(step.size) == (height, width)
+                elif _is_rgb_conversion(step) and not to_tensor:
+                    ok = True  # open_clip's RGB conversion: a copy for RGB input
+                elif isinstance(step, T.ToTensor) and not to_tensor:
+                    to_tensor = True  # open_clip's MaybeToTensor subclasses it
+                elif isinstance(step, T.Normalize) and to_tensor:
+                    normalize = step
+                else:
+                    ok = False
+                if not ok:
+                    break
+            if ok and to_tensor:
+                plan = (torch.get_default_dtype(), normalize)
+        cache[key] = plan
+        return plan
+
     def _pixels(self, images) -> torch.Tensor:
         images = to_uint8_rgb(images)
         if self.resize_mode == "open_clip" and self.preprocess is not None:
+            plan = self._batched_preprocess(images.shape[-2], images.shape[-1])
+            if plan is not None:
+                dtype, normalize = plan
+                x = images.cpu().to(dtype).div_(255)  # the same float ops as the PIL path
+                if normalize is not None:
+                    mean = torch.as_tensor(normalize.mean, dtype=dtype).view(-1, 1, 1)
+                    std = torch.as_tensor(normalize.std, dtype=dtype).view(-1, 1, 1)
+                    x = x.sub_(mean).div_(std)
+                return x.to(self.device)
             from PIL import Image
 
             arr = images.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,7 +1,10 @@
 """benchmarks/gpu_check.py end to end with ``--tiny`` on CPU: every stage recorded with a
 status, the trainers' it/s and FLOPs finite and positive, generation images/s, the FSDP stage
-skipped with its reason, results.md with one table row per stage; and a failing stage is
-recorded with its traceback while the script goes on."""
+skipped with its reason, the ZeRO-2 stage skipped saying what to add to ./wheels when
+deepspeed is missing, results.md with one table row per stage; a failing stage is recorded
+with its traceback while the script goes on. Also the trainer side of the ZeRO-2 stage
+(Trainer under accelerate's DeepSpeed plugin, with a stand-in accelerator): the micro-batch
+size handed to the plugin, gradient accumulation and a second trained network refused."""
 
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +40,9 @@ GEN = ["gen_lcm_1step", "gen_lcm_4step", "gen_ddim_4step_teacher"]
 
 def test_tiny_run_writes_complete_results(gc, tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    # the skip path of zero2_launch whether or not this machine has deepspeed
+    real = gc._module_available
+    monkeypatch.setattr(gc, "_module_available", lambda name: name != "deepspeed" and real(name))
     ret = gc.main(["--tiny", "--cpu"])
     out = tmp_path / "out"
     res = json.loads((out / "results.json").read_text())
@@ -44,7 +53,7 @@ def test_tiny_run_writes_complete_results(gc, tmp_path, monkeypatch):
     for key in ("it_per_s", "images_per_s", "peak_mem_gib", "mfu", "flops_per_step"):
         assert key in res["units"]
     stages = res["stages"]
-    expected = ["build_models", *TRAIN, "gen_load_teacher", *GEN, "fsdp_launch"]
+    expected = ["build_models", *TRAIN, "gen_load_teacher", *GEN, "fsdp_launch", "zero2_launch"]
     assert list(stages) == expected
     for name, s in stages.items():
         assert s["status"] in ("ok", "skipped", "error"), name
@@ -69,13 +78,21 @@ def test_tiny_run_writes_complete_results(gc, tmp_path, monkeypatch):
         assert s["images_shape"] == [s["batch_size"], 3, 32, 32]
     assert stages["gen_ddim_4step_teacher"]["guidance_scale"] == 7.5
     assert stages["fsdp_launch"]["status"] == "skipped"
-    assert "CUDA" in stages["fsdp_launch"]["reason"]
+    assert stages["fsdp_launch"]["reason"] == "FSDP needs CUDA + NCCL"
+    zero2 = stages["zero2_launch"]
+    assert zero2["status"] == "skipped"
+    assert zero2["reason"] == (
+        "deepspeed not installed (add it to ./wheels: pip download --no-deps -d wheels "
+        f"deepspeed=={gc.DEEPSPEED_VERSION} einops hjson msgpack ninja py-cpuinfo nvidia-ml-py; "
+        "see benchmarks/gpu_check.sh)")
 
     md = (out / "results.md").read_text()
     header = [ln for ln in md.splitlines() if ln.startswith("| stage |")]
     assert len(header) == 1
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| stage")]
     assert [r.split("|")[1].strip() for r in rows] == expected
+    zero2_row = next(r for r in rows if r.startswith("| zero2_launch |"))
+    assert "| skipped |" in zero2_row and "deepspeed not installed (add it to ./wheels" in zero2_row
     lcd_row = next(r for r in rows if r.startswith("| train_lcd_lora |"))
     assert "CPU RSS" in lcd_row
     assert f"{stages['train_lcd_lora']['it_per_s']:.3g}" in lcd_row
@@ -102,3 +119,110 @@ def test_failing_stage_is_recorded_and_reported(gc):
 
 def test_mfu_peak_table_covers_h100_h200(gc):
     assert gc.PEAK_BF16["H100"] == 989e12 and gc.PEAK_BF16["H200"] == 989e12
+
+
+def test_launch_stages_share_one_function_and_check_in_order(gc, monkeypatch):
+    assert set(gc.LAUNCHES) == {"fsdp_launch", "zero2_launch"}
+    assert gc._module_available("json") and not gc._module_available("no_such_module_dd")
+    monkeypatch.setattr(gc, "_module_available", lambda name: True)  # deepspeed "installed"
+    cpu = SimpleNamespace(cuda=False, tiny=False, sd_dir=Path("x"))
+    gpu_tiny = SimpleNamespace(cuda=True, tiny=True, sd_dir=Path("x"))
+    gpu_no_models = SimpleNamespace(cuda=True, tiny=False, sd_dir=None)
+    assert gc.launch_stage(cpu, "zero2_launch") == {
+        "status": "skipped", "reason": "DeepSpeed ZeRO-2 needs CUDA + NCCL"}
+    assert gc.launch_stage(gpu_tiny, "zero2_launch")["reason"] == "--tiny run"
+    assert gc.launch_stage(gpu_no_models, "zero2_launch")["reason"] == "build_models failed"
+    assert gc.launch_stage(cpu, "fsdp_launch")["reason"] == "FSDP needs CUDA + NCCL"
+    monkeypatch.setattr(gc, "_module_available", lambda name: False)
+    assert gc.launch_stage(gpu_no_models, "fsdp_launch")["reason"] == "build_models failed"
+    assert gc.launch_stage(gpu_no_models, "zero2_launch")["reason"].startswith(
+        "deepspeed not installed")
+
+
+def test_accelerate_configs_of_the_launch_stages(gc):
+    for config, _, _ in gc.LAUNCHES.values():
+        assert (ROOT / "configs" / "accelerate" / config).is_file()
+    ds = yaml.safe_load((ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text())
+    assert ds["distributed_type"] == "DEEPSPEED"
+    assert ds["deepspeed_config"]["zero_stage"] == 2
+    # what Trainer accepts under DeepSpeed: no gradient accumulation inside the engine
+    assert ds["deepspeed_config"]["gradient_accumulation_steps"] == 1
+
+
+# --- the trainer under accelerate's DeepSpeed plugin (stand-in accelerator) -------------------
+class _DeepSpeedStandIn:
+    """What Trainer reads from an accelerate ``Accelerator`` launched with a DeepSpeed config."""
+
+    def __init__(self, ds_config: dict):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType.DEEPSPEED
+        self.device, self.process_index, self.num_processes = torch.device("cpu"), 0, 1
+        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config))
+        self.prepared = []
+
+    def prepare(self, *objs):
+        self.prepared.append(objs)
+        return objs
+
+    def unwrap_model(self, module):
+        return module
+
+
+def _pretrain_cfg(tmp_path, **train):
+    from diffdistill.trainers.pretrain import PretrainConfig
+
+    from diffdistill.config import build_config
+
+    return build_config(PretrainConfig, {
+        "method": "pretrain", "output_dir": str(tmp_path / "run"), "seed": 0,
+        "model": {"path": str(tmp_path / "model")},
+        "data": {"kind": "fashion_mnist", "resolution": 16, "limit": 8},
+        "train": {"max_steps": 1, "batch_size": 3, **train},
+        "log": {"progress": False, "tensorboard": False},
+    })
+
+
+def test_trainer_gives_deepspeed_its_micro_batch_and_one_network(tmp_path):
+    from diffdistill.trainers.pretrain import PretrainTrainer
+
+    from diffdistill.config import ConfigError
+
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+          "zero_optimization": {"stage": 2}}
+    acc = _DeepSpeedStandIn(ds)
+    tr = PretrainTrainer(_pretrain_cfg(tmp_path), accelerator=acc)
+    # accelerate refuses prepare() without a DataLoader unless this is an integer
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    net = tr.add_optimizer("unet", torch.nn.Linear(2, 2))
+    assert isinstance(net, torch.nn.Linear) and len(acc.prepared) == 1
+    with pytest.raises(ConfigError, match=r"several networks \(unet, fake_score\).*DeepSpeed"):
+        tr.add_optimizer("fake_score", torch.nn.Linear(2, 2))
+    assert len(acc.prepared) == 1 and list(tr.optimizers) == ["unet"]
+    # an integer the user set in the DeepSpeed config is kept
+    ds2 = {"train_micro_batch_size_per_gpu": 7, "gradient_accumulation_steps": "auto"}
+    PretrainTrainer(_pretrain_cfg(tmp_path), accelerator=_DeepSpeedStandIn(ds2))
+    assert ds2["train_micro_batch_size_per_gpu"] == 7
+
+
+@pytest.mark.parametrize("grad_accum, ds_accum", [(2, 1), (1, 4)])
+def test_trainer_refuses_gradient_accumulation_under_deepspeed(tmp_path, grad_accum, ds_accum):
+    from diffdistill.trainers.pretrain import PretrainTrainer
+
+    from diffdistill.config import ConfigError
+
+    acc = _DeepSpeedStandIn({"train_micro_batch_size_per_gpu": "auto",
+                             "gradient_accumulation_steps": ds_accum})
+    with pytest.raises(ConfigError, match=f"train.grad_accum={grad_accum} .*"
+                                          f"gradient_accumulation_steps={ds_accum}"):
+        PretrainTrainer(_pretrain_cfg(tmp_path, grad_accum=grad_accum), accelerator=acc)
+
+
+def test_trainer_without_deepspeed_is_unchanged(tmp_path):
+    from diffdistill.trainers.pretrain import PretrainTrainer
+
+    tr = PretrainTrainer(_pretrain_cfg(tmp_path, grad_accum=2, cpu=True))
+    assert not tr._is_deepspeed()
+    tr.add_optimizer("a", torch.nn.Linear(2, 2))
+    tr.add_optimizer("b", torch.nn.Linear(2, 2))  # several networks: fine without DeepSpeed
+    assert list(tr.optimizers) == ["a", "b"]

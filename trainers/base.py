@@ -57,10 +57,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module, decay: Optional[float] = None) -> None:
+        if not self.names:
+            return
         d = self.decay if decay is None else decay
         params = dict(module.named_parameters())
-        for n in self.names:
-            self.shadow[n].lerp_(params[n].detach().float(), 1.0 - d)
+        # One multi-tensor lerp (the arithmetic of a per-tensor ``lerp_``, as
+        # torch.optim.swa_utils' EMA does it), not one Python call and kernel per tensor.
+        torch._foreach_lerp_([self.shadow[n] for n in self.names],
+                             [params[n].detach().float() for n in self.names], 1.0 - d)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
@@ -152,6 +156,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.out)),
         )
         acc = self.accelerator
+        self._configure_deepspeed()
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         # Identical initial weights on every rank; per-rank stream for the method's noise.
@@ -212,6 +217,31 @@ class Trainer:
             kw.update(urls_or_paths=d.path, process_index=self.rank, num_processes=self.world)
         return build_dataset(d.kind, **kw)
 
+    def _is_deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return getattr(self.accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
+
+    def _configure_deepspeed(self) -> None:
+        """accelerate + DeepSpeed: the engine's micro-batch size normally comes from a
+        DataLoader passed to ``prepare()``; the trainers feed their own, so set it to
+        ``train.batch_size``. The engine steps on every ``accelerator.backward`` (accelerate
+        never marks a micro-batch as non-final here), so the loop's own gradient
+        accumulation cannot run under it: only ``train.grad_accum: 1`` with DeepSpeed
+        ``gradient_accumulation_steps`` 1 (or auto)."""
+        if not self._is_deepspeed():
+            return
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds["train_micro_batch_size_per_gpu"] = self.cfg.train.batch_size
+        gas = ds.get("gradient_accumulation_steps", "auto")
+        if self.cfg.train.grad_accum != 1 or gas not in ("auto", 1):
+            raise ConfigError(
+                f"train.grad_accum={self.cfg.train.grad_accum} (DeepSpeed config "
+                f"gradient_accumulation_steps={gas}): under "
+                "DeepSpeed the engine steps on every backward, so gradient accumulation is "
+                "not supported; use train.grad_accum=1 and gradient_accumulation_steps: 1")
+
     # -- registration ---------------------------------------------------------------
     def add_network(self, name: str, module: nn.Module) -> nn.Module:
         """Register a trainable network; it is prepared (DDP/FSDP) by :meth:`add_optimizer`."""
@@ -225,6 +255,15 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         t = self.cfg.train
+        if self.optimizers and self._is_deepspeed():
+            # accelerator.backward() drives the first DeepSpeed engine only: a second one
+            # would silently never step (accelerate docs, "Using multiple models with
+            # DeepSpeed"; huggingface/accelerate#2496).
+            raise ConfigError(
+                f"method {self.method!r} trains several networks "
+                f"({', '.join([*self.optimizers, name])}); accelerate runs one DeepSpeed "
+                "engine per Accelerator, so this method cannot run under DeepSpeed: use "
+                "configs/accelerate/fsdp.yaml or multi_gpu.yaml")
         params = params if params is not None else [p for p in module.parameters()
                                                     if p.requires_grad]
         if not params:
@@ -355,29 +394,7 @@ class Trainer:
         last: dict[str, float] = {}
         t0, steps0 = time.perf_counter(), self.global_step
         while self.global_step < t.max_steps:
-            self._skip_update = False
-            logs: dict[str, float] = {}
-            for self._micro in range(t.grad_accum):
-                batch = next(batches)
-                with self._sync_context(), acc.autocast():
-                    logs = self.train_step(batch)
-            self.global_step += 1
-            if self._skip_update:
-                self.nonfinite_in_row += 1
-                self.nonfinite_total += 1
-                log.warning("non-finite loss at step %d (skipped; %d in a row)",
-                            self.global_step, self.nonfinite_in_row)
-                if self.nonfinite_in_row >= t.max_nonfinite_steps:
-                    good = self.last_checkpoint or "none (no checkpoint was written yet)"
-                    raise NonFiniteLossError(
-                        f"{self.nonfinite_in_row} consecutive non-finite losses at step "
-                        f"{self.global_step}; stopping. Last good checkpoint: {good}. Lower "
-                        "train.lr or use train.mixed_precision=bf16/no."
-                    )
-            else:
-                self.nonfinite_in_row = 0
-                self.update_emas()
-            logs = {k: float(v) for k, v in logs.items()}
+            logs = self.train_iteration(batches)
             last = logs
             bar.update(1)
             if self.global_step % self.cfg.log.every == 0 or self.global_step == t.max_steps:
@@ -407,6 +424,35 @@ class Trainer:
         acc.wait_for_everyone()
         logger.close()
         return last
+
+    def train_iteration(self, batches: Iterator[dict]) -> dict[str, float]:
+        """One optimizer step of :meth:`fit`: ``train.grad_accum`` micro-batches through
+        :meth:`train_step`, the step counter, the non-finite streak and the EMAs; returns the
+        step's logs as floats. (``benchmarks/train_step.py`` times exactly this.)"""
+        acc, t = self.accelerator, self.cfg.train
+        self._skip_update = False
+        logs: dict[str, float] = {}
+        for self._micro in range(t.grad_accum):
+            batch = next(batches)
+            with self._sync_context(), acc.autocast():
+                logs = self.train_step(batch)
+        self.global_step += 1
+        if self._skip_update:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            log.warning("non-finite loss at step %d (skipped; %d in a row)",
+                        self.global_step, self.nonfinite_in_row)
+            if self.nonfinite_in_row >= t.max_nonfinite_steps:
+                good = self.last_checkpoint or "none (no checkpoint was written yet)"
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_row} consecutive non-finite losses at step "
+                    f"{self.global_step}; stopping. Last good checkpoint: {good}. Lower "
+                    "train.lr or use train.mixed_precision=bf16/no."
+                )
+        else:
+            self.nonfinite_in_row = 0
+            self.update_emas()
+        return {k: float(v) for k, v in logs.items()}
 
     @torch.no_grad()
     def verify_replicas(self) -> None:

@@ -54,7 +54,7 @@ Memory: the real score shares weights with nothing trainable. With LoRA the gene
 teacher UNet + adapter "generator" and the real score is that UNet with adapters disabled;
 the fake score is a structural copy sharing every base tensor with it plus its own adapter
 "fake_score" (``dmd2.fake_score_shares_base``), so one base UNet serves all three.
-See ``benchmarks/dmd2_memory.py`` for measured numbers.
+See ``benchmarks/train_memory.py`` for measured numbers.
 
 Teachers: SD-structured latent (SD1.5, SDXL) and pixel class-conditional ``UNet2DModel``, any
 prediction type (epsilon, v_prediction, sample) on a discrete VP schedule.
