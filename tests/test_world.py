@@ -206,8 +206,15 @@ def test_rebuild_skips_done_stages_and_force_is_deterministic(world):
     build_world(scale="tiny", out=out, work=work, log=logs.append)
     assert sum("outputs exist, skipped" in m for m in logs) == 7
     build_world(scale="tiny", out=out, work=work, only=["classifier"], force=True,
+                command="diffdistill world build --scale tiny --only classifier --force",
                 log=logs.append)
     after = json.loads((out / "world.json").read_text())
+    # "command" rebuilds everything; the partial run is recorded where it belongs
+    assert after["command"] == "diffdistill world build --scale tiny"
+    assert after["last_command"] == after["stages"]["classifier"]["command"] == (
+        "diffdistill world build --scale tiny --only classifier --force")
+    assert after["stages"]["vae"]["command"] == before["stages"]["vae"]["command"] == (
+        "diffdistill world build --scale tiny")
     new = load_file(str(out / "fmnist_net.safetensors"))
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
     assert after["stages"]["clip"] == before["stages"]["clip"]

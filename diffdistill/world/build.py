@@ -689,12 +689,15 @@ def build_world(scale: str = "full", out=None, work=None, only=None, force: bool
     if world.get("scale") not in (None, scale):
         raise ValueError(f"{world_path} was built at scale {world['scale']!r}, not {scale!r}: "
                          "use another --out")
+    # "command" rebuilds everything; "last_command" is this invocation (maybe --only one
+    # stage); each stage entry records the invocation that built it.
+    invocation = command or f"diffdistill world build --scale {scale}"
     world.update({"format_version": FORMAT_VERSION, "scale": scale, "seed": recipe["seed"],
-                  "command": command or f"diffdistill world build --scale {scale}",
-                  "machine": _machine()})
+                  "command": f"diffdistill world build --scale {scale}",
+                  "last_command": invocation, "machine": _machine()})
     world.setdefault("stages", {})
     ctx = BuildContext(scale=scale, recipe=recipe, out=out, work=work, seed=recipe["seed"],
-                       root=str(root) if root else None, command=world["command"], log=log,
+                       root=str(root) if root else None, command=invocation, log=log,
                        world=world)
     log(f"building the embedded world ({scale}) into {out} (work: {work}); stages: "
         f"{', '.join(s for s in STAGES if s in only)}")
@@ -711,6 +714,7 @@ def build_world(scale: str = "full", out=None, work=None, only=None, force: bool
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         entry = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                  "seed": ctx.stage_seed(stage), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "command": invocation,
                  "settings": _settings(recipe, stage), "metrics": metrics}
         if stage == "report":
             world["report"] = {"inputs": metrics.pop("inputs")}
@@ -796,14 +800,16 @@ def format_info(out=None) -> str:
                 "`diffdistill world build` (about an hour on 2 CPU cores).")
     world = json.loads(path.read_text())
     lines = [f"embedded world in {out} (scale {world.get('scale')}, seed {world.get('seed')})",
-             f"built by: {world.get('command')}", "", "| stage | wall s | CPU s | finished |",
-             "|---|---|---|---|"]
+             f"rebuild: {world.get('command')}",
+             f"last invocation: {world.get('last_command', world.get('command'))}", "",
+             "| stage | wall s | CPU s | finished | built by |", "|---|---|---|---|---|"]
     for name in STAGES:
         s = world.get("stages", {}).get(name)
         if s:
-            lines.append(f"| {name} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | {s['finished']} |")
+            lines.append(f"| {name} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | {s['finished']} | "
+                         f"{s.get('command', '—')} |")
         else:
-            lines.append(f"| {name} | — | — | not built |")
+            lines.append(f"| {name} | — | — | not built | |")
     lines.append("")
     for k, v in world.get("accuracies", {}).items():
         lines.append(f"{k}: {v:.4f}")
