@@ -68,6 +68,9 @@ METHODS: dict[str, DemoMethod] = {
                              teacher="teacher_pixel", variant=True),
     "dmd2-pixel-nogan": DemoMethod("DMD2 (pixel, no GAN)", "dmd2/toy_pixel.yaml", 300, (1,),
                                    teacher="teacher_pixel", overrides=NO_GAN, variant=True),
+    "dmd2-pixel-4step": DemoMethod("DMD2 4-step (pixel)", "dmd2/toy_pixel.yaml", 300, (4,),
+                                   teacher="teacher_pixel", overrides=(FOUR_STEPS,),
+                                   variant=True),
     "rglcd-lrm": DemoMethod("RG-LCD (LRM)", "rglcd/toy_lrm.yaml", 400, (1, 2, 4, 8),
                             variant=True),
 }

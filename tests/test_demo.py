@@ -104,7 +104,8 @@ def test_demo_ablations_change_one_thing_of_their_main_method():
     for key, ref, steps, gan in [("dmd2-nogan", base, [999], False),
                                  ("dmd2-4step", base, [999, 749, 499, 249], True),
                                  ("dmd2-4step-nogan", base, [999, 749, 499, 249], False),
-                                 ("dmd2-pixel-nogan", pixel, [999], False)]:
+                                 ("dmd2-pixel-nogan", pixel, [999], False),
+                                 ("dmd2-pixel-4step", pixel, [999, 749, 499, 249], True)]:
         c = cfg(key)
         assert c.dmd2.timesteps == steps, key
         assert (c.dmd2.gan_generator_weight > 0, c.dmd2.gan_discriminator_weight > 0) == (
