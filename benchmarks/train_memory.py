@@ -195,12 +195,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--batch", type=int, default=None, help="override train.batch_size")
-    ap.add_argument("--model", default=None,
-                    help="model.path of the latent cases (an SD-structured folder)")
-    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config override for every case (repeatable)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    train_step.add_case_arguments(ap)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--_child", nargs=2, metavar=("CASE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

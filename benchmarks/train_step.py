@@ -452,18 +452,24 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=sorted(CASES))
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=5, help="timed iterations per case per round")
-    ap.add_argument("--warmup", type=int, default=5)
+def add_case_arguments(ap) -> None:
+    """The options that shape every case: ``--batch``, ``--model``, ``--set``, ``--device``
+    (shared with ``benchmarks/train_memory.py``)."""
     ap.add_argument("--batch", type=int, default=None, help="override train.batch_size")
     ap.add_argument("--model", default=None,
                     help="model.path of the latent cases (an SD-structured folder)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every case (repeatable)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=sorted(CASES))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed iterations per case per round")
+    ap.add_argument("--warmup", type=int, default=5)
+    add_case_arguments(ap)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--profile", default=None, choices=sorted(CASES),
                     help="print a cProfile of one case instead of the table")
