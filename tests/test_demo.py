@@ -116,6 +116,19 @@ def test_demo_ablations_change_one_thing_of_their_main_method():
     assert lrm.rglcd.mode == "lrm" and cfg("rglcd").rglcd.mode != "lrm"
 
 
+def test_no_teachers_benches_only_the_students():
+    from diffdistill.demo import bench_models
+
+    trained = {"dmd2-pixel": {"lora": False, "export": "runs/x/export"},
+               "lcd-lora": {"lora": True, "export": "runs/y/export"}}
+    both = bench_models(trained, {"teacher_pixel": 3.0, "teacher_latent": 3.0})
+    assert [m["name"] for m in both] == ["teacher (pixel, DDIM)", "teacher (latent, DDIM)",
+                                         "DMD2 (pixel)", "LCD-LoRA"]
+    students = bench_models(trained, {}, teachers=False)
+    assert students == both[2:]
+    assert students[1]["path"] == "world:teacher_latent" and students[1]["lora"] == "runs/y/export"
+
+
 def test_make_demo_runs_the_demo_command():
     from pathlib import Path
 
