@@ -10,8 +10,14 @@ Stages (each wrapped: a failure is recorded with its traceback tail and the scri
   CLIP-L-size CLIPTextModel) and an SDXL-architecture pipeline (UNet + two text encoders),
   built from the configs below and saved as stock diffusers folders in a temporary folder;
   ``--tiny``: ``diffdistill.tiny``'s pipelines.
+* ``fsdp_launch``, ``zero2_launch`` — ``accelerate launch --config_file
+  configs/accelerate/{fsdp,deepspeed_zero2}.yaml --num_processes 1 -m diffdistill.train CFG``
+  for one step of LCD with full weights (skipped without CUDA; ``zero2_launch`` is skipped,
+  saying which files to add to ./wheels, when deepspeed is not installed). They run
+  first, in fresh processes on an empty GPU.
 * ``train_*`` — the project's trainers, built with ``build_config(cls.config_class, ...)``
-  pointing ``model.path`` at those folders (Fashion-MNIST data resized to the resolution),
+  pointing ``model.path`` at those folders (Fashion-MNIST data resized to the resolution;
+  ``$DIFFDISTILL_FMNIST`` names its IDX folder on a machine without Debian's package),
   ``setup()`` then ``train_step(batch)`` for warm-up + measured steps: LCD-LoRA, DMD2-LoRA,
   DMD2-full and f-distill at 512 px on SD1.5, LCD-LoRA at 1024 px on SDXL with gradient
   checkpointing (``--tiny``: 32 px, fp32). Reported: it/s, s/step, peak memory (CUDA:
@@ -20,10 +26,6 @@ Stages (each wrapped: a failure is recorded with its traceback tail and the scri
 * ``gen_*`` — 1- and 4-step LCM-consistency generation over the teacher UNet and the
   50-step DDIM teacher (CFG 7.5), batch 8 at 512 px, through ``diffdistill.sampling.generate``
   including prompt encoding and VAE decoding (images/s).
-* ``fsdp_launch``, ``zero2_launch`` — ``accelerate launch --config_file
-  configs/accelerate/{fsdp,deepspeed_zero2}.yaml --num_processes 1 -m diffdistill.train CFG``
-  for one step of LCD with full weights (skipped without CUDA; ``zero2_launch`` is skipped,
-  saying which files to add to ./wheels, when deepspeed is not installed).
 
 Output: ``$OUT/results.json`` and ``$OUT/results.md`` (``$OUT`` defaults to ./gpu_check_out).
 
@@ -606,14 +608,16 @@ def main(argv: list[str] | None = None) -> dict:
     run_stage(results, "build_models", lambda: build_models(ctx))
     if results["stages"]["build_models"]["status"] != "ok":
         ctx.sd_dir = ctx.sdxl_dir = None
+    # The launches first: they are pass/fail checks in fresh processes, which then find the
+    # GPU empty, and a run cut short by its timeout still has them.
+    for name in LAUNCHES:
+        if want(name):
+            run_stage(results, name, lambda n=name: launch_stage(ctx, n))
     for name, case in _train_cases(ctx).items():
         if want(name):
             run_stage(results, name, lambda n=name, c=case: train_stage(ctx, n, c))
     if not args.only or any(n.startswith("gen_") for n in args.only):
         gen_stages(ctx, results)
-    for name in LAUNCHES:
-        if want(name):
-            run_stage(results, name, lambda n=name: launch_stage(ctx, n))
     results["total_wall_s"] = time.perf_counter() - t_all
     write(results)
     _WRITE = None

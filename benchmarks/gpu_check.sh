@@ -2,6 +2,7 @@
 # The one command for an offline single-GPU (H100/H200-class) machine:
 #
 #     bash benchmarks/gpu_check.sh [gpu_check.py args]      # results in $OUT (./gpu_check_out)
+#     bash benchmarks/gpu_check.sh --install-only           # only the install steps below
 #
 # The machine has no network. If its Python lacks the project's dependencies, carry them as
 # wheels in ./wheels, prepared on a networked machine with the same Python version / platform:
@@ -47,6 +48,8 @@ fi
 "$PY" -m pip install --no-deps --no-build-isolation -e . >/dev/null || \
     echo "gpu_check.sh: 'pip install -e .' failed; using PYTHONPATH" >&2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# `--install-only`: stop here, so that other jobs (a bench) can run before the check.
+[ "${1:-}" = "--install-only" ] && exit 0
 export OUT="${OUT:-$PWD/gpu_check_out}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 timeout --signal=TERM --kill-after=20 "${GPU_CHECK_TIMEOUT:-570}" "$PY" benchmarks/gpu_check.py "$@"
