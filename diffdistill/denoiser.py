@@ -23,6 +23,7 @@ Classifier-free guidance (Ho & Salimans 2022) is :meth:`DenoiserBase.guided`; th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -287,9 +288,9 @@ def guidance_scale_embedding(w: Tensor, dim: int = 256) -> Tensor:
     """
     w = torch.as_tensor(w, dtype=torch.float32).flatten() * 1000.0
     half = dim // 2
-    freq = torch.exp(
-        torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1))
-    )
+    # on w's device: the trainers sample w per example on the GPU
+    freq = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
+                     * -(math.log(10000.0) / (half - 1)))
     emb = w[:, None] * freq[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     if dim % 2 == 1:

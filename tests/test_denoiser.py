@@ -155,6 +155,14 @@ def test_guidance_embedding_matches_diffusers():
     assert torch.allclose(guidance_scale_embedding(w, 32), ref, atol=1e-6)
 
 
+def test_guidance_embedding_stays_on_the_device_of_w():
+    # The LCD trainer samples w on the GPU; the frequencies must follow it. The meta device
+    # stands in for CUDA here: mixing it with a CPU tensor fails the same way.
+    w = torch.tensor([0.0, 2.5, 7.0], device="meta")
+    emb = guidance_scale_embedding(w, 32)
+    assert emb.device == w.device and emb.shape == (3, 32)
+
+
 def test_cond_cat_repeat_index():
     c1 = Cond(encoder_hidden_states=torch.zeros(2, 3, 4),
               added_cond_kwargs={"text_embeds": torch.zeros(2, 5), "time_ids": torch.zeros(2, 6)})
