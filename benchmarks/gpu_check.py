@@ -12,7 +12,8 @@ Stages (each wrapped: a failure is recorded with its traceback tail and the scri
   ``--tiny``: ``diffdistill.tiny``'s pipelines.
 * ``fsdp_launch``, ``zero2_launch`` — ``accelerate launch --config_file
   configs/accelerate/{fsdp,deepspeed_zero2}.yaml --num_processes 1 -m diffdistill.train CFG``
-  for one step of LCD with full weights (skipped without CUDA; ``zero2_launch`` is skipped,
+  for one step with full weights and the export: DMD2 under FSDP, LCD under ZeRO-2
+  (skipped without CUDA; ``zero2_launch`` is skipped,
   saying which files to add to ./wheels, when deepspeed is not installed). They run
   first, in fresh processes on an empty GPU.
 * ``train_*`` — the project's trainers, built with ``build_config(cls.config_class, ...)``
@@ -449,10 +450,12 @@ DEEPSPEED_VERSION = "0.19.8"  # the newest release when this stage was written (
 DEEPSPEED_HINT = ("add it to ./wheels: pip download --no-deps -d wheels "
                   f"deepspeed=={DEEPSPEED_VERSION} einops hjson msgpack ninja py-cpuinfo "
                   "nvidia-ml-py; see benchmarks/gpu_check.sh")
-#: stage -> (config in configs/accelerate, what it is, a module it needs besides accelerate)
+#: stage -> (config in configs/accelerate, what it is, a module it needs besides accelerate,
+#: the method trained with full weights). FSDP runs DMD2, the README's FSDP example (two
+#: trained networks, which DeepSpeed cannot drive); ZeRO-2 runs LCD (one trained network).
 LAUNCHES = {
-    "fsdp_launch": ("fsdp.yaml", "FSDP", None),
-    "zero2_launch": ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", "deepspeed"),
+    "fsdp_launch": ("fsdp.yaml", "FSDP", None, "dmd2"),
+    "zero2_launch": ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", "deepspeed", "lcd"),
 }
 
 
@@ -464,9 +467,10 @@ def _module_available(name: str) -> bool:
 
 def launch_stage(ctx: Ctx, name: str) -> dict:
     """``accelerate launch --config_file configs/accelerate/<config> --num_processes 1 -m
-    diffdistill.train CFG``: one step of LCD with full weights (one trained network — what
-    accelerate's DeepSpeed integration supports; see the comment in deepspeed_zero2.yaml)."""
-    config, what, needs = LAUNCHES[name]
+    diffdistill.train CFG``: one step of the stage's method with full weights, then its
+    export (see :data:`LAUNCHES`; DeepSpeed: one trained network, see the comment in
+    deepspeed_zero2.yaml)."""
+    config, what, needs, method = LAUNCHES[name]
     if needs is not None and not _module_available(needs):
         return {"status": "skipped", "reason": f"{needs} not installed ({DEEPSPEED_HINT})"}
     if not ctx.cuda or ctx.tiny:
@@ -476,11 +480,11 @@ def launch_stage(ctx: Ctx, name: str) -> dict:
         return {"status": "skipped", "reason": "build_models failed"}
     import yaml
 
-    case = {"mod": "lcd", "sdxl": False, "bs": 2, "over": {"adapter": {"type": "full"}}}
+    case = {"mod": method, "sdxl": False, "bs": 2, "over": {"adapter": {"type": "full"}}}
     data = _trainer_config(ctx, case, ctx.tmp / "runs" / name)
     data["train"].update(max_steps=1)
     data["train"].pop("cpu")
-    cfg_path = ctx.tmp / f"{name}_lcd_full.yaml"
+    cfg_path = ctx.tmp / f"{name}_{method}_full.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "configs" / "accelerate" / config), "--num_processes", "1",
@@ -494,8 +498,12 @@ def launch_stage(ctx: Ctx, name: str) -> dict:
         rc = "timeout"
         err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-    res = {"command": " ".join(cmd), "config": config, "method": "lcd", "adapter": "full",
+    # the whole stderr beside the results: a traceback's first frames are the useful ones
+    (Path(ctx.out_dir) / f"{name}.stderr.txt").write_text(err)
+    export = Path(data["output_dir"]) / "export"
+    res = {"command": " ".join(cmd), "config": config, "method": method, "adapter": "full",
            "steps": 1, "returncode": rc, "launch_s": time.perf_counter() - t0,
+           "exported": sorted(p.name for p in export.iterdir()) if export.is_dir() else None,
            "stderr_tail": _tail(err, 2500), "stdout_tail": _tail(out, 800)}
     metrics = Path(data["output_dir"]) / "metrics.jsonl"
     if metrics.is_file() and metrics.read_text().strip():
@@ -582,6 +590,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:  # recorded as null; the stages then fail with the reason
         dver = None
     ctx = Ctx(args)
+    ctx.out_dir = out_dir
     results: dict[str, Any] = {
         "tiny": args.tiny,
         "env": {

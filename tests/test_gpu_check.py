@@ -140,8 +140,12 @@ def test_launch_stages_share_one_function_and_check_in_order(gc, monkeypatch):
 
 
 def test_accelerate_configs_of_the_launch_stages(gc):
-    for config, _, _ in gc.LAUNCHES.values():
+    for config, _, _, method in gc.LAUNCHES.values():
         assert (ROOT / "configs" / "accelerate" / config).is_file()
+    # FSDP runs the README's FSDP example method; DeepSpeed a one-network method
+    assert gc.LAUNCHES["fsdp_launch"][3] == "dmd2" and gc.LAUNCHES["zero2_launch"][3] == "lcd"
+    fsdp = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP"
     ds = yaml.safe_load((ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text())
     assert ds["distributed_type"] == "DEEPSPEED"
     assert ds["deepspeed_config"]["zero_stage"] == 2

@@ -157,6 +157,7 @@ class Trainer:
         )
         acc = self.accelerator
         self._configure_deepspeed()
+        self._check_fsdp()
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         # Identical initial weights on every rank; per-rank stream for the method's noise.
@@ -221,6 +222,52 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         return getattr(self.accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
+
+    def _is_fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return getattr(self.accelerator, "distributed_type", None) == DistributedType.FSDP
+
+    def fsdp_unsupported(self) -> Optional[str]:
+        """Why this method's configuration cannot run under FSDP (None: it can). Methods
+        that build a module-level copy of a trained network (a θ⁻ target) override this."""
+        return None
+
+    def _check_fsdp(self) -> None:
+        """FSDP shards the trained networks: every rank holds only its slice of the weights,
+        and a prepared network runs only as a collective, inside its FSDP wrapper. What reads
+        a trained network outside that wrapper is refused here, before any model loads: a
+        module copy of it (the evaluation EMA, a θ⁻ target), a LoRA export read from the
+        unwrapped module, and the main-process sample grids / quick metric. The final export
+        gathers the full weights instead (:meth:`_gather_full_weights`)."""
+        if not self._is_fsdp():
+            return
+        cfg = self.cfg
+        why = None
+        if cfg.adapter.type == "lora":
+            why = ("adapter.type=lora: a LoRA's trainable state is small; train it with "
+                   "configs/accelerate/multi_gpu.yaml (DDP) — FSDP is for full weights")
+        elif cfg.train.ema_decay > 0:
+            why = (f"train.ema_decay={cfg.train.ema_decay}: the evaluation EMA is a module "
+                   "copy of the sharded network; set train.ema_decay=0")
+        elif cfg.log.grid_every or cfg.eval.every:
+            key = "log.grid_every" if cfg.log.grid_every else "eval.every"
+            why = (f"{key}: periodic samples run the network outside its FSDP wrapper; "
+                   f"set {key}=0 and evaluate the export with `diffdistill bench`")
+        else:
+            why = self.fsdp_unsupported()
+        if why:
+            raise ConfigError(f"not supported under FSDP (configs/accelerate/fsdp.yaml): {why}")
+
+    def _gather_full_weights(self) -> None:
+        """Under FSDP, every rank takes part in gathering each trained network's full state
+        dict (accelerate's ``get_state_dict``: FULL_STATE_DICT, offloaded to the main
+        process's CPU); :meth:`ema_or_online` then exports an unsharded rebuild of it."""
+        self._full_states: dict[int, dict] = {}
+        if not self._is_fsdp():
+            return
+        for module in self.networks.values():
+            self._full_states[id(module)] = self.accelerator.get_state_dict(module)
 
     def _configure_deepspeed(self) -> None:
         """accelerate + DeepSpeed: the engine's micro-batch size normally comes from a
@@ -417,6 +464,7 @@ class Trainer:
                                    not self.last_checkpoint.name.endswith(f"-{self.global_step}")):
             self.checkpoint()
         acc.wait_for_everyone()
+        self._gather_full_weights()  # a collective under FSDP: before the main-only export
         if acc.is_main_process:
             path = self.export(self.out / "export")
             if path:
@@ -456,8 +504,9 @@ class Trainer:
 
     @torch.no_grad()
     def verify_replicas(self) -> None:
-        """Every rank must hold identical trainable weights (DDP invariant); fail loudly if not."""
-        if self.world == 1:
+        """Every rank must hold identical trainable weights (DDP invariant); fail loudly if not.
+        Not under FSDP, where each rank holds a different shard by design."""
+        if self.world == 1 or self._is_fsdp():
             return
         for name, params in self.trainable.items():
             sig = torch.stack([p.detach().float().double().sum() for p in params]).sum()

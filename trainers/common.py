@@ -100,6 +100,9 @@ class BackboneMixin:
     def ema_or_online(self, name: str, module):
         """A copy carrying the EMA weights if an EMA of ``name`` exists, else the online net."""
         online = self.unwrap(module)
+        full = getattr(self, "_full_states", {}).get(id(module))
+        if full is not None:  # FSDP: the gathered full weights (no EMA under FSDP)
+            return unsharded_rebuild(online, full)
         if name not in self.emas:
             return online
         copy_ = copy.deepcopy(online)
@@ -154,6 +157,21 @@ class BackboneMixin:
                             sampler_opts={**bb.sampler_options(sampler), **(sampler_opts or {})})
         finally:
             unet.train(was_training)
+
+
+def unsharded_rebuild(module: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """A plain copy of the diffusers model ``module`` (built from its config, so no FSDP
+    wrappers inside) holding ``state_dict``, e.g. the full weights gathered from FSDP shards.
+    Parameters are created empty and take the given tensors (no random init of a large UNet)."""
+    from accelerate import init_empty_weights
+
+    if not hasattr(type(module), "from_config"):
+        raise TypeError(f"cannot rebuild {type(module).__name__} for export: not a diffusers "
+                        "model (no from_config)")
+    with init_empty_weights(include_buffers=False):
+        new = type(module).from_config(module.config)
+    new.load_state_dict(state_dict, strict=True, assign=True)
+    return new.eval()
 
 
 def resolve_model_path(path: str) -> str:

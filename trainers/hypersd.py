@@ -322,6 +322,10 @@ class HyperSDTrainer(BackboneMixin, Trainer):
     config_class = HyperSDConfig
     resume_must_match = Trainer.resume_must_match + ("hypersd.stages",)
 
+    def fsdp_unsupported(self) -> Optional[str]:
+        return ("Hyper-SD keeps θ⁻ as a module copy of the student (the EMA target); use "
+                "configs/accelerate/multi_gpu.yaml")
+
     # -- build ----------------------------------------------------------------------
     @property
     def lora(self) -> bool:

@@ -254,6 +254,13 @@ class LCDTrainer(BackboneMixin, Trainer):
         if cfg.train.ema_decay > 0:
             self.add_ema("unet", self.unet, cfg.train.ema_decay)
 
+    def fsdp_unsupported(self) -> Optional[str]:
+        if self.cfg.adapter.type == "full":
+            return ("full-weight LCD keeps θ⁻ as a module copy of the student (the EMA target "
+                    "of lcd.target_ema_decay); use configs/accelerate/multi_gpu.yaml or "
+                    "deepspeed_zero2.yaml")
+        return None
+
     def _build_full(self, guidance_scale: float) -> None:
         cfg, p, bb = self.cfg, self.cfg.lcd, self.backbone
         from diffdistill.backbone import make_trainable, set_attention_backend
