@@ -12,8 +12,8 @@ Stages (each wrapped: a failure is recorded with its traceback tail and the scri
   ``--tiny``: ``diffdistill.tiny``'s pipelines.
 * ``fsdp_launch``, ``zero2_launch`` — ``accelerate launch --config_file
   configs/accelerate/{fsdp,deepspeed_zero2}.yaml --num_processes 1 -m diffdistill.train CFG``
-  for one step with full weights and the export: DMD2 under FSDP, LCD under ZeRO-2
-  (skipped without CUDA; ``zero2_launch`` is skipped,
+  for one step with full weights and the export: DMD2 under FSDP (plus DMD2 without
+  its GAN term and pretraining, ``fsdp_launch_*``), LCD under ZeRO-2 (skipped without CUDA; ``zero2_launch`` is skipped,
   saying which files to add to ./wheels, when deepspeed is not installed). They run
   first, in fresh processes on an empty GPU.
 * ``train_*`` — the project's trainers, built with ``build_config(cls.config_class, ...)``
@@ -446,16 +446,18 @@ def gen_stages(ctx: Ctx, results: dict) -> None:
 
 
 # --- accelerate launch of the sharded configs -----------------------------------------------
-DEEPSPEED_VERSION = "0.19.8"  # the newest release when this stage was written (sdist only)
-DEEPSPEED_HINT = ("add it to ./wheels: pip download --no-deps -d wheels "
-                  f"deepspeed=={DEEPSPEED_VERSION} einops hjson msgpack ninja py-cpuinfo "
-                  "nvidia-ml-py; see benchmarks/gpu_check.sh")
+DEEPSPEED_HINT = "add it to ./wheels with benchmarks/gpu_wheels.sh; see benchmarks/gpu_check.sh"
 #: stage -> (config in configs/accelerate, what it is, a module it needs besides accelerate,
-#: the method trained with full weights). FSDP runs DMD2, the README's FSDP example (two
-#: trained networks, which DeepSpeed cannot drive); ZeRO-2 runs LCD (one trained network).
+#: the method trained with full weights, its config overrides). FSDP runs DMD2, the README's
+#: FSDP example (two trained networks, which DeepSpeed cannot drive), then two bisection
+#: launches: DMD2 without its GAN term, and plain pretraining (one network, no frozen pass
+#: through a trained one). ZeRO-2 runs LCD (one trained network).
+NO_GAN = {"dmd2": {"gan_generator_weight": 0.0, "gan_discriminator_weight": 0.0}}
 LAUNCHES = {
-    "fsdp_launch": ("fsdp.yaml", "FSDP", None, "dmd2"),
-    "zero2_launch": ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", "deepspeed", "lcd"),
+    "fsdp_launch": ("fsdp.yaml", "FSDP", None, "dmd2", {}),
+    "fsdp_launch_dmd2_nogan": ("fsdp.yaml", "FSDP", None, "dmd2", NO_GAN),
+    "fsdp_launch_pretrain": ("fsdp.yaml", "FSDP", None, "pretrain", {}),
+    "zero2_launch": ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", "deepspeed", "lcd", {}),
 }
 
 
@@ -470,7 +472,7 @@ def launch_stage(ctx: Ctx, name: str) -> dict:
     diffdistill.train CFG``: one step of the stage's method with full weights, then its
     export (see :data:`LAUNCHES`; DeepSpeed: one trained network, see the comment in
     deepspeed_zero2.yaml)."""
-    config, what, needs, method = LAUNCHES[name]
+    config, what, needs, method, over = LAUNCHES[name]
     if needs is not None and not _module_available(needs):
         return {"status": "skipped", "reason": f"{needs} not installed ({DEEPSPEED_HINT})"}
     if not ctx.cuda or ctx.tiny:
@@ -480,7 +482,7 @@ def launch_stage(ctx: Ctx, name: str) -> dict:
         return {"status": "skipped", "reason": "build_models failed"}
     import yaml
 
-    case = {"mod": method, "sdxl": False, "bs": 2, "over": {"adapter": {"type": "full"}}}
+    case = {"mod": method, "sdxl": False, "bs": 2, "over": {"adapter": {"type": "full"}, **over}}
     data = _trainer_config(ctx, case, ctx.tmp / "runs" / name)
     data["train"].update(max_steps=1)
     data["train"].pop("cpu")

@@ -5,23 +5,17 @@
 #     bash benchmarks/gpu_check.sh --install-only           # only the install steps below
 #
 # The machine has no network. If its Python lacks the project's dependencies, carry them as
-# wheels in ./wheels, prepared on a networked machine with the same Python version / platform:
+# wheels in ./wheels, prepared on a networked machine for the GPU machine's Python version:
 #
-#     pip download --no-deps -d wheels diffusers==0.42.1 open_clip_torch==3.3.0 lpips==0.1.4 \
-#         ftfy regex wcwidth safetensors huggingface_hub accelerate transformers tokenizers \
-#         peft timm \
-#         deepspeed==0.19.8 einops hjson msgpack ninja py-cpuinfo nvidia-ml-py
+#     bash benchmarks/gpu_wheels.sh 3.12        # the set that installed and ran on 2026-11-28
 #
-# The last line is for the zero2_launch stage (configs/accelerate/deepspeed_zero2.yaml);
-# without deepspeed that stage is skipped and says so. PyPI has deepspeed only as a source
-# archive (deepspeed-0.19.8.tar.gz): this script builds it offline against the installed
-# torch (pip --no-build-isolation, DS_BUILD_OPS=0: no CUDA compiler needed, DeepSpeed's
-# kernels are JIT-built only when used, and ZeRO-2 with the trainers' torch AdamW uses none).
-# That needs setuptools in the GPU machine's Python; alternatively build the wheel on a
-# machine with torch: `pip wheel --no-deps -w wheels deepspeed==0.19.8` (a py3-none-any
-# wheel). deepspeed also imports numpy, packaging, psutil and tqdm (accelerate's own
-# dependencies) and pydantic>=2: add `pydantic pydantic-core annotated-types
-# typing-inspection` to the download if the GPU machine's Python lacks it.
+# DeepSpeed (for the zero2_launch stage; without it that stage is skipped and says so) is on
+# PyPI only as a source archive (deepspeed-0.19.8.tar.gz): this script builds it offline
+# against the installed torch (pip --no-build-isolation, DS_BUILD_OPS=0: no CUDA compiler
+# needed, DeepSpeed's kernels are JIT-built only when used, and ZeRO-2 with the trainers'
+# torch AdamW uses none); that took 28 s with the other installs on an H200 machine.
+# Fashion-MNIST (the training stages' data): set DIFFDISTILL_FMNIST to a folder with its IDX
+# files when the machine lacks Debian's package.
 #
 # (torch and torchvision are expected to be preinstalled with CUDA on the GPU machine; add any
 # other package the install step reports as missing). Steps: install ./wheels offline if the
@@ -45,9 +39,11 @@ if [ -d wheels ]; then
             echo "gpu_check.sh: building $sdist failed; its stage will say what is missing" >&2
     done
 fi
-"$PY" -m pip install --no-deps --no-build-isolation -e . >/dev/null || \
-    echo "gpu_check.sh: 'pip install -e .' failed; using PYTHONPATH" >&2
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# diffdistill.trainers / .eval exist only through the install (pyproject's package-dir).
+"$PY" -m pip install --no-deps --no-build-isolation -e . >/dev/null || {
+    echo "gpu_check.sh: 'pip install -e .' failed (needs setuptools>=77: see gpu_wheels.sh)" >&2
+    exit 1
+}
 # `--install-only`: stop here, so that other jobs (a bench) can run before the check.
 [ "${1:-}" = "--install-only" ] && exit 0
 export OUT="${OUT:-$PWD/gpu_check_out}"

@@ -35,6 +35,7 @@ def gc():
 
 TRAIN = ["train_lcd_lora", "train_dmd2_lora", "train_dmd2_full", "train_fdistill_lora",
          "train_sdxl_lcd_lora"]
+LAUNCH = ["fsdp_launch", "fsdp_launch_dmd2_nogan", "fsdp_launch_pretrain", "zero2_launch"]
 GEN = ["gen_lcm_1step", "gen_lcm_4step", "gen_ddim_4step_teacher"]
 
 
@@ -53,7 +54,7 @@ def test_tiny_run_writes_complete_results(gc, tmp_path, monkeypatch):
     for key in ("it_per_s", "images_per_s", "peak_mem_gib", "mfu", "flops_per_step"):
         assert key in res["units"]
     stages = res["stages"]
-    expected = ["build_models", "fsdp_launch", "zero2_launch", *TRAIN, "gen_load_teacher", *GEN]
+    expected = ["build_models", *LAUNCH, *TRAIN, "gen_load_teacher", *GEN]
     assert list(stages) == expected
     for name, s in stages.items():
         assert s["status"] in ("ok", "skipped", "error"), name
@@ -81,10 +82,8 @@ def test_tiny_run_writes_complete_results(gc, tmp_path, monkeypatch):
     assert stages["fsdp_launch"]["reason"] == "FSDP needs CUDA + NCCL"
     zero2 = stages["zero2_launch"]
     assert zero2["status"] == "skipped"
-    assert zero2["reason"] == (
-        "deepspeed not installed (add it to ./wheels: pip download --no-deps -d wheels "
-        f"deepspeed=={gc.DEEPSPEED_VERSION} einops hjson msgpack ninja py-cpuinfo nvidia-ml-py; "
-        "see benchmarks/gpu_check.sh)")
+    assert zero2["reason"] == ("deepspeed not installed (add it to ./wheels with "
+                               "benchmarks/gpu_wheels.sh; see benchmarks/gpu_check.sh)")
 
     md = (out / "results.md").read_text()
     header = [ln for ln in md.splitlines() if ln.startswith("| stage |")]
@@ -92,7 +91,7 @@ def test_tiny_run_writes_complete_results(gc, tmp_path, monkeypatch):
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| stage")]
     assert [r.split("|")[1].strip() for r in rows] == expected
     zero2_row = next(r for r in rows if r.startswith("| zero2_launch |"))
-    assert "| skipped |" in zero2_row and "deepspeed not installed (add it to ./wheels" in zero2_row
+    assert "| skipped |" in zero2_row and "deepspeed not installed (add it to ./wheels with" in zero2_row
     lcd_row = next(r for r in rows if r.startswith("| train_lcd_lora |"))
     assert "CPU RSS" in lcd_row
     assert f"{stages['train_lcd_lora']['it_per_s']:.3g}" in lcd_row
@@ -122,7 +121,7 @@ def test_mfu_peak_table_covers_h100_h200(gc):
 
 
 def test_launch_stages_share_one_function_and_check_in_order(gc, monkeypatch):
-    assert set(gc.LAUNCHES) == {"fsdp_launch", "zero2_launch"}
+    assert list(gc.LAUNCHES) == LAUNCH
     assert gc._module_available("json") and not gc._module_available("no_such_module_dd")
     monkeypatch.setattr(gc, "_module_available", lambda name: True)  # deepspeed "installed"
     cpu = SimpleNamespace(cuda=False, tiny=False, sd_dir=Path("x"))
@@ -140,10 +139,11 @@ def test_launch_stages_share_one_function_and_check_in_order(gc, monkeypatch):
 
 
 def test_accelerate_configs_of_the_launch_stages(gc):
-    for config, _, _, method in gc.LAUNCHES.values():
+    for config, _, _, method, _ in gc.LAUNCHES.values():
         assert (ROOT / "configs" / "accelerate" / config).is_file()
     # FSDP runs the README's FSDP example method; DeepSpeed a one-network method
-    assert gc.LAUNCHES["fsdp_launch"][3] == "dmd2" and gc.LAUNCHES["zero2_launch"][3] == "lcd"
+    assert [v[3] for v in gc.LAUNCHES.values()] == ["dmd2", "dmd2", "pretrain", "lcd"]
+    assert gc.LAUNCHES["fsdp_launch_dmd2_nogan"][4]["dmd2"]["gan_generator_weight"] == 0
     fsdp = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP"
     ds = yaml.safe_load((ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text())
