@@ -141,7 +141,7 @@ def test_launch_stages_share_one_function_and_check_in_order(gc, monkeypatch):
 def test_accelerate_configs_of_the_launch_stages(gc):
     for config, _, _, method, _ in gc.LAUNCHES.values():
         assert (ROOT / "configs" / "accelerate" / config).is_file()
-    # FSDP runs the README's FSDP example method; DeepSpeed a one-network method
+    # FSDP runs DMD2 (full SDXL weights need sharding); DeepSpeed a one-network method
     assert [v[3] for v in gc.LAUNCHES.values()] == ["dmd2", "dmd2", "pretrain", "lcd"]
     assert gc.LAUNCHES["fsdp_launch_dmd2_nogan"][4]["dmd2"]["gan_generator_weight"] == 0
     fsdp = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text())
