@@ -19,6 +19,7 @@ from diffdistill.config import ConfigError, build_config, deep_merge
 from diffdistill.trainers.base import Trainer
 from diffdistill.trainers.common import unsharded_rebuild
 from diffdistill.trainers.dmd2 import DMD2Trainer
+from diffdistill.trainers.fdistill import FDistillTrainer
 from diffdistill.trainers.hypersd import HyperSDTrainer
 from diffdistill.trainers.lcd import LCDTrainer
 
@@ -40,6 +41,7 @@ def _trainer(cls, model_dir, out, **over):
     (DMD2Trainer, {"eval": {"every": 5}}, "eval.every"),
     (LCDTrainer, {}, "full-weight LCD keeps θ⁻"),
     (HyperSDTrainer, {}, "Hyper-SD keeps θ⁻"),
+    (FDistillTrainer, {"fdistill": {"r1_gamma": 1.0}}, "fdistill.r1_gamma=1.0"),
 ])
 def test_refused_under_fsdp_with_the_reason(fsdp, sd_dir, tmp_path, cls, over, key):
     with pytest.raises(ConfigError) as e:
@@ -101,3 +103,28 @@ def test_export_under_fsdp_gathers_and_matches_the_plain_export(sd_dir, tmp_path
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_side_passes_keep_the_fsdp_wrapper_and_drop_ddp():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    tr = Trainer.__new__(Trainer)
+    prepared = SimpleNamespace(inner=object())
+    tr.accelerator = SimpleNamespace(unwrap_model=lambda m: m.inner,
+                                     distributed_type=DistributedType.FSDP)
+    assert tr.side_pass(prepared) is prepared  # FSDP: its units must gather / cast
+    for other in (DistributedType.MULTI_GPU, DistributedType.DEEPSPEED, DistributedType.NO):
+        tr.accelerator.distributed_type = other
+        assert tr.side_pass(prepared) is prepared.inner  # no gradient reduction to wait for
+
+
+def test_dmd2_generator_step_runs_the_fake_score_as_a_side_pass(fsdp, sd_dir, tmp_path,
+                                                                 monkeypatch):
+    tr = _trainer(DMD2Trainer, sd_dir, tmp_path / "run", train={"max_steps": 1})
+    seen = []
+    real = Trainer.side_pass
+    monkeypatch.setattr(Trainer, "side_pass", lambda self, m: seen.append(m) or real(self, m))
+    tr.fit()
+    assert any(m is tr.fake_score for m in seen)  # the generator step's frozen pass

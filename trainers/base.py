@@ -336,6 +336,15 @@ class Trainer:
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
 
+    def side_pass(self, module: nn.Module) -> nn.Module:
+        """What to run a prepared network through outside its own update (no-grad passes, a
+        frozen pass that only routes gradient to its input): the bare module under DDP /
+        DeepSpeed ZeRO-2, whose wrapper would expect a gradient reduction that such a pass
+        never makes, and the prepared module under FSDP, whose wrapper must run to gather and
+        cast the shards (calling the inner module skips the root unit's initialisation and
+        stream synchronisation)."""
+        return module if self._is_fsdp() else self.unwrap(module)
+
     # -- randomness (all of it resumable) ----------------------------------------------
     def randn(self, *shape, dtype=torch.float32) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator, dtype=dtype).to(self.device)

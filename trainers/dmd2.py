@@ -319,7 +319,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
     def simulate_inputs(self, noise: Tensor, steps: Tensor, cond: Cond) -> Tensor:
         """Backward simulation: x_{t_k} for each sample's step k from the student's own chain
         (x0̂ = G(x, t_j), re-noised to t_{j+1} with fresh noise), started from pure noise."""
-        gen = self.denoiser(self.unwrap(self.student))
+        gen = self.denoiser(self.side_pass(self.student))
         x, out = noise, noise.clone()
         for j in range(int(steps.max())):
             x0 = gen(x, float(self.timesteps[j]), cond).x0.to(noise.dtype)
@@ -373,11 +373,11 @@ class DMD2Trainer(BackboneMixin, Trainer):
         x_t = self.add_noise(x, self.randn(*x.shape), t)
         with torch.no_grad(), self.real_score() as real:
             x0_real = self.denoiser(real).guided(x_t.detach(), t, cond, d.guidance_scale).x0
-        fake = self.unwrap(self.fake_score)
         need_grad = self.gan and d.gan_generator_weight > 0
         with contextlib.nullcontext() if need_grad else torch.no_grad():
-            x0_fake = self.denoiser(fake)(x_t if need_grad else x_t.detach(), t, cond).x0
-            logits = fake.logits
+            x0_fake = self.denoiser(self.side_pass(self.fake_score))(
+                x_t if need_grad else x_t.detach(), t, cond).x0
+            logits = self.unwrap(self.fake_score).logits
         weight = self.dm_weight(x_t.detach(), t, logits.detach() if logits is not None else None)
         loss_dm = dmd_loss(x, x0_real, x0_fake, weight).mean()
         logs = {"loss_dm": loss_dm.detach()}

@@ -131,6 +131,13 @@ class FDistillTrainer(DMD2Trainer):
     MEAN_KEY = "fdistill.ratio_bin_mean"
     COUNT_KEY = "fdistill.ratio_bin_count"
 
+    def fsdp_unsupported(self) -> Optional[str]:
+        if self.cfg.fdistill.r1_gamma > 0:
+            return (f"fdistill.r1_gamma={self.cfg.fdistill.r1_gamma}: the R1 penalty "
+                    "differentiates twice through the fake score, which FSDP does not support; "
+                    "set fdistill.r1_gamma=0 or use configs/accelerate/multi_gpu.yaml")
+        return super().fsdp_unsupported()
+
     def build(self) -> None:
         super().build()
         f = self.cfg.fdistill

@@ -228,7 +228,8 @@ class ICTTrainer(BackboneMixin, Trainer):
         if cfg.train.ema_decay > 0:  # for evaluation and export only, never the target
             self.add_ema("unet", self.unet, cfg.train.ema_decay)
         self.student = self.backbone.denoiser(self.unet)  # online (prepared: DDP) network
-        self.target = self.backbone.denoiser(self.unwrap(self.unet))  # same weights, no DDP
+        # same weights, run outside the update (no DDP reduction; FSDP's wrapper kept)
+        self.target = self.backbone.denoiser(self.side_pass(self.unet))
         self.lpips = self._build_lpips() if c.loss == "lpips" else None
 
     def _student_unet(self, unet):
