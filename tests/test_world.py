@@ -301,3 +301,16 @@ def test_fmnist_detector_metric_is_named_fid_fmnist():
     from diffdistill.world.classifier import FMNISTDetector, FMNISTNet
 
     assert metric_name(FMNISTDetector(net=FMNISTNet())) == "FID-FMNIST"
+
+
+def test_pyproject_lists_every_world_asset_folder():
+    # setuptools installs (and stays quiet about) only the data folders `packages` names
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    assets = root / "diffdistill" / "world" / "assets"
+    folders = {".".join(d.relative_to(root).parts) for d in [assets, *assets.rglob("*")]
+               if d.is_dir() and not d.name.startswith((".", "__"))}
+    assert folders and folders <= listed, sorted(folders - listed)
