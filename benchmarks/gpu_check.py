@@ -446,7 +446,7 @@ def gen_stages(ctx: Ctx, results: dict) -> None:
 
 
 # --- accelerate launch of the sharded configs -----------------------------------------------
-DEEPSPEED_HINT = "add it to ./wheels with benchmarks/gpu_wheels.sh; see benchmarks/gpu_check.sh"
+DEEPSPEED_HINT = "add it to ./wheels with benchmarks/gpu_prepare.sh; see benchmarks/gpu_check.sh"
 #: stage -> (config in configs/accelerate, what it is, a module it needs besides accelerate,
 #: the method trained with full weights, its config overrides). FSDP runs DMD2, the README's
 #: FSDP example (two trained networks, which DeepSpeed cannot drive), then two bisection

@@ -7,15 +7,15 @@
 # The machine has no network. If its Python lacks the project's dependencies, carry them as
 # wheels in ./wheels, prepared on a networked machine for the GPU machine's Python version:
 #
-#     bash benchmarks/gpu_wheels.sh 3.12        # the set that installed and ran on 2026-11-28
+#     bash benchmarks/gpu_prepare.sh 3.12    # ./wheels (the set that ran on 2026-11-28), ./gpu_fmnist
 #
 # DeepSpeed (for the zero2_launch stage; without it that stage is skipped and says so) is on
 # PyPI only as a source archive (deepspeed-0.19.8.tar.gz): this script builds it offline
 # against the installed torch (pip --no-build-isolation, DS_BUILD_OPS=0: no CUDA compiler
 # needed, DeepSpeed's kernels are JIT-built only when used, and ZeRO-2 with the trainers'
 # torch AdamW uses none); that took 28 s with the other installs on an H200 machine.
-# Fashion-MNIST (the training stages' data): set DIFFDISTILL_FMNIST to a folder with its IDX
-# files when the machine lacks Debian's package.
+# Fashion-MNIST (the training stages' data): DIFFDISTILL_FMNIST, else ./gpu_fmnist when the
+# machine lacks Debian's package.
 #
 # (torch and torchvision are expected to be preinstalled with CUDA on the GPU machine; add any
 # other package the install step reports as missing). Steps: install ./wheels offline if the
@@ -41,12 +41,15 @@ if [ -d wheels ]; then
 fi
 # diffdistill.trainers / .eval exist only through the install (pyproject's package-dir).
 "$PY" -m pip install --no-deps --no-build-isolation -e . >/dev/null || {
-    echo "gpu_check.sh: 'pip install -e .' failed (needs setuptools>=77: see gpu_wheels.sh)" >&2
+    echo "gpu_check.sh: 'pip install -e .' failed (needs setuptools>=77: see gpu_prepare.sh)" >&2
     exit 1
 }
 # `--install-only`: stop here, so that other jobs (a bench) can run before the check.
 [ "${1:-}" = "--install-only" ] && exit 0
 export OUT="${OUT:-$PWD/gpu_check_out}"
+if [ -z "${DIFFDISTILL_FMNIST:-}" ] && [ ! -d /usr/share/datasets/fashion-mnist ] && [ -d gpu_fmnist ]; then
+    export DIFFDISTILL_FMNIST="$PWD/gpu_fmnist"
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 timeout --signal=TERM --kill-after=20 "${GPU_CHECK_TIMEOUT:-570}" "$PY" benchmarks/gpu_check.py "$@"
 rc=$?

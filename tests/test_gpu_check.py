@@ -83,7 +83,7 @@ def test_tiny_run_writes_complete_results(gc, tmp_path, monkeypatch):
     zero2 = stages["zero2_launch"]
     assert zero2["status"] == "skipped"
     assert zero2["reason"] == ("deepspeed not installed (add it to ./wheels with "
-                               "benchmarks/gpu_wheels.sh; see benchmarks/gpu_check.sh)")
+                               "benchmarks/gpu_prepare.sh; see benchmarks/gpu_check.sh)")
 
     md = (out / "results.md").read_text()
     header = [ln for ln in md.splitlines() if ln.startswith("| stage |")]
