@@ -265,7 +265,7 @@ def _train_cases(ctx: Ctx) -> dict[str, dict]:
     """Stage name -> (trainer module, class, config overrides, sdxl?)."""
     lora = {"type": "lora", "rank": 64}
     dmd_common = {"fake_updates_per_generator_update": 2}  # measured steps alternate G / D
-    sd_bs = 2 if ctx.tiny else 4
+    sd_bs = ctx.args.train_batch
     return {
         "train_lcd_lora": {"mod": "lcd", "cls": "LCDTrainer", "sdxl": False, "bs": sd_bs,
                                "over": {"adapter": lora}},
@@ -571,6 +571,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=None, help="warm-up train steps (2; tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="measured train steps (4; tiny 2)")
     p.add_argument("--gen-batch", type=int, default=None, help="generation batch (8; tiny 2)")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="SD1.5 training batch (4; tiny 2); SDXL stays at 1")
     p.add_argument("--launch-timeout", "--fsdp-timeout", dest="launch_timeout", type=int,
                    default=240, help="seconds per accelerate-launch stage")
     p.add_argument("--only", nargs="*", default=None, help="run only these stages")
@@ -581,6 +583,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps = 2 if args.tiny else 4
     if args.gen_batch is None:
         args.gen_batch = 2 if args.tiny else 8
+    if args.train_batch is None:
+        args.train_batch = 2 if args.tiny else 4
     out_dir = Path(args.out or os.environ.get("OUT") or "gpu_check_out")
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -230,3 +230,11 @@ def test_trainer_without_deepspeed_is_unchanged(tmp_path):
     tr.add_optimizer("a", torch.nn.Linear(2, 2))
     tr.add_optimizer("b", torch.nn.Linear(2, 2))  # several networks: fine without DeepSpeed
     assert list(tr.optimizers) == ["a", "b"]
+
+
+def test_train_batch_option_sets_the_sd15_batch(gc, tmp_path):
+    res = gc.main(["--tiny", "--cpu", "--out", str(tmp_path), "--only", "train_lcd_lora",
+                   "--train-batch", "3"])
+    assert list(res["stages"]) == ["build_models", "train_lcd_lora"]
+    s = res["stages"]["train_lcd_lora"]
+    assert s["status"] == "ok" and s["batch_size"] == 3
