@@ -83,12 +83,13 @@ class EMA:
 class ShardedBatchSampler(Sampler):
     """Deterministic, resumable batches: epoch e is ``randperm(n, seed + e)``; each global
     batch of ``batch_size * world`` indices is split so rank r takes slice r — ranks never
-    overlap and the order does not depend on the number of DataLoader workers."""
+    overlap and the order does not depend on the number of DataLoader workers.
+    ``one_epoch``: stop at the end of the epoch that holds ``start_batch``."""
 
     def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int,
-                 start_batch: int = 0, shuffle: bool = True):
+                 start_batch: int = 0, shuffle: bool = True, one_epoch: bool = False):
         self.n, self.bs, self.rank, self.world = n, batch_size, rank, world
-        self.seed, self.start, self.shuffle = seed, start_batch, shuffle
+        self.seed, self.start, self.shuffle, self.one_epoch = seed, start_batch, shuffle, one_epoch
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch == 0:
             raise ValueError(
@@ -106,6 +107,8 @@ class ShardedBatchSampler(Sampler):
             for p in range(pos, self.per_epoch):
                 chunk = perm[p * gb:(p + 1) * gb]
                 yield chunk[self.rank * self.bs:(self.rank + 1) * self.bs].tolist()
+            if self.one_epoch:  # only the rest of the epoch that holds start_batch
+                return
             b = (epoch + 1) * self.per_epoch
 
     def __len__(self) -> int:  # infinite in practice; DataLoader only needs a number
@@ -172,6 +175,11 @@ class Trainer:
         self.state_tensors: dict[str, torch.Tensor] = {}  # tensor method state (saved)
         self.global_step = 0
         self.batches_consumed = 0
+        # where this rank is in its data: the epoch (random crops / flips, shard order depend
+        # on it) and how many batches of it were consumed (a resumed iterable dataset skips
+        # them; a map-style one starts its sampler there)
+        self.data_epoch = 0
+        self.epoch_batches = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._micro = 0
@@ -215,7 +223,8 @@ class Trainer:
         elif d.kind == "prompts":
             kw = {"path": d.path}
         else:
-            kw.update(urls_or_paths=d.path, process_index=self.rank, num_processes=self.world)
+            kw.update(urls_or_paths=d.path, center_crop=d.center_crop, random_flip=d.random_flip,
+                      seed=self.cfg.seed, process_index=self.rank, num_processes=self.world)
         return build_dataset(d.kind, **kw)
 
     def _is_deepspeed(self) -> bool:
@@ -392,6 +401,8 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------
     def _dataloader(self) -> DataLoader:
+        """A loader over the rest of the current data epoch (map-style datasets: from the
+        saved position; iterable ones: a whole pass, see :meth:`_batches`)."""
         from diffdistill.data import collate
 
         ds = self.dataset
@@ -404,15 +415,41 @@ class Trainer:
                               num_workers=self.cfg.data.num_workers, drop_last=True,
                               generator=gen)
         sampler = ShardedBatchSampler(len(ds), self.cfg.train.batch_size, self.rank, self.world,
-                                      self.cfg.seed, start_batch=self.batches_consumed)
+                                      self.cfg.seed, start_batch=self.batches_consumed,
+                                      one_epoch=True)
+        self.data_epoch, self.epoch_batches = divmod(self.batches_consumed, sampler.per_epoch)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                           num_workers=self.cfg.data.num_workers, generator=gen)
 
     def _batches(self) -> Iterator[dict]:
+        """Training batches forever, epoch by epoch. Each epoch gets a fresh loader after
+        ``dataset.set_epoch(epoch)`` (random crops and flips, shard order), so DataLoader
+        workers see it too. A resumed iterable dataset (webdataset shards: no random access)
+        replays the current epoch and drops the batches it had already given, so the run
+        continues with exactly the batches an uninterrupted one would see."""
+        ds = self.dataset
+        iterable = isinstance(ds, torch.utils.data.IterableDataset)
         while True:
-            for batch in self._dataloader():
+            loader = self._dataloader()  # map-style: sets data_epoch / epoch_batches
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(self.data_epoch)
+            skip = self.epoch_batches if iterable else 0
+            given = 0
+            for i, batch in enumerate(loader):
+                given += 1
+                if i < skip:
+                    continue
                 self.batches_consumed += 1
+                self.epoch_batches += 1
                 yield _to_device(batch, self.device)
+            if given == 0:
+                raise RuntimeError(
+                    f"a whole pass over the dataset ({type(ds).__name__}, epoch "
+                    f"{self.data_epoch}) gave no batch of train.batch_size="
+                    f"{self.cfg.train.batch_size} on process {self.rank}: add data or lower "
+                    "train.batch_size")
+            self.data_epoch += 1
+            self.epoch_batches = 0
 
     # -- the loop -------------------------------------------------------------------
     def setup(self, resume: Optional[str] = None) -> None:
@@ -601,7 +638,8 @@ class Trainer:
         try:
             acc.save_state(str(tmp))
             save_file({"generator": self.generator.get_state(),
-                       "torch_rng": torch.get_rng_state()},
+                       "torch_rng": torch.get_rng_state(),
+                       "data_position": torch.tensor([self.data_epoch, self.epoch_batches])},
                       str(tmp / f"trainer_rng_{self.rank}.safetensors"))
             if acc.is_main_process:
                 tensors = dict(self.state_tensors)
@@ -673,6 +711,8 @@ class Trainer:
             self.state_tensors[k] = tensors[k].to(self.state_tensors[k].device)
         self.global_step = meta["global_step"]
         self.batches_consumed = meta["batches_consumed"]
+        if "data_position" in rng:  # (older checkpoints: map-style data recomputes it)
+            self.data_epoch, self.epoch_batches = (int(v) for v in rng["data_position"])
         self.nonfinite_total = meta.get("nonfinite_total", 0)
         self.state.update(meta.get("state", {}))
         self.last_checkpoint = path

@@ -1,0 +1,130 @@
+"""The trainers' data loop across epochs and resumes (``Trainer._batches``):
+
+* each epoch gets ``dataset.set_epoch(epoch)``, so random crops / flips differ between epochs
+  (they did not: every epoch replayed epoch 0's flips);
+* an iterable dataset (webdataset shards, no random access) resumed from a checkpoint
+  continues with exactly the batches an uninterrupted run sees, across epoch boundaries.
+
+No model is loaded: the data loop, the checkpoint and the resume are the Trainer base's own.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from diffdistill.config import BaseConfig, build_config
+from diffdistill.trainers.base import Trainer
+
+
+class DataOnly(Trainer):
+    method = "data-only"
+
+    def build(self) -> None:  # no networks: the data loop is what is tested
+        pass
+
+
+def _trainer(out, kind, path, **data):
+    cfg = build_config(BaseConfig, {
+        "method": "data-only", "output_dir": str(out), "seed": 3,
+        "data": {"kind": kind, "path": str(path), "resolution": 8, **data},
+        "train": {"batch_size": 2, "cpu": True, "checkpoint_every": 1},
+        "log": {"progress": False, "tensorboard": False},
+    })
+    tr = DataOnly(cfg)
+    tr.dataset = tr.make_dataset()
+    return tr
+
+
+def _asymmetric(i: int) -> Image.Image:
+    """8x8, bright left half: a horizontal flip is visible in the pixels."""
+    img = Image.new("RGB", (8, 8), (10 * i, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 4, 8))
+    return img
+
+
+def _flipped(pixels: torch.Tensor) -> list[bool]:
+    left, right = pixels[..., :4].mean(dim=(1, 2, 3)), pixels[..., 4:].mean(dim=(1, 2, 3))
+    return (right > left).tolist()
+
+
+def test_random_flips_change_from_epoch_to_epoch(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        _asymmetric(i).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"image {i}")
+    tr = _trainer(tmp_path / "run", "imagefolder", folder, random_flip=True)
+    batches = tr._batches()
+    flips: dict[int, list[bool]] = {i: [] for i in range(4)}
+    for _ in range(2 * 8):  # 8 epochs of 2 batches
+        batch = next(batches)
+        for idx, f in zip(batch["index"].tolist(), _flipped(batch["pixel_values"])):
+            flips[idx].append(f)
+    assert tr.data_epoch == 7 and tr.epoch_batches == 2
+    assert all(len(v) == 8 for v in flips.values())
+    # each image's flip is a fresh coin per epoch: not the same in all 8 epochs
+    assert all(len(set(v)) == 2 for v in flips.values()), flips
+
+
+def _png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    _asymmetric(i).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def shards(tmp_path):
+    for s, n in ((0, 5), (1, 4)):
+        with tarfile.open(tmp_path / f"shard-{s}.tar", "w") as archive:
+            for i in range(n):
+                for ext, payload in (("png", _png(s * 10 + i)),
+                                     ("txt", f"sample {s}/{i}".encode())):
+                    info = tarfile.TarInfo(f"{s}-{i:03d}.{ext}")
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+    return str(tmp_path / "shard-{0..1}.tar")
+
+
+def _keys(batches, n):
+    return [tuple(next(batches)["key"]) for _ in range(n)]
+
+
+def test_webdataset_resume_continues_with_the_same_batches(tmp_path, shards):
+    # 9 samples, batch 2, drop_last: 4 batches per pass
+    whole = _keys(_trainer(tmp_path / "a", "webdataset", shards, random_flip=True)._batches(), 11)
+    assert len(set(whole[:4])) == 4 and whole[4:8] == whole[:4]  # epoch 1 replays the shards
+
+    first = _trainer(tmp_path / "b", "webdataset", shards, random_flip=True)
+    batches = first._batches()
+    seen = _keys(batches, 6)  # into epoch 1
+    first.global_step = 6
+    first.checkpoint()
+    assert (first.data_epoch, first.epoch_batches) == (1, 2)
+
+    resumed = _trainer(tmp_path / "b", "webdataset", shards, random_flip=True)
+    resumed.resume("latest")
+    assert (resumed.data_epoch, resumed.epoch_batches) == (1, 2)
+    assert seen + _keys(resumed._batches(), 5) == whole
+
+
+def test_webdataset_flips_follow_the_epoch_after_a_resume(tmp_path, shards):
+    def pixels(tr, n):
+        b = tr._batches()
+        return torch.cat([next(b)["pixel_values"] for _ in range(n)])
+
+    whole = pixels(_trainer(tmp_path / "a", "webdataset", shards, random_flip=True), 12)
+    first = _trainer(tmp_path / "b", "webdataset", shards, random_flip=True)
+    part = pixels(first, 5)
+    first.global_step = 5
+    first.checkpoint()
+    resumed = _trainer(tmp_path / "b", "webdataset", shards, random_flip=True)
+    resumed.resume("latest")
+    assert torch.equal(torch.cat([part, pixels(resumed, 7)]), whole)
+    # and the epochs do differ: some sample is flipped in one epoch and not in another
+    per_epoch = whole.reshape(3, 8, *whole.shape[1:])
+    assert not (torch.equal(per_epoch[0], per_epoch[1]) and torch.equal(per_epoch[1], per_epoch[2]))
