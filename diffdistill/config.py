@@ -148,6 +148,11 @@ class BaseConfig:
             raise ConfigError("data.cache_dir caches one latent per image, which a random "
                               "flip would invalidate: set data.random_flip=false or drop "
                               "data.cache_dir")
+        if (self.data.cache_dir and not self.data.center_crop
+                and self.data.kind in ("imagefolder", "classfolder", "webdataset")):
+            raise ConfigError("data.cache_dir caches one latent per image, which a random "
+                              "crop (data.center_crop=false: a new crop every epoch) would "
+                              "invalidate: set data.center_crop=true or drop data.cache_dir")
         if self.log.wandb:
             import importlib.util
 

@@ -200,3 +200,12 @@ def test_latent_cache_encodes_each_image_once(sd_dir, tmp_path):
                           atol=1e-6)
     with pytest.raises(ConfigError, match="random_flip"):
         build_config(PretrainConfig, {"data": {"cache_dir": "x", "random_flip": True}})
+    with pytest.raises(ConfigError, match="data.center_crop=false"):
+        build_config(PretrainConfig, {"data": {"kind": "imagefolder", "path": "x",
+                                               "cache_dir": "x", "center_crop": False}})
+    # webdataset samples are cached under their unique <shard>/<key>, not the in-shard index
+    from diffdistill.trainers.common import BackboneMixin
+
+    wds = {"index": torch.tensor([3, 3]), "key": ["a.tar/0003", "b.tar/0003"]}
+    assert BackboneMixin._latent_keys(None, wds) == ["a.tar/0003", "b.tar/0003"]
+    assert BackboneMixin._latent_keys(None, {"index": torch.tensor([3, 5])}) == ["3", "5"]

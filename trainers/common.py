@@ -71,6 +71,10 @@ class BackboneMixin:
         return self._latent_cache
 
     def _latent_keys(self, batch: dict) -> list[str]:
+        """Cache keys of a batch's images: the dataset index, or for webdataset (whose
+        ``index`` is a position inside one shard) the sample's ``<shard>/<key>``."""
+        if "key" in batch:
+            return [str(k) for k in batch["key"]]
         return [str(int(i)) for i in batch["index"]]
 
     def cond_for_batch(self, batch: dict, drop_prob: float = 0.0,
