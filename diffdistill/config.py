@@ -55,6 +55,7 @@ class DataConfig:
     limit: Optional[int] = None  # use only the first N items
     num_workers: int = 0
     cache_dir: Optional[str] = None  # cache VAE latents / prompt embeddings here
+    shuffle_shards: bool = False  # webdataset: a new shard order every epoch (seed, epoch)
 
 
 @dataclass
@@ -148,6 +149,9 @@ class BaseConfig:
             raise ConfigError("data.cache_dir caches one latent per image, which a random "
                               "flip would invalidate: set data.random_flip=false or drop "
                               "data.cache_dir")
+        if self.data.shuffle_shards and self.data.kind != "webdataset":
+            raise ConfigError(f"data.shuffle_shards is for data.kind=webdataset, not "
+                              f"{self.data.kind!r} (map-style data is reshuffled every epoch)")
         if (self.data.cache_dir and not self.data.center_crop
                 and self.data.kind in ("imagefolder", "classfolder", "webdataset")):
             raise ConfigError("data.cache_dir caches one latent per image, which a random "

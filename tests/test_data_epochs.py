@@ -128,3 +128,26 @@ def test_webdataset_flips_follow_the_epoch_after_a_resume(tmp_path, shards):
     # and the epochs do differ: some sample is flipped in one epoch and not in another
     per_epoch = whole.reshape(3, 8, *whole.shape[1:])
     assert not (torch.equal(per_epoch[0], per_epoch[1]) and torch.equal(per_epoch[1], per_epoch[2]))
+
+
+def test_webdataset_shard_order_reshuffles_per_epoch_and_resumes_exactly(tmp_path, shards):
+    def run(out):
+        return _trainer(out, "webdataset", shards, shuffle_shards=True)
+
+    whole = _keys(run(tmp_path / "a")._batches(), 32)  # 8 epochs of 4 batches
+    leading_shard = {whole[4 * e][0].split(".tar/")[0] for e in range(8)}
+    assert len(leading_shard) == 2  # each shard comes first in some epoch (fixed: shard-0)
+    first = run(tmp_path / "b")
+    seen = _keys(first._batches(), 13)
+    first.global_step = 13
+    first.checkpoint()
+    resumed = run(tmp_path / "b")
+    resumed.resume("latest")
+    assert seen + _keys(resumed._batches(), 19) == whole
+
+
+def test_shuffle_shards_is_only_for_webdataset(tmp_path):
+    from diffdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.shuffle_shards is for data.kind=webdataset"):
+        _trainer(tmp_path, "imagefolder", tmp_path, shuffle_shards=True)

@@ -224,7 +224,8 @@ class Trainer:
             kw = {"path": d.path}
         else:
             kw.update(urls_or_paths=d.path, center_crop=d.center_crop, random_flip=d.random_flip,
-                      seed=self.cfg.seed, process_index=self.rank, num_processes=self.world)
+                      seed=self.cfg.seed, shuffle_shards=d.shuffle_shards,
+                      process_index=self.rank, num_processes=self.world)
         return build_dataset(d.kind, **kw)
 
     def _is_deepspeed(self) -> bool:
