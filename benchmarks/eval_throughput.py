@@ -99,7 +99,9 @@ def build_extractor(name: str, device, tmp: Path) -> dict[str, Any]:
 
     import diffdistill.world  # noqa: F401  (registers fmnist-net / world-clip)
 
-    float32 = lambda y: y.to(torch.float32)
+    def float32(y):
+        return y.to(torch.float32)
+
     if name == "fmnist-net":
         from diffdistill.world.classifier import INPUT_SIZE, preprocess_uint8
 

@@ -671,7 +671,7 @@ def make_trainable(
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(config, unet, adapter_name=adapter_name)
-        for name, p in unet.named_parameters():
+        for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch.float32)
     if gradient_checkpointing:
@@ -761,7 +761,7 @@ class _EmptyFp32ModulesFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not ("should be kept in float32: []" in msg)
+        return "should be kept in float32: []" not in msg
 
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ModulesFilter())

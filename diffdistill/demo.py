@@ -251,7 +251,7 @@ def _markdown(result: DemoResult, command: str, total_s: float) -> str:
              "run is only re-exported).", "",
              "| method | config | train steps | batch | train wall (s) | threads | adapter |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for key, t in result.trained.items():
+    for t in result.trained.values():
         lines.append(f"| {t['label']} | `{t['config']}` | {t['train_steps']} | "
                      f"{t['batch_size']} | {t['wall_s']:.0f} | {t['threads']} | "
                      f"{'LoRA' if t['lora'] else 'full'} |")

@@ -374,9 +374,8 @@ def test_pixel_scheduler_clip_sample_reaches_the_shared_samplers(pixel_dir, tmp_
     import json
     import shutil
 
-    from diffusers import DDIMScheduler
-
     from diffdistill.eval.harness import BenchModel, generate_for_eval, load_eval_model
+    from diffusers import DDIMScheduler
 
     folder = tmp_path / "px"
     shutil.copytree(pixel_dir, folder)

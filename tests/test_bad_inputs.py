@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
 from PIL import Image
 
 from diffdistill.config import ConfigError, build_config
-from diffdistill.trainers.base import list_checkpoints
-from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
 
 
 def cfg_for(model_dir, out, data=None, **train):
@@ -104,12 +104,13 @@ def test_pickle_with_payload_is_refused(pixel_dir, tmp_path):
         f.unlink()
     with open(evil / "unet" / "diffusion_pytorch_model.bin", "wb") as fh:
         pickle.dump({"x": _Payload()}, fh)
-    with pytest.raises(Exception):
+    # diffusers reads a .bin with torch.load(weights_only=True), which refuses the payload
+    with pytest.raises(OSError, match="Unable to load weights from checkpoint file"):
         PretrainTrainer(cfg_for(evil, tmp_path / "o")).setup()
     assert not os.path.exists("/tmp/diffdistill-pwned")
     from diffdistill.eval.features import load_state_dict_file
 
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_state_dict_file(evil / "unet" / "diffusion_pytorch_model.bin")
     assert not os.path.exists("/tmp/diffdistill-pwned")
 

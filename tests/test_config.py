@@ -1,5 +1,7 @@
 import pytest
 import yaml
+from diffdistill.trainers import load_run_config
+from diffdistill.trainers.pretrain import PretrainConfig
 
 from diffdistill.config import (
     BaseConfig,
@@ -10,8 +12,6 @@ from diffdistill.config import (
     parse_overrides,
     save_config,
 )
-from diffdistill.trainers import load_run_config
-from diffdistill.trainers.pretrain import PretrainConfig
 
 
 def test_overrides_parse_and_types():

@@ -15,10 +15,10 @@ import tarfile
 
 import pytest
 import torch
+from diffdistill.trainers.base import Trainer
 from PIL import Image
 
 from diffdistill.config import BaseConfig, build_config
-from diffdistill.trainers.base import Trainer
 
 
 class DataOnly(Trainer):

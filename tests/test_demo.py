@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from diffdistill.world import WORLD_DIR_ENV
@@ -49,7 +48,7 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
     text = capsys.readouterr().out
     # every method trained for its budget and exported
     assert list(res.trained) == list(MAIN_METHODS)
-    for key, t in res.trained.items():
+    for key in res.trained:
         lines = (out / "train" / key / "metrics.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["step"] == 6, key
         assert (out / "train" / key / "export" / "diffdistill_export.json").exists(), key
@@ -89,8 +88,9 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
 
 def test_demo_ablations_change_one_thing_of_their_main_method():
     """Each ablation loads as its main method's demo config with exactly the stated change."""
-    from diffdistill.demo import MAIN_METHODS, METHODS, CONFIG_DIR
     from diffdistill.trainers import load_run_config
+
+    from diffdistill.demo import CONFIG_DIR, MAIN_METHODS, METHODS
 
     assert MAIN_METHODS == ("lcd", "lcd-lora", "rglcd", "dmd2", "fdistill", "hypersd", "ict")
 

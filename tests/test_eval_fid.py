@@ -254,7 +254,9 @@ def test_kid_identical_zero_shifted_positive_and_matches_torchmetrics():
     assert ours == pytest.approx(expected, rel=1e-4)
 
     # brute-force unbiased MMD² with the cubic kernel
-    k = lambda a, b: (a.double() @ b.double().T / 10 + 1) ** 3
+    def k(a, b):
+        return (a.double() @ b.double().T / 10 + 1) ** 3
+
     m = 120
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     brute = ((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))

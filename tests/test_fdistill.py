@@ -22,11 +22,10 @@ from diffdistill.trainers.fdistill import (
     timestep_bins,
     update_bin_means,
 )
+from helpers import tiny_run_data  # noqa: E402
 from safetensors.torch import load_file
 
 from diffdistill.config import ConfigError, build_config, deep_merge
-
-from helpers import tiny_run_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_run_data
-from safetensors.torch import load_file
-
-from diffdistill.config import ConfigError, build_config, deep_merge
 from diffdistill.trainers.base import Trainer
 from diffdistill.trainers.common import unsharded_rebuild
 from diffdistill.trainers.dmd2 import DMD2Trainer
 from diffdistill.trainers.fdistill import FDistillTrainer
 from diffdistill.trainers.hypersd import HyperSDTrainer
 from diffdistill.trainers.lcd import LCDTrainer
+from helpers import tiny_run_data
+from safetensors.torch import load_file
+
+from diffdistill.config import ConfigError, build_config, deep_merge
 
 
 @pytest.fixture

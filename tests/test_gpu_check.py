@@ -139,7 +139,7 @@ def test_launch_stages_share_one_function_and_check_in_order(gc, monkeypatch):
 
 
 def test_accelerate_configs_of_the_launch_stages(gc):
-    for config, _, _, method, _ in gc.LAUNCHES.values():
+    for config, _, _, _, _ in gc.LAUNCHES.values():
         assert (ROOT / "configs" / "accelerate" / config).is_file()
     # FSDP runs DMD2 (full SDXL weights need sharding); DeepSpeed a one-network method
     assert [v[3] for v in gc.LAUNCHES.values()] == ["dmd2", "dmd2", "pretrain", "lcd"]

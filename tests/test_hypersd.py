@@ -9,15 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-from diffdistill.config import ConfigError, build_config, deep_merge, load_yaml
-from diffdistill.denoiser import Denoiser
-from diffdistill.generate_cli import EXPORT_INFO
-from diffdistill.losses import dmd_loss, gan_generator_loss, l2
-from diffdistill.sampling import generate, tcd_timesteps
-from diffdistill.schedule import VPSchedule
-from diffdistill.tiny import SD_SCHEDULER
 from diffdistill.trainers.base import list_checkpoints
 from diffdistill.trainers.hypersd import (
     HyperSDConfig,
@@ -28,9 +19,17 @@ from diffdistill.trainers.hypersd import (
     segment_index,
     segment_jump,
 )
-from test_rewards import TINY_CLIP, make_tiny_clip, make_tiny_imagereward
-
 from helpers import stock_sd_pipeline  # noqa: E402
+from test_rewards import TINY_CLIP, make_tiny_clip, make_tiny_imagereward
+from torch import nn
+
+from diffdistill.config import ConfigError, build_config, deep_merge, load_yaml
+from diffdistill.denoiser import Denoiser
+from diffdistill.generate_cli import EXPORT_INFO
+from diffdistill.losses import dmd_loss, gan_generator_loss, l2
+from diffdistill.sampling import generate, tcd_timesteps
+from diffdistill.schedule import VPSchedule
+from diffdistill.tiny import SD_SCHEDULER
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a bag", "a photo of a coat"]
@@ -322,8 +321,9 @@ def test_aesthetic_reward_is_the_laion_mlp_on_the_normalised_clip_embedding(tiny
 def test_imagereward_from_the_reward_section_drives_the_refl_term(sd_dir, tmp_path):
     """`reward.model: {kind: imagereward, path: folder}` (the section RG-LCD shares) runs a
     ReFL step whose reward gradient reaches the LoRA through the VAE decoder and BLIP."""
-    from diffdistill.rewards import ImageRewardModel
     from diffdistill.trainers.lcd import RGLCDConfig
+
+    from diffdistill.rewards import ImageRewardModel
 
     folder, *_ = make_tiny_imagereward(tmp_path)
     section = {"kind": "imagereward", "path": str(folder)}

@@ -8,14 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-from diffdistill.config import build_config, deep_merge, load_yaml
-from diffdistill.denoiser import Denoiser, LCMConsistency, guidance_scale_embedding
-from diffdistill.generate_cli import EXPORT_INFO
-from diffdistill.sampling import ddim_solver_step, generate
-from diffdistill.schedule import VPSchedule
-from diffdistill.tiny import SD_SCHEDULER
 from diffdistill.trainers.base import list_checkpoints
 from diffdistill.trainers.lcd import (
     LCDConfig,
@@ -24,9 +16,16 @@ from diffdistill.trainers.lcd import (
     RGLCDTrainer,
     lcm_student_unet,
 )
-from test_rewards import TINY_CLIP, make_tiny_clip
-
 from helpers import stock_sd_pipeline  # noqa: E402
+from test_rewards import TINY_CLIP, make_tiny_clip
+from torch import nn
+
+from diffdistill.config import build_config, deep_merge, load_yaml
+from diffdistill.denoiser import Denoiser, LCMConsistency, guidance_scale_embedding
+from diffdistill.generate_cli import EXPORT_INFO
+from diffdistill.sampling import ddim_solver_step, generate
+from diffdistill.schedule import VPSchedule
+from diffdistill.tiny import SD_SCHEDULER
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a bag", "a photo of a coat"]

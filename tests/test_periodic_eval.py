@@ -5,10 +5,10 @@ exported."""
 
 import pytest
 import torch
-
-from diffdistill.config import build_config
 from diffdistill.eval.harness import generate_for_eval
 from diffdistill.trainers import get_trainer_class
+
+from diffdistill.config import build_config
 
 CASES = {
     # method: (model fixture, resolution, extra config)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffdistill.trainers.base import NonFiniteLossError, list_checkpoints
+from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
 from safetensors.torch import load_file
 
 from diffdistill.config import ConfigError, build_config
-from diffdistill.trainers.base import NonFiniteLossError, list_checkpoints
-from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

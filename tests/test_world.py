@@ -125,8 +125,9 @@ def test_pixel_teacher_loads_through_backbone(world):
 
 
 def test_classifier_detector_on_uint8(world):
-    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
     from diffdistill.eval.features import get_detector
+
+    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
     from diffdistill.world.classifier import FMNISTDetector, accuracy, load_fmnist_net
 
     out, _, info = world
@@ -154,8 +155,7 @@ def test_clip_loads_through_open_clip(world):
     import open_clip
 
     from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
-    from diffdistill.world.clip import (MODEL_NAME, WEIGHTS_FILE, load_clip_model,
-                                        zero_shot_accuracy)
+    from diffdistill.world.clip import MODEL_NAME, WEIGHTS_FILE, load_clip_model, zero_shot_accuracy
 
     out, _, info = world
     folder = out / "clip"
@@ -175,8 +175,9 @@ def test_clip_loads_through_open_clip(world):
 
 
 def test_ref_stats_metadata_and_values(world):
-    from diffdistill.data import fashion_mnist_uint8
     from diffdistill.eval.fid import FeatureStats
+
+    from diffdistill.data import fashion_mnist_uint8
     from diffdistill.world import load_ref_stats, world_clip_detector
     from diffdistill.world.classifier import FMNISTDetector
 
@@ -298,6 +299,7 @@ def test_shipped_teachers_load():
 
 def test_fmnist_detector_metric_is_named_fid_fmnist():
     from diffdistill.eval.fid import metric_name
+
     from diffdistill.world.classifier import FMNISTDetector, FMNISTNet
 
     assert metric_name(FMNISTDetector(net=FMNISTNet())) == "FID-FMNIST"

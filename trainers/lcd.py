@@ -350,8 +350,9 @@ class LCDTrainer(BackboneMixin, Trainer):
                              self.backbone.schedule.num_train_timesteps)
 
     def eval_spec(self):
-        from diffdistill.denoiser import LCMConsistency
         from diffdistill.eval.harness import EvalModel
+
+        from diffdistill.denoiser import LCMConsistency
 
         bb = self.backbone
         return EvalModel(self.method, bb, LCMConsistency(bb.denoiser(self.generator_unet())),

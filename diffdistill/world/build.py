@@ -775,9 +775,7 @@ def teacher_grids(out_dir, assets=None, *, num: int = 20, steps: int = 25,
     else 2) and write ``OUT_DIR/<teacher>_grid.png`` — what ``make demo`` shows."""
     from diffdistill.images import save_grid
 
-    from . import world_info
-
-    from . import world_dir
+    from . import world_dir, world_info
 
     assets = Path(assets or world_dir())
     try:
