@@ -151,3 +151,78 @@ def test_shuffle_shards_is_only_for_webdataset(tmp_path):
 
     with pytest.raises(ConfigError, match="data.shuffle_shards is for data.kind=webdataset"):
         _trainer(tmp_path, "imagefolder", tmp_path, shuffle_shards=True)
+
+
+PROBE = '''
+import json, sys
+from diffdistill.config import BaseConfig, build_config
+from diffdistill.trainers.base import Trainer
+
+
+class DataOnly(Trainer):
+    method = "data-only"
+
+    def build(self):
+        pass
+
+
+data, n, resume, report = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+tr = DataOnly(build_config(BaseConfig, data))
+tr.dataset = tr.make_dataset()
+if resume == "resume":
+    tr.resume("latest")
+batches = tr._batches()
+keys = [list(next(batches)["key"]) for _ in range(n)]
+tr.global_step += n
+tr.checkpoint()
+with open(f"{report}-rank{tr.rank}.json", "w") as f:
+    json.dump({"world": tr.world, "keys": keys, "position": [tr.data_epoch, tr.epoch_batches]}, f)
+'''
+
+
+def test_webdataset_resume_under_two_processes(tmp_path):
+    """Each rank reads its own shards (here of different lengths, so the ranks' epochs drift
+    apart) and resumes at its own position."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for s, n in ((0, 5), (1, 7), (2, 3)):  # rank 0: shards 0 and 2; rank 1: shard 1
+        with tarfile.open(tmp_path / f"shard-{s}.tar", "w") as archive:
+            for i in range(n):
+                for ext, payload in (("png", _png(s * 10 + i)), ("txt", f"{s}/{i}".encode())):
+                    info = tarfile.TarInfo(f"{s}-{i:03d}.{ext}")
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+
+    def launch(out, n, mode, port):
+        data = {"method": "data-only", "output_dir": str(out), "seed": 3,
+                "data": {"kind": "webdataset", "path": str(tmp_path / "shard-{0..2}.tar"),
+                         "resolution": 8, "random_flip": True, "shuffle_shards": True},
+                "train": {"batch_size": 2, "checkpoint_every": 1},
+                "log": {"progress": False, "tensorboard": False}}
+        r = subprocess.run(
+            [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+             str(root / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(port),
+             str(probe), json.dumps(data), str(n), mode, str(out / "report")],
+            env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=300, check=False)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return [json.loads((out / f"report-rank{k}.json").read_text()) for k in (0, 1)]
+
+    whole = launch(tmp_path / "a", 9, "fresh", 29651)
+    part = launch(tmp_path / "b", 4, "fresh", 29652)
+    rest = launch(tmp_path / "b", 5, "resume", 29653)
+    assert [r["world"] for r in whole] == [2, 2]
+    for k in (0, 1):
+        assert part[k]["keys"] + rest[k]["keys"] == whole[k]["keys"], k
+        assert rest[k]["position"] == whole[k]["position"], k
+    # the ranks start on different shards and drift to different places in their epochs
+    first_shard = [r["keys"][0][0].split(".tar/")[0] for r in whole]
+    assert first_shard[0] != first_shard[1]
+    assert whole[0]["position"] != whole[1]["position"]
