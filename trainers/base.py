@@ -320,7 +320,7 @@ class Trainer:
                 f"method {self.method!r} trains several networks "
                 f"({', '.join([*self.optimizers, name])}); accelerate runs one DeepSpeed "
                 "engine per Accelerator, so this method cannot run under DeepSpeed: use "
-                "configs/accelerate/fsdp.yaml or multi_gpu.yaml")
+                "configs/accelerate/multi_gpu.yaml (DDP)")
         params = params if params is not None else [p for p in module.parameters()
                                                     if p.requires_grad]
         if not params:
