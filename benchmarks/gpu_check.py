@@ -491,10 +491,13 @@ def launch_stage(ctx: Ctx, name: str) -> dict:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "configs" / "accelerate" / config), "--num_processes", "1",
            "-m", "diffdistill.train", str(cfg_path)]
+    # FSDP: synchronous kernels, so a CUDA fault names the operation that caused it (the
+    # 2026-11-28 run's illegal memory access surfaced only at the backward call)
+    env = {**os.environ, **({"CUDA_LAUNCH_BLOCKING": "1"} if what == "FSDP" else {})}
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.args.launch_timeout,
-                           cwd=str(REPO), check=False)
+                           cwd=str(REPO), env=env, check=False)
         rc, err, out = p.returncode, p.stderr, p.stdout
     except subprocess.TimeoutExpired as e:
         rc = "timeout"

@@ -238,3 +238,38 @@ def test_train_batch_option_sets_the_sd15_batch(gc, tmp_path):
     assert list(res["stages"]) == ["build_models", "train_lcd_lora"]
     s = res["stages"]["train_lcd_lora"]
     assert s["status"] == "ok" and s["batch_size"] == 3
+
+
+def test_launch_stage_command_config_and_environment(gc, tmp_path, monkeypatch):
+    """What a launch stage runs, with accelerate stubbed out (the real launch needs CUDA)."""
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append((cmd, kw))
+        return SimpleNamespace(returncode=0, stderr="the whole stderr", stdout="")
+
+    monkeypatch.setattr(gc.subprocess, "run", fake_run)
+    monkeypatch.setattr(gc, "_module_available", lambda name: True)
+    ctx = SimpleNamespace(cuda=True, tiny=False, bf16=True, sd_dir=tmp_path / "sd15",
+                          sdxl_dir=tmp_path / "sdxl", res_sd=512, res_sdxl=1024, tmp=tmp_path,
+                          out_dir=tmp_path, args=SimpleNamespace(launch_timeout=7))
+    for name in gc.LAUNCHES:
+        res = gc.launch_stage(ctx, name)
+        cmd, kw = calls[-1]
+        config, what, _, method, over = gc.LAUNCHES[name]
+        assert res["returncode"] == 0 and "status" not in res and res["method"] == method
+        assert cmd[1:5] == ["-m", "accelerate.commands.launch", "--config_file",
+                            str(gc.REPO / "configs" / "accelerate" / config)]
+        assert cmd[5:7] == ["--num_processes", "1"] and kw["timeout"] == 7
+        run_cfg = yaml.safe_load(Path(cmd[-1]).read_text())
+        assert run_cfg["method"] == method and run_cfg["adapter"]["type"] == "full"
+        assert run_cfg["train"]["max_steps"] == 1 and "cpu" not in run_cfg["train"]
+        assert run_cfg["train"]["mixed_precision"] == "bf16"
+        for section, values in over.items():
+            assert {k: run_cfg[section][k] for k in values} == values
+        # FSDP launches run with synchronous kernels; the others unchanged
+        assert (kw["env"].get("CUDA_LAUNCH_BLOCKING") == "1") == (what == "FSDP")
+        assert (tmp_path / f"{name}.stderr.txt").read_text() == "the whole stderr"
+    assert [c[0][-1].rsplit("/", 1)[-1] for c in calls] == [
+        "fsdp_launch_dmd2_full.yaml", "fsdp_launch_dmd2_nogan_dmd2_full.yaml",
+        "fsdp_launch_pretrain_pretrain_full.yaml", "zero2_launch_lcd_full.yaml"]
