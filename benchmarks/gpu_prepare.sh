@@ -32,24 +32,15 @@ $PIP download -q --no-deps "${plat[@]}" -d wheels \
 $PIP download -q --no-deps --no-binary=:all: -d wheels deepspeed==0.19.8
 ls wheels
 python - <<'PY'
-import gzip, shutil, struct
 from pathlib import Path
 
-from diffdistill.data import find_fashion_mnist, load_fashion_mnist
+from diffdistill.data import find_fashion_mnist, load_fashion_mnist, write_idx
 
 src, out, n = find_fashion_mnist(), Path("gpu_fmnist"), 2000
 out.mkdir(exist_ok=True)
-for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-    gz = src / f"{name}.gz"
-    if gz.is_file():
-        shutil.copyfile(gz, out / gz.name)
-    else:
-        with open(src / name, "rb") as f, gzip.open(out / f"{name}.gz", "wb") as g:
-            shutil.copyfileobj(f, g)
-x, y = load_fashion_mnist("train")
-with gzip.open(out / "train-images-idx3-ubyte.gz", "wb") as f:
-    f.write(struct.pack(">IIII", 0x803, n, 28, 28) + x[:n].tobytes())
-with gzip.open(out / "train-labels-idx1-ubyte.gz", "wb") as f:
-    f.write(struct.pack(">II", 0x801, n) + y[:n].astype("uint8").tobytes())
+for split, prefix, limit in (("test", "t10k", None), ("train", "train", n)):
+    x, y = load_fashion_mnist(split, src)
+    write_idx(out / f"{prefix}-images-idx3-ubyte.gz", x[:limit])
+    write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", y[:limit].astype("uint8"))
 print(f"gpu_fmnist: Fashion-MNIST test split + {n} training images")
 PY

@@ -91,6 +91,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_image_rgb",
     "read_idx",
+    "write_idx",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -214,6 +215,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                          f"file has {len(data)} bytes")
     array = np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape)
     return array.astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write ``array`` as an IDX file (gzip-compressed when ``path`` ends in ``.gz``); the
+    inverse of :func:`read_idx`, for the dtypes the format has (u1, i1, i2, i4, f4, f8)."""
+    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
+    array = np.asarray(array)
+    code = codes.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"IDX has no type for dtype {array.dtype}")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    data = header + array.astype(_IDX_DTYPES[code]).tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
 
 
 # The names used by Zalando's Fashion-MNIST README, label order 0..9.

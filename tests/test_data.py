@@ -35,6 +35,7 @@ from diffdistill.data import (
     hash_key,
     load_fashion_mnist,
     read_idx,
+    write_idx,
 )
 
 
@@ -78,6 +79,19 @@ def test_read_idx_raw_and_gzip(tmp_path):
     (tmp_path / "ints").write_bytes(idx_bytes(ints, 0x0C))
     out = read_idx(tmp_path / "ints")
     assert out.tolist() == [1, -2, 70000] and out.dtype == np.int32
+
+
+def test_write_idx_round_trips_and_matches_the_spec_bytes(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    ints = np.array([1, -2, 70000], dtype=np.int32)
+    for name, array, code in (("a", images, 0x08), ("b.gz", ints, 0x0C)):
+        path = write_idx(tmp_path / name, array)
+        raw = path.read_bytes()
+        assert (gzip.decompress(raw) if name.endswith(".gz") else raw) == idx_bytes(array, code)
+        out = read_idx(path)
+        assert out.dtype == array.dtype and np.array_equal(out, array)
+    with pytest.raises(ValueError, match="no type for dtype int64"):
+        write_idx(tmp_path / "c", np.zeros(2, np.int64))
 
 
 def test_read_idx_rejects_wrong_magic_and_truncation(tmp_path):
