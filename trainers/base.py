@@ -180,6 +180,8 @@ class Trainer:
         # them; a map-style one starts its sampler there)
         self.data_epoch = 0
         self.epoch_batches = 0
+        # FSDP: id(prepared network) -> its gathered full state dict, for the final export
+        self._full_states: dict[int, dict] = {}
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._micro = 0
@@ -273,7 +275,6 @@ class Trainer:
         """Under FSDP, every rank takes part in gathering each trained network's full state
         dict (accelerate's ``get_state_dict``: FULL_STATE_DICT, offloaded to the main
         process's CPU); :meth:`ema_or_online` then exports an unsharded rebuild of it."""
-        self._full_states: dict[int, dict] = {}
         if not self._is_fsdp():
             return
         for module in self.networks.values():

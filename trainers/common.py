@@ -104,7 +104,7 @@ class BackboneMixin:
     def ema_or_online(self, name: str, module):
         """A copy carrying the EMA weights if an EMA of ``name`` exists, else the online net."""
         online = self.unwrap(module)
-        full = getattr(self, "_full_states", {}).get(id(module))
+        full = self._full_states.get(id(module))
         if full is not None:  # FSDP: the gathered full weights (no EMA under FSDP)
             return unsharded_rebuild(online, full)
         if name not in self.emas:
