@@ -356,8 +356,9 @@ class Backbone:
         """The teacher as a :class:`Denoiser`, or ``unet`` with the teacher's schedule."""
         if self.prediction_type == "cm":
             kw.setdefault("sigma_data", self.scheduler_config.get("sigma_data", 0.5))
-        return Denoiser(self.unet if unet is None else unet, self.schedule,
-                        self.prediction_type, **kw)
+        prediction_type = kw.pop("prediction_type", None) or self.prediction_type
+        return Denoiser(self.unet if unet is None else unet, self.schedule, prediction_type,
+                        **kw)
 
     def sampler_options(self, sampler: str) -> dict:
         """What the model's own scheduler config implies for the shared samplers: a pixel

@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from diffdistill.config import BaseConfig, ConfigError, config_to_dict, save_config
 
+from .metrics_log import LogWindow, MetricsLogger
+
 log = logging.getLogger("diffdistill.train")
 
 CKPT_PREFIX = "checkpoint-"
@@ -184,6 +186,8 @@ class Trainer:
         self._full_states: dict[int, dict] = {}
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.log_window = LogWindow()  # scalars since the last log line (saved)
+        self.train_wall_s = 0.0  # seconds in training iterations, evals excluded (saved)
         self._micro = 0
         self._skip_update = False
         self._ckpt_hooks_registered = False
@@ -474,7 +478,8 @@ class Trainer:
             self.resume(resume)
 
     def fit(self, resume: Optional[str] = None) -> dict[str, float]:
-        """Run training to ``train.max_steps``; returns the last logged metrics."""
+        """Run training to ``train.max_steps``; returns the last logged line (each key's mean
+        over the steps since the line before, see :class:`~.metrics_log.LogWindow`)."""
         from tqdm.auto import tqdm
 
         self.setup(resume)
@@ -489,15 +494,16 @@ class Trainer:
         last: dict[str, float] = {}
         t0, steps0 = time.perf_counter(), self.global_step
         while self.global_step < t.max_steps:
-            logs = self.train_iteration(batches)
-            last = logs
+            tick = time.perf_counter()
+            self.log_window.add(self.train_iteration(batches))
+            self.train_wall_s += time.perf_counter() - tick
             bar.update(1)
             if self.global_step % self.cfg.log.every == 0 or self.global_step == t.max_steps:
                 rate = (self.global_step - steps0) / max(time.perf_counter() - t0, 1e-9)
-                logs = {**logs, "it_per_s": rate, "nonfinite_total": self.nonfinite_total,
-                        "world_size": self.world}
-                logger.log(self.global_step, logs)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
+                last = {**self.log_window.pop(), "it_per_s": rate,
+                        "nonfinite_total": self.nonfinite_total, "world_size": self.world}
+                logger.log(self.global_step, last)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:4]})
             if self.cfg.log.grid_every and self.global_step % self.cfg.log.grid_every == 0:
                 self.save_grid()
             if self.cfg.eval.every and self.global_step % self.cfg.eval.every == 0:
@@ -581,8 +587,8 @@ class Trainer:
         from diffdistill.eval.harness import quick_eval
 
         values = quick_eval(self, spec)
-        if logger is not None:
-            logger.log(self.global_step, values)
+        if logger is not None:  # with the training time so far: convergence vs wall time
+            logger.log(self.global_step, {**values, "train_wall_s": self.train_wall_s})
         return values
 
     def save_grid(self) -> Optional[Path]:
@@ -621,6 +627,8 @@ class Trainer:
             "global_step": self.global_step,
             "batches_consumed": self.batches_consumed,
             "nonfinite_total": self.nonfinite_total,
+            "log_window": self.log_window.state(),
+            "train_wall_s": self.train_wall_s,
             "state": self.state,
             "config": config_to_dict(self.cfg),
         }
@@ -716,6 +724,8 @@ class Trainer:
         if "data_position" in rng:  # (older checkpoints: map-style data recomputes it)
             self.data_epoch, self.epoch_batches = (int(v) for v in rng["data_position"])
         self.nonfinite_total = meta.get("nonfinite_total", 0)
+        self.log_window.load(meta.get("log_window"))
+        self.train_wall_s = float(meta.get("train_wall_s", 0.0))
         self.state.update(meta.get("state", {}))
         self.last_checkpoint = path
         self.on_resume()
@@ -758,54 +768,3 @@ def _dig(d: dict, dotted: str):
             return None
         d = d.get(p)
     return d
-
-
-class MetricsLogger:
-    """metrics.jsonl always; tensorboard when installed and enabled."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True, wandb: bool = False,
-                 console: bool = False, run_config: Optional[dict] = None):
-        self.enabled = enabled
-        self.tb = None
-        self.wandb = None
-        self.console = console
-        if not enabled:
-            return
-        if wandb:
-            try:
-                import wandb as wandb_lib
-            except ImportError:
-                raise ConfigError("log.wandb=true but the wandb package is not installed "
-                                  "(pip install wandb), or set log.wandb=false") from None
-            self.wandb = wandb_lib.init(project="diffdistill", dir=str(out), config=run_config)
-        out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "metrics.jsonl", "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except Exception:  # tensorboard not installed: jsonl only
-                self.tb = None
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
-        self.file.write(json.dumps({"step": step, **clean}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-        if self.console:
-            log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-            if self.wandb is not None:
-                self.wandb.finish()

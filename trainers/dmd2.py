@@ -95,11 +95,15 @@ class DMD2Section:
     gan_generator_weight: float = 1e-3  # 1e-3 SD1.5, 3e-3 ImageNet, 5e-3 SDXL; 0: no GAN
     gan_discriminator_weight: float = 1e-2  # DMD2: 1e-2; 0: no GAN head at all
     gan_head_channels: Optional[int] = None  # hidden width of the head (None: bottleneck's)
+    gan_balance: Optional[float] = None  # b: ‖GAN grad‖ = b·‖DM grad‖ on x (replaces weight)
     regression_steps: int = 0  # generator warm-up on teacher ODE pairs (SDXL 1-step recipe)
     regression_loss: Literal["l2", "lpips"] = "l2"  # lpips: on decoded images
     regression_ode_steps: int = 25  # DDIM steps of the teacher's ODE solution
     regression_guidance_scale: Optional[float] = None  # None: guidance_scale
     lpips_weights: str = ""  # torchvision alexnet state dict for lpips (or the env variable)
+    # what the generator's UNet output means (None: the teacher's type); "sample" / "v_prediction"
+    # keep x0̂ well conditioned at t ≈ T, where ε's x0 = (x − σε̂)/α magnifies errors by σ/α
+    generator_prediction: Optional[Literal["epsilon", "v_prediction", "sample"]] = None
     x0_dtype: Literal["fp32", "fp64"] = "fp32"  # teacher x0 arithmetic (DMD2 code: float64)
     fake_score_shares_base: bool = True  # LoRA: fake score = shared base + its own adapter
 
@@ -137,6 +141,9 @@ class DMD2Config(BaseConfig):
         if len(ts) > 1 and not d.backward_simulation and self.data.kind == "prompts":
             raise ConfigError("dmd2.backward_simulation=false noises real images for the later "
                               "steps, but data.kind='prompts' has none: enable it or use images")
+        if d.gan_balance is not None and not (d.gan_balance > 0 and d.gan_generator_weight > 0):
+            raise ConfigError("dmd2.gan_balance must be > 0 and needs the GAN term on "
+                              "(dmd2.gan_generator_weight > 0); null: the fixed weight")
         if d.regression_steps < 0:
             raise ConfigError("dmd2.regression_steps must be >= 0")
         if d.regression_ode_steps < 1:
@@ -169,6 +176,17 @@ def frozen(module: nn.Module):
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def gan_gradient_scale(grad_dm: Tensor, grad_gan: Tensor, weight: float,
+                       balance: Optional[float]) -> Tensor:
+    """The factor on the generator's GAN gradient: ``weight`` (DMD2's fixed 1e-3 … 5e-3), or
+    with ``balance`` = b the factor that makes ‖scale·∇ₓL_G‖ = b·‖∇ₓL_DM‖ on this batch, so
+    the adversarial term keeps a set share of the update while the DM gradient's magnitude
+    changes over training (which a fixed weight does not)."""
+    if balance is None:
+        return torch.tensor(float(weight), device=grad_gan.device)
+    return (balance * grad_dm.norm() / grad_gan.norm().clamp_min(1e-12)).detach()
 
 
 def lcm_original_steps(timesteps: list[int], num_train_timesteps: int) -> Optional[int]:
@@ -285,6 +303,11 @@ class DMD2Trainer(BackboneMixin, Trainer):
     def denoiser(self, net: nn.Module):
         return self.backbone.denoiser(net, compute_dtype=self.x0_dtype)
 
+    def generator_denoiser(self, net: nn.Module):
+        """The generator as a denoiser, in its own output parameterisation."""
+        return self.backbone.denoiser(net, compute_dtype=self.x0_dtype,
+                                      prediction_type=self.cfg.dmd2.generator_prediction)
+
     @contextlib.contextmanager
     def real_score(self):
         """The frozen teacher: a separate UNet (full) or the generator's base (LoRA)."""
@@ -319,7 +342,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
     def simulate_inputs(self, noise: Tensor, steps: Tensor, cond: Cond) -> Tensor:
         """Backward simulation: x_{t_k} for each sample's step k from the student's own chain
         (x0̂ = G(x, t_j), re-noised to t_{j+1} with fresh noise), started from pure noise."""
-        gen = self.denoiser(self.side_pass(self.student))
+        gen = self.generator_denoiser(self.side_pass(self.student))
         x, out = noise, noise.clone()
         for j in range(int(steps.max())):
             x0 = gen(x, float(self.timesteps[j]), cond).x0.to(noise.dtype)
@@ -345,7 +368,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
 
     def generate(self, x_in: Tensor, t_in: Tensor, cond: Cond, net=None) -> Tensor:
         """x0̂ = G(x_in, t_in) in float32 (grad follows the caller's mode)."""
-        return self.denoiser(net if net is not None else self.student)(x_in, t_in, cond).x0.float()
+        net = net if net is not None else self.student
+        return self.generator_denoiser(net)(x_in, t_in, cond).x0.float()
 
     # -- losses -----------------------------------------------------------------------
     def denoising_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -380,12 +404,20 @@ class DMD2Trainer(BackboneMixin, Trainer):
             logits = self.unwrap(self.fake_score).logits
         weight = self.dm_weight(x_t.detach(), t, logits.detach() if logits is not None else None)
         loss_dm = dmd_loss(x, x0_real, x0_fake, weight).mean()
-        logs = {"loss_dm": loss_dm.detach()}
+        # The two terms' gradients on the samples x: logged (a stalled generator shows as a
+        # vanishing DM gradient) and, with dmd2.gan_balance, used to set the GAN term's scale.
+        (grad_dm,) = torch.autograd.grad(loss_dm, x, retain_graph=True)
+        logs = {"loss_dm": loss_dm.detach(), "grad_norm_dm": grad_dm.norm()}
         loss = loss_dm
         if need_grad:
             loss_g = gan_generator_loss(logits).mean()
-            loss = loss + d.gan_generator_weight * loss_g
-            logs["loss_gan_generator"] = loss_g.detach()
+            (grad_gan,) = torch.autograd.grad(loss_g, x, retain_graph=True)
+            scale = gan_gradient_scale(grad_dm, grad_gan, d.gan_generator_weight, d.gan_balance)
+            # x · sg(scale ∇ₓL_G) has the gradient scale·∇L_G on every generator weight; the
+            # fake UNet's part of the graph is not run a second time
+            loss = loss + (x * (scale * grad_gan).detach()).sum()
+            logs.update(loss_gan_generator=loss_g.detach(), gan_scale=scale.detach(),
+                        grad_norm_gan=(scale * grad_gan).norm())
         return loss, logs
 
     def regression_loss(self, noise: Tensor, x: Tensor, cond: Cond) -> Tensor:
@@ -480,7 +512,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
         from diffdistill.eval.harness import EvalModel
 
         trained = list(self.timesteps)
-        return EvalModel(self.method, self.backbone, self.denoiser(self.generator_unet()), "lcm",
+        return EvalModel(self.method, self.backbone, self.generator_denoiser(self.generator_unet()),
+                         "lcm",
                          timesteps=lambda n: trained if n == len(trained) else None)
 
     def sample_images(self, seeds: list[int]) -> Optional[torch.Tensor]:
@@ -494,7 +527,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
         export must reproduce."""
         from diffdistill.sampling import generate
 
-        model = self.denoiser(self.generator_unet())
+        model = self.generator_denoiser(self.generator_unet())
         return generate(model, seeds=seeds, shape=self.shape, cond_fn=lambda sl: (
             cond.index(sl) if cond is not None else None), sampler="lcm",
             timesteps=torch.tensor(self.timesteps), output="latents", progress=False)

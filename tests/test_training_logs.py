@@ -1,0 +1,118 @@
+"""Training logs: every line averages each key over its window (so a generator that steps
+once per TTUR cycle shows on every line), the window survives a resume exactly, and the
+periodic evaluation turns into convergence curves (metric vs step and vs wall time)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from diffdistill.eval.convergence import collect, read_curves, write_convergence
+from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
+from diffdistill.trainers.metrics_log import LogWindow
+from helpers import tiny_run_data
+
+from diffdistill.config import build_config
+
+
+def test_log_window_means_each_key_over_the_steps_that_logged_it():
+    w = LogWindow()
+    w.add({"loss_fake": 1.0, "loss_dm": 4.0})
+    w.add({"loss_fake": 2.0})
+    w.add({"loss_fake": 6.0, "loss_dm": 8.0})
+    saved = json.loads(json.dumps(w.state()))  # a checkpoint's JSON round trip
+    assert w.pop() == {"loss_fake": 3.0, "loss_dm": 6.0}
+    assert w.pop() == {}
+    again = LogWindow()
+    again.load(saved)
+    assert again.pop() == {"loss_fake": 3.0, "loss_dm": 6.0}
+
+
+def _dmd2(pixel_dir, out, max_steps, **train):
+    data = tiny_run_data("dmd2", pixel_dir, out, 16,
+                         train={"max_steps": max_steps, **train}, log={"every": 2},
+                         dmd2={"fake_updates_per_generator_update": 3})
+    return DMD2Trainer(build_config(DMD2Config, data))
+
+
+def _rows(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "it_per_s"} for r in rows]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_window_cut_by_a_crash_resumes_to_the_same_lines(pixel_dir, tmp_path):
+    """log.every 2, a checkpoint at 3 and a crash right after it: the resumed run's line at
+    step 4 averages steps 3 and 4, as the uninterrupted run's does."""
+    _dmd2(pixel_dir, tmp_path / "a", 6).fit()
+    cut = _dmd2(pixel_dir, tmp_path / "b", 6, checkpoint_every=3)
+    write = cut.checkpoint
+
+    def checkpoint_then_crash():
+        write()
+        raise _Crash
+
+    cut.checkpoint = checkpoint_then_crash
+    with pytest.raises(_Crash):
+        cut.fit()
+    cut.accelerator.end_training()
+    assert list_checkpoints(tmp_path / "b")[-1].name == "checkpoint-3"
+    _dmd2(pixel_dir, tmp_path / "b", 6, checkpoint_every=3).fit(resume="latest")
+    a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["step"] for r in a] == [2, 4, 6] and [r["step"] for r in b] == [2, 4, 6]
+    assert a == b
+    # generator steps at global steps 0 and 3 (lines 1-2 and 3-4); fake-score steps always
+    assert ["loss_dm" in r for r in a] == [True, True, False]
+    assert all("loss_fake" in r for r in a)
+
+
+def _write_metrics(run, rows):
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows)
+                                       + '{"step": 9, "eval/fid_x_1st')  # a cut last line
+
+
+def test_convergence_curves_from_metrics_files(tmp_path):
+    _write_metrics(tmp_path / "dmd2", [
+        {"step": 1, "loss_fake": 0.5},
+        {"step": 2, "eval/fid_fmnist_1step": 30.0, "train_wall_s": 10.0},
+        {"step": 4, "eval/fid_fmnist_1step": 12.0, "train_wall_s": 21.0},
+        {"step": 4, "eval/fid_fmnist_1step": 11.0, "train_wall_s": 20.5},  # redone after resume
+    ])
+    _write_metrics(tmp_path / "lcd", [
+        {"step": 2, "eval/fid_fmnist_1step": 40.0, "eval/fid_fmnist_4step": 20.0,
+         "train_wall_s": 5.0}])
+    curves = collect({"DMD2": tmp_path / "dmd2", "LCD": tmp_path / "lcd",
+                      "none": tmp_path / "missing"})
+    assert list(curves) == ["DMD2", "LCD (1 step)", "LCD (4 step)"]
+    assert curves["DMD2"] == {"metric": "eval/fid_fmnist_1step", "steps": [2, 4],
+                              "wall_s": [10.0, 20.5], "values": [30.0, 11.0]}
+    assert curves["LCD (4 step)"]["values"] == [20.0]
+    paths = write_convergence(curves, tmp_path / "out")
+    assert json.loads(paths["json"].read_text()) == curves
+    assert paths["plot"].stat().st_size > 1000
+    assert read_curves(tmp_path / "missing", "x") == {}
+
+
+def test_periodic_eval_lines_carry_the_training_wall_time(pixel_dir, tmp_path, monkeypatch):
+    import diffdistill.eval.harness as harness
+
+    monkeypatch.setattr(harness, "quick_eval", lambda trainer, spec: {"eval/fid_x_1step": 1.5})
+    tr = _dmd2(pixel_dir, tmp_path / "e", 2)
+    tr.cfg.eval.every = 1
+    tr.fit()
+    rows = [r for r in _rows(tmp_path / "e") if "eval/fid_x_1step" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert 0 < rows[0]["train_wall_s"] < rows[1]["train_wall_s"]
+    assert read_curves(tmp_path / "e", "DMD2")["DMD2"]["wall_s"] == [
+        r["train_wall_s"] for r in rows]
+
+
+@pytest.mark.parametrize("bad", ["", "{"])
+def test_unreadable_lines_are_skipped(tmp_path, bad):
+    (tmp_path / "metrics.jsonl").write_text(bad + "\n")
+    assert read_curves(tmp_path, "x") == {}
