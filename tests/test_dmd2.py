@@ -476,6 +476,41 @@ def test_full_export_is_a_stock_pipeline_matching_the_sampler(runs):
     assert model.sampler == "lcm" and model.grid_for(4).tolist() == FOUR
 
 
+@pytest.mark.parametrize("prediction", ["sample", "v_prediction"])
+def test_generator_prediction_is_the_output_and_the_export_reads_it(prediction, sd_dir,
+                                                                     tmp_path):
+    """dmd2.generator_prediction: x0̂ at the conditioning time is the raw output ("sample") or
+    α x − σ v̂ ("v_prediction"); the full export's LCMScheduler carries the type, so a stock
+    pipeline called with the trained timestep reproduces the trainer's samples."""
+    from diffusers import StableDiffusionPipeline
+
+    tr = fit(sd_dir, tmp_path / prediction, 32,
+             dmd2={"timesteps": [599], "generator_prediction": prediction})
+    cond = tr.backbone.encode_prompts(PROMPTS, with_uncond=False)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = tr.generate(x, torch.full((2,), 599.0, dtype=torch.float64), cond)
+        raw = tr.unwrap(tr.student)(x, torch.tensor(599.0),
+                                    encoder_hidden_states=cond.encoder_hidden_states).sample
+    if prediction == "sample":
+        expected = raw
+    else:
+        acp = tr.backbone.schedule.alphas_cumprod[599]
+        expected = acp.sqrt().float() * x - (1 - acp).sqrt().float() * raw
+    assert rel_err(x0, expected) < 1e-5
+    pipe = StableDiffusionPipeline.from_pretrained(str(tr.out / "export"))
+    assert pipe.scheduler.config.prediction_type == prediction
+    ours = tr.sample_latents([3, 4], cond)
+    stock = _pipe_latents(pipe, PROMPTS, [3, 4], None, timesteps=[599])
+    assert rel_err(stock, ours) < 1e-4 and float(ours.std()) > 0.1
+
+
+def test_generator_prediction_is_refused_for_lora():
+    with pytest.raises(ConfigError, match="generator_prediction"):
+        build_config(DMD2Config, {"adapter": {"type": "lora"},
+                                  "dmd2": {"generator_prediction": "sample"}})
+
+
 def test_lora_exports_load_in_a_stock_pipeline(runs, sd_dir, tmp_path, monkeypatch):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 

@@ -144,6 +144,10 @@ class DMD2Config(BaseConfig):
         if d.gan_balance is not None and not (d.gan_balance > 0 and d.gan_generator_weight > 0):
             raise ConfigError("dmd2.gan_balance must be > 0 and needs the GAN term on "
                               "(dmd2.gan_generator_weight > 0); null: the fixed weight")
+        if d.generator_prediction and self.adapter.type == "lora":
+            raise ConfigError("dmd2.generator_prediction needs adapter.type=full: a LoRA export "
+                              "runs on its base model's scheduler, which predicts "
+                              "differently")
         if d.regression_steps < 0:
             raise ConfigError("dmd2.regression_steps must be >= 0")
         if d.regression_ode_steps < 1:
@@ -540,6 +544,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
         unet = self.generator_unet()
         ois = lcm_original_steps(self.timesteps, self.T)
         sched_kwargs = {"original_inference_steps": ois} if ois is not None else {}
+        if self.cfg.dmd2.generator_prediction:  # the stock LCMScheduler reads the output so
+            sched_kwargs["prediction_type"] = self.cfg.dmd2.generator_prediction
         call_kwargs = {} if ois is not None else {"timesteps": list(self.timesteps)}
         steps = len(self.timesteps)
         c_skip, c_out = lcm_boundary(torch.tensor(self.timesteps, dtype=torch.float64))
