@@ -40,37 +40,43 @@ class DemoMethod:
     overrides: tuple[str, ...] = ()  # demo-only config overrides
     scale_stages: bool = False  # Hyper-SD: scale hypersd.stages[*].steps to the budget
     variant: bool = False  # an ablation of a main method: only by name, not in --all
+    eval_steps: tuple[int, ...] = (1,)  # step counts of the convergence curves (eval.steps)
 
 
 NO_GAN = ("dmd2.gan_generator_weight=0", "dmd2.gan_discriminator_weight=0")
+#: DMD2's demo budget: 450 steps of batch 32 (90 generator updates) take about as long on one
+#: core as LCD-LoRA's 400, the other method `make demo` trains beside it (docs/one_step.md).
+DMD2_STEPS = 450
 FOUR_STEPS = "dmd2.timesteps=[999,749,499,249]"  # DMD2's 4-step SD/SDXL grid
 
 #: The methods, in the order the table lists them. Step budgets: what fits a few minutes of
 #: one 2-core CPU (the toy configs' own max_steps are the longer runs).
 METHODS: dict[str, DemoMethod] = {
-    "lcd": DemoMethod("LCD", "lcd/toy.yaml", 400, (1, 2, 4, 8)),
-    "lcd-lora": DemoMethod("LCD-LoRA", "lcd/toy_lora.yaml", 400, (1, 2, 4, 8)),
-    "rglcd": DemoMethod("RG-LCD", "rglcd/toy.yaml", 400, (1, 2, 4, 8)),
-    "dmd2": DemoMethod("DMD2", "dmd2/toy.yaml", 300, (1,)),
-    "fdistill": DemoMethod("f-distill (JS)", "fdistill/toy.yaml", 300, (1,)),
+    "lcd": DemoMethod("LCD", "lcd/toy.yaml", 400, (1, 2, 4, 8), eval_steps=(1, 4)),
+    "lcd-lora": DemoMethod("LCD-LoRA", "lcd/toy_lora.yaml", 400, (1, 2, 4, 8),
+                           eval_steps=(1, 4)),
+    "rglcd": DemoMethod("RG-LCD", "rglcd/toy.yaml", 400, (1, 2, 4, 8), eval_steps=(1, 4)),
+    "dmd2": DemoMethod("DMD2", "dmd2/toy.yaml", DMD2_STEPS, (1,)),
+    "fdistill": DemoMethod("f-distill (JS)", "fdistill/toy.yaml", DMD2_STEPS, (1,)),
     "hypersd": DemoMethod("Hyper-SD", "hypersd/toy.yaml", 500, (1, 2, 4, 8),
-                          scale_stages=True),
+                          scale_stages=True, eval_steps=(1, 4)),
     "ict": DemoMethod("iCT", "ict/toy.yaml", 400, (1, 2), teacher="teacher_pixel"),
     # Ablations the method issues ask for (`--methods NAME`; not part of --all), each the
     # main method's demo budget with one thing changed.
     "dmd2-nogan": DemoMethod("DMD2 (no GAN)", "dmd2/toy.yaml", 300, (1,),
                              overrides=NO_GAN, variant=True),
     "dmd2-4step": DemoMethod("DMD2 4-step", "dmd2/toy.yaml", 300, (4,),
-                             overrides=(FOUR_STEPS,), variant=True),
+                             overrides=(FOUR_STEPS,), variant=True, eval_steps=(4,)),
     "dmd2-4step-nogan": DemoMethod("DMD2 4-step (no GAN)", "dmd2/toy.yaml", 300, (4,),
-                                   overrides=(FOUR_STEPS, *NO_GAN), variant=True),
+                                   overrides=(FOUR_STEPS, *NO_GAN), variant=True,
+                                   eval_steps=(4,)),
     "dmd2-pixel": DemoMethod("DMD2 (pixel)", "dmd2/toy_pixel.yaml", 300, (1,),
                              teacher="teacher_pixel", variant=True),
     "dmd2-pixel-nogan": DemoMethod("DMD2 (pixel, no GAN)", "dmd2/toy_pixel.yaml", 300, (1,),
                                    teacher="teacher_pixel", overrides=NO_GAN, variant=True),
     "dmd2-pixel-4step": DemoMethod("DMD2 4-step (pixel)", "dmd2/toy_pixel.yaml", 300, (4,),
                                    teacher="teacher_pixel", overrides=(FOUR_STEPS,),
-                                   variant=True),
+                                   variant=True, eval_steps=(4,)),
     "rglcd-lrm": DemoMethod("RG-LCD (LRM)", "rglcd/toy_lrm.yaml", 400, (1, 2, 4, 8),
                             variant=True),
 }
@@ -82,7 +88,10 @@ DEFAULT_METHODS = ("lcd-lora", "dmd2")
 TEACHER_STEPS = (1, 2, 4, 8, 25)
 
 # Smoke scale (tests): every path runs, nothing is measured.
-TINY_OVERRIDES = ("train.batch_size=4", "data.limit=64", "log.every=1")
+TINY_OVERRIDES = ("train.batch_size=4", "data.limit=64", "log.every=1", "eval.num_samples=8")
+#: Periodic evaluations per training run: the points of the convergence curves.
+EVAL_POINTS = 5
+EVAL_SAMPLES = 1000
 
 
 @dataclass
@@ -121,7 +130,9 @@ def train_method(key: str, out: Path, *, steps: Optional[int] = None, tiny: bool
     run_dir = out / "train" / key
     run_overrides = [f"output_dir={run_dir}", f"train.max_steps={steps}",
                  f"train.checkpoint_every={max(1, steps // 2)}", "train.keep_checkpoints=1",
-                 "log.grid_every=0", "log.tensorboard=false", "eval.every=0", *m.overrides]
+                 "log.grid_every=0", "log.tensorboard=false",
+                 f"eval.every={max(1, steps // EVAL_POINTS)}", f"eval.num_samples={EVAL_SAMPLES}",
+                 f"eval.steps={list(m.eval_steps)}", *m.overrides]
     if m.scale_stages:
         run_overrides.append(_hypersd_stage_override(config, steps))
     if tiny:
@@ -223,6 +234,15 @@ def run_bench_for(models: list[dict], out: Path, *, num_samples: int, tiny: bool
     return run_bench(cfg, command=f"{command} (bench stage)")
 
 
+def write_convergence_for(trained: dict, out: Path) -> dict[str, Path]:
+    """``convergence.json`` / ``.png`` in ``out`` from each trained run's periodic evals."""
+    from diffdistill.eval.convergence import collect, write_convergence
+
+    runs = {info["label"]: Path(info["export"]).parent for info in trained.values()}
+    paths = write_convergence(collect(runs), out)
+    return {f"convergence_{k}": v for k, v in paths.items()}
+
+
 def best_student(results, students: Sequence[str]):
     """The student row with the lowest first Fréchet distance (ties: fewer steps)."""
     metric = results.metrics[0]
@@ -293,6 +313,7 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
     bench_dir = root / "bench"
     result.paths = {"results": root / "results.md", "grid": bench_dir / "grid.png",
                     "plot": bench_dir / "fid_vs_steps.png", **grids}
+    result.paths.update(write_convergence_for(result.trained, root))
     text = _markdown(result, command, total)
     result.paths["results"].write_text(text)
     (root / "demo.json").write_text(json.dumps(
@@ -304,6 +325,9 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
     print(f"  sample grid: {result.paths['grid']} (rows: the table's models; columns: the "
           "same seeds and prompts)")
     print(f"  FID vs steps: {result.paths['plot']}")
+    if "convergence_plot" in result.paths:
+        print(f"  convergence: {result.paths['convergence_plot']} (FID of "
+              f"{EVAL_SAMPLES if not tiny else 8} samples vs training step and wall time)")
     best = best_student(result.bench, [METHODS[k].label for k in methods])
     if best is not None:
         key = next(k for k in methods if METHODS[k].label == best.model)

@@ -73,6 +73,17 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
     assert Image.open(res.paths["plot"]).format == "PNG"
     for name in ("teacher_latent", "teacher_pixel"):
         assert np.asarray(Image.open(res.paths[name])).std() > 0
+    # convergence curves: every method's periodic evals (its eval_steps), one figure
+    curves = json.loads(res.paths["convergence_json"].read_text())
+    for key in MAIN_METHODS:
+        m = METHODS[key]
+        names = [m.label] if len(m.eval_steps) == 1 else [
+            f"{m.label} ({s} step)" for s in m.eval_steps]
+        for name in names:
+            assert curves[name]["steps"] == [1, 2, 3, 4, 5, 6], name
+            assert all(np.isfinite(curves[name]["values"])), name
+            assert all(w > 0 for w in curves[name]["wall_s"]), name
+    assert Image.open(res.paths["convergence_plot"]).format == "PNG"
     # the results file holds the training table and the bench table
     md = res.paths["results"].read_text()
     for m in map(METHODS.get, MAIN_METHODS):
