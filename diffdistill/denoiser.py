@@ -105,8 +105,6 @@ class Cond:
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":
         """Concatenate along the batch (``uncond`` dropped: the result is already paired)."""
-        first = conds[0]
-
         def cat_field(name):
             vals = [getattr(c, name) for c in conds]
             if all(v is None for v in vals):
@@ -117,7 +115,6 @@ class Cond:
                 return {k: torch.cat([v[k] for v in vals]) for k in vals[0]}
             return torch.cat(vals)
 
-        del first
         return Cond(**{n: cat_field(n) for n in
                        ("encoder_hidden_states", "added_cond_kwargs", "class_labels",
                         "timestep_cond")})
@@ -230,6 +227,23 @@ class Denoiser(DenoiserBase):
         kwargs = (cond.to(dtype=dt) if cond is not None else Cond()).unet_kwargs()
         out = self.unet(x.to(dt), timestep.to(x.device, torch.float32), **kwargs)
         return out.sample if hasattr(out, "sample") else out[0]
+
+    def target(self, x0: Tensor, noise: Tensor, t) -> Tensor:
+        """What the network is trained to output at x_t = α x0 + σ ε, in float32: ε
+        (``epsilon``), v = α ε − σ x0 (``v_prediction``, Salimans & Ho 2022) or x0
+        (``sample``). The one training target of every loss that fits a score network
+        (pretraining, DMD2's fake score, Hyper-SD's)."""
+        if self.prediction_type == "epsilon":
+            return noise.float()
+        if self.prediction_type == "sample":
+            return x0.float()
+        if self.prediction_type != "v_prediction":
+            raise ValueError(f"no denoising target for prediction_type="
+                             f"{self.prediction_type!r}")
+        alpha, sigma = self.schedule.alpha_sigma(_per_sample_t(t, x0).cpu())
+        a = _bcast(alpha.float().to(x0.device), x0)
+        s = _bcast(sigma.float().to(x0.device), x0)
+        return a * noise.float() - s * x0.float()
 
     def forward(self, x: Tensor, t, cond: Optional[Cond] = None) -> Prediction:
         t = _per_sample_t(t, x).to(x.device)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.common import frozen
 from diffdistill.trainers.hypersd import (
     HyperSDConfig,
     HyperSDTrainer,
-    _no_param_grads,
     reward_chain,
     segment_edges,
     segment_index,
@@ -364,7 +364,7 @@ def test_score_distillation_uses_teacher_cfg_and_a_fake_lora_on_the_shared_base(
     cond = tr.backbone.encode_prompts(PROMPTS, with_uncond=True)
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     tr.generator.manual_seed(2)
-    loss = tr.distribution_matching_loss(x, cond)
+    loss, _ = tr.distribution_matching_loss(x, cond)
     tr.generator.manual_seed(2)
     t = tr.sample_t(2)
     x_t = tr.backbone.schedule.add_noise(x, tr.randn(2, 4, 16, 16), t)
@@ -421,7 +421,7 @@ def test_adversarial_head_reads_the_teachers_bottleneck(sd_dir, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(heads_before, head.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, tr.trainable["unet"]))
     tr.optimizers["unet"].zero_grad(set_to_none=True)
-    with _no_param_grads(head):
+    with frozen(head):
         terms = tr.tscd_terms(batch, 4)
         gan_generator_loss(tr.discriminator_logits(terms.student_edge, terms.edge,
                                                    terms.cond.replace(uncond=None))).sum().backward()

@@ -4,15 +4,42 @@ batch into (x0, Cond), the EMA/online choice, and sampling a grid through the sh
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 from typing import Optional
 
 import torch
+from torch import nn
 
 from diffdistill.config import ConfigError
 from diffdistill.denoiser import Cond
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def shared_weights_copy(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers are the *same* tensors.
+
+    Adapters added afterwards to either copy are separate modules, so two LoRAs can train on
+    one frozen base without a second copy of it (DMD2's and Hyper-SD's fake score).
+    """
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+@contextlib.contextmanager
+def frozen(module: Optional[nn.Module]):
+    """Parameters stop collecting gradients inside the block (the input still gets them);
+    ``None``: nothing to freeze."""
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class BackboneMixin:

@@ -63,22 +63,28 @@ prediction type (epsilon, v_prediction, sample) on a discrete VP schedule.
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffdistill.config import BaseConfig, ConfigError
 from diffdistill.denoiser import Cond, lcm_boundary
-from diffdistill.losses import dmd_loss, gan_discriminator_loss, gan_generator_loss, l2
+from diffdistill.losses import l2
 
 from .base import Trainer
-from .common import _DTYPES, BackboneMixin, grid_shape, resolve_model_path
+from .common import (
+    _DTYPES,
+    BackboneMixin,
+    frozen,
+    grid_shape,
+    resolve_model_path,
+    shared_weights_copy,
+)
+from .dm import DistributionMatching, ttur_generator_step
 
 Tensor = torch.Tensor
 
@@ -157,40 +163,6 @@ class DMD2Config(BaseConfig):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def shared_weights_copy(module: nn.Module) -> nn.Module:
-    """A structural copy of ``module`` whose parameters and buffers are the *same* tensors.
-
-    Adapters added afterwards to either copy are separate modules, so two LoRAs can train on
-    one frozen base without a second copy of it.
-    """
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo)
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Parameters stop collecting gradients inside the block (the input still gets them)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def gan_gradient_scale(grad_dm: Tensor, grad_gan: Tensor, weight: float,
-                       balance: Optional[float]) -> Tensor:
-    """The factor on the generator's GAN gradient: ``weight`` (DMD2's fixed 1e-3 … 5e-3), or
-    with ``balance`` = b the factor that makes ‖scale·∇ₓL_G‖ = b·‖∇ₓL_DM‖ on this batch, so
-    the adversarial term keeps a set share of the update while the DM gradient's magnitude
-    changes over training (which a fixed weight does not)."""
-    if balance is None:
-        return torch.tensor(float(weight), device=grad_gan.device)
-    return (balance * grad_dm.norm() / grad_gan.norm().clamp_min(1e-12)).detach()
 
 
 def lcm_original_steps(timesteps: list[int], num_train_timesteps: int) -> Optional[int]:
@@ -301,6 +273,12 @@ class DMD2Trainer(BackboneMixin, Trainer):
                                              lr=d.fake_lr)
         if cfg.train.ema_decay > 0:
             self.add_ema("generator", self.student, cfg.train.ema_decay)
+        self.dm = DistributionMatching(
+            self, real=self.real_denoiser, fake_score=self.fake_score,
+            t_range=(self.t_lo, self.t_hi), guidance_scale=d.guidance_scale,
+            compute_dtype=self.x0_dtype, gan_generator_weight=d.gan_generator_weight,
+            gan_discriminator_weight=d.gan_discriminator_weight, gan_balance=d.gan_balance,
+            weight_fn=self.dm_weight, penalty_fn=self.discriminator_penalty)
         self._lpips = None
 
     # -- networks as denoisers --------------------------------------------------------
@@ -323,15 +301,19 @@ class DMD2Trainer(BackboneMixin, Trainer):
             with adapters_disabled(self.unwrap(self.student)) as unet:
                 yield unet
 
+    @contextlib.contextmanager
+    def real_denoiser(self):
+        """The real score as a denoiser (the DM component's ``real``)."""
+        with self.real_score() as unet:
+            yield self.denoiser(unet)
+
     def generator_unet(self) -> nn.Module:
         """The network to sample from / export: the EMA copy when EMA is on."""
         return self.ema_or_online("generator", self.student)
 
     # -- randomness -------------------------------------------------------------------
     def sample_t(self, n: int) -> Tensor:
-        from diffdistill.schedule import sample_uniform_t
-
-        return sample_uniform_t(n, self.t_lo, self.t_hi, generator=self.generator)
+        return self.dm.sample_t(n)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return self.backbone.schedule.add_noise(x0, noise, t.cpu())
@@ -340,7 +322,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
     def is_generator_step(self) -> bool:
         if self.global_step < self.cfg.dmd2.regression_steps:
             return True
-        return self.global_step % self.cfg.dmd2.fake_updates_per_generator_update == 0
+        return ttur_generator_step(self.global_step,
+                                   self.cfg.dmd2.fake_updates_per_generator_update)
 
     @torch.no_grad()
     def simulate_inputs(self, noise: Tensor, steps: Tensor, cond: Cond) -> Tensor:
@@ -376,53 +359,10 @@ class DMD2Trainer(BackboneMixin, Trainer):
         return self.generator_denoiser(net)(x_in, t_in, cond).x0.float()
 
     # -- losses -----------------------------------------------------------------------
-    def denoising_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """What the teacher's UNet is trained to output (its own parameterisation)."""
-        pt = self.backbone.prediction_type
-        if pt == "epsilon":
-            return noise
-        if pt == "sample":
-            return x0
-        alpha, sigma = self.backbone.schedule.alpha_sigma(t.cpu())
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        a = alpha.float().reshape(shape).to(x0.device)
-        s = sigma.float().reshape(shape).to(x0.device)
-        return a * noise - s * x0  # v (Salimans & Ho 2022)
-
     def distribution_matching_loss(self, x: Tensor, cond: Cond) -> tuple[Tensor, dict]:
-        """L_DM (+ the generator's GAN term) on generator samples ``x`` (with grad).
-
-        Call it inside ``frozen(fake score)`` up to the backward: the GAN term's gradient must
-        reach x through the fake UNet without accumulating in the fake score's weights (and a
-        checkpointed UNet must recompute under the same requires_grad state)."""
-        d = self.cfg.dmd2
-        n = x.shape[0]
-        t = self.sample_t(n)
-        x_t = self.add_noise(x, self.randn(*x.shape), t)
-        with torch.no_grad(), self.real_score() as real:
-            x0_real = self.denoiser(real).guided(x_t.detach(), t, cond, d.guidance_scale).x0
-        need_grad = self.gan and d.gan_generator_weight > 0
-        with contextlib.nullcontext() if need_grad else torch.no_grad():
-            x0_fake = self.denoiser(self.side_pass(self.fake_score))(
-                x_t if need_grad else x_t.detach(), t, cond).x0
-            logits = self.unwrap(self.fake_score).logits
-        weight = self.dm_weight(x_t.detach(), t, logits.detach() if logits is not None else None)
-        loss_dm = dmd_loss(x, x0_real, x0_fake, weight).mean()
-        # The two terms' gradients on the samples x: logged (a stalled generator shows as a
-        # vanishing DM gradient) and, with dmd2.gan_balance, used to set the GAN term's scale.
-        (grad_dm,) = torch.autograd.grad(loss_dm, x, retain_graph=True)
-        logs = {"loss_dm": loss_dm.detach(), "grad_norm_dm": grad_dm.norm()}
-        loss = loss_dm
-        if need_grad:
-            loss_g = gan_generator_loss(logits).mean()
-            (grad_gan,) = torch.autograd.grad(loss_g, x, retain_graph=True)
-            scale = gan_gradient_scale(grad_dm, grad_gan, d.gan_generator_weight, d.gan_balance)
-            # x · sg(scale ∇ₓL_G) has the gradient scale·∇L_G on every generator weight; the
-            # fake UNet's part of the graph is not run a second time
-            loss = loss + (x * (scale * grad_gan).detach()).sum()
-            logs.update(loss_gan_generator=loss_g.detach(), gan_scale=scale.detach(),
-                        grad_norm_gan=(scale * grad_gan).norm())
-        return loss, logs
+        """L_DM (+ the generator's GAN term) on generator samples ``x``
+        (:meth:`~diffdistill.trainers.dm.DistributionMatching.generator_loss`)."""
+        return self.dm.generator_loss(x, cond)
 
     def regression_loss(self, noise: Tensor, x: Tensor, cond: Cond) -> Tensor:
         """Distance between G(noise) and the teacher's DDIM ODE solution from ``noise``."""
@@ -452,32 +392,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
     def fake_score_loss(self, x: Tensor, cond: Cond, x_real: Optional[Tensor]
                         ) -> tuple[Tensor, dict]:
         """Denoising loss on detached generator samples (+ the discriminator's GAN loss)."""
-        d = self.cfg.dmd2
-        n = x.shape[0]
-        t = self.sample_t(n)
-        noise = self.randn(*x.shape)
-        x_t = self.add_noise(x, noise, t)
-        den = self.denoiser(self.fake_score)
-        if not self.gan:
-            raw = den.raw(x_t, t, cond).float()
-            loss = F.mse_loss(raw, self.denoising_target(x, noise, t))
-            return loss, {"loss_fake_denoise": loss.detach()}
-        # One batched forward: generated (denoising + "fake" logits) and real ("real" logits).
-        x_real_t = self.add_noise(x_real, self.randn(*x_real.shape), t)
-        raw = den.raw(torch.cat([x_t, x_real_t]), torch.cat([t, t]), Cond.cat([cond, cond]))
-        logits_fake, logits_real = self.unwrap(self.fake_score).logits.chunk(2)
-        loss_denoise = F.mse_loss(raw[:n].float(), self.denoising_target(x, noise, t))
-        l_real, l_fake = gan_discriminator_loss(logits_real, logits_fake)
-        loss_d = (l_real + l_fake).mean()
-        loss = loss_denoise + d.gan_discriminator_weight * loss_d
-        logs = {"loss_fake_denoise": loss_denoise.detach(), "loss_gan_discriminator":
-                loss_d.detach(), "d_real": logits_real.detach().mean(),
-                "d_fake": logits_fake.detach().mean()}
-        penalty = self.discriminator_penalty(x_real_t, t, cond)
-        if penalty is not None:
-            loss = loss + penalty
-            logs["loss_d_penalty"] = penalty.detach()
-        return loss, logs
+        return self.dm.fake_score_loss(x, cond, x_real)
 
     # -- the step ---------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, float]:

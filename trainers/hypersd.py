@@ -55,7 +55,7 @@ ImageReward; local weights).
 ``score_distill: true``: x = x0̂_θ(ε, T−1) is the one-step sample; L_DM is DMD2's
 distribution-matching loss (:func:`diffdistill.losses.dmd_loss`) between the real score (the
 teacher with CFG ``score_distill.guidance_scale``) and a fake score φ — a second LoRA on the
-shared base (LoRA students; :func:`~diffdistill.trainers.dmd2.shared_weights_copy`) or a full
+shared base (LoRA students; :func:`~diffdistill.trainers.common.shared_weights_copy`) or a full
 copy — trained every step on sg(x) with the plain denoising loss ‖ε̂_φ(x_t, t) − ε‖² (ε-space
 through the Denoiser, so any teacher parameterisation works). The DM term enters the student's
 loss every ``fake_updates_per_generator_update``-th step of the stage (DMD2's two time-scale
@@ -83,13 +83,11 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffdistill.config import BaseConfig, ConfigError
 from diffdistill.denoiser import Cond, Prediction
 from diffdistill.losses import (
-    dmd_loss,
     elementwise_huber,
     gan_discriminator_loss,
     gan_generator_loss,
@@ -97,7 +95,15 @@ from diffdistill.losses import (
 )
 
 from .base import Trainer
-from .common import _DTYPES, BackboneMixin, grid_shape, resolve_model_path
+from .common import (
+    _DTYPES,
+    BackboneMixin,
+    frozen,
+    grid_shape,
+    resolve_model_path,
+    shared_weights_copy,
+)
+from .dm import DistributionMatching, ttur_generator_step
 from .lcd import RewardSection, _ema_backed_copy
 
 Tensor = torch.Tensor
@@ -284,18 +290,6 @@ def sync_ema(ema, module: nn.Module) -> None:
         ema.shadow[n].copy_(params[n].detach().float())
 
 
-@contextlib.contextmanager
-def _no_param_grads(module: Optional[nn.Module]):
-    """``module``'s parameters collect no gradients inside (inputs still do); None: no-op."""
-    if module is None:
-        yield
-        return
-    from .dmd2 import frozen
-
-    with frozen(module):
-        yield
-
-
 @dataclass
 class TSCDTerms:
     """One TSCD evaluation (what the adversarial term and the tests read)."""
@@ -367,8 +361,6 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         teacher = bb.unet.requires_grad_(False).eval()
         fake_unet = None
         if self.lora:
-            from .dmd2 import shared_weights_copy
-
             # the fake score's structure is copied before the student's adapter exists
             fake_unet = shared_weights_copy(teacher) if score_distill else None
             make_trainable(teacher, adapter_name="default", frozen_dtype=frozen_dtype, **kw)
@@ -401,6 +393,11 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                 make_trainable(fake_unet, **kw)
             self.fake_score = self.add_optimizer("fake_score", fake_unet,
                                                  lr=p.score_distill.fake_lr)
+            d = p.score_distill
+            self.dm = DistributionMatching(
+                self, real=self.real_denoiser, fake_score=self.fake_score,
+                t_range=(int(d.t_min * T), min(int(d.t_max * T), T - 1)),
+                guidance_scale=d.guidance_scale)
         self.discriminator = None
         if p.adversarial_weight > 0:
             from diffdistill.gan import DiscriminatorHead, bottleneck_channels
@@ -547,40 +544,29 @@ class HyperSDTrainer(BackboneMixin, Trainer):
     # -- score distillation -----------------------------------------------------------
     def is_generator_step(self, stage: int) -> bool:
         ratio = self.cfg.hypersd.score_distill.fake_updates_per_generator_update
-        return (self.global_step - self.stage_start(stage)) % ratio == 0
+        return ttur_generator_step(self.global_step, ratio, start=self.stage_start(stage))
 
     def sample_t(self, n: int) -> Tensor:
-        from diffdistill.schedule import sample_uniform_t
-
-        d = self.cfg.hypersd.score_distill
-        lo, hi = int(d.t_min * self.T), min(int(d.t_max * self.T), self.T - 1)
-        return sample_uniform_t(n, lo, hi, generator=self.generator)
+        return self.dm.sample_t(n)
 
     def onestep_input(self, cond: Cond) -> tuple[Tensor, Tensor]:
         """(ε, T−1): the one-step generator's input; its sample is x = x0̂_θ(ε, T−1)."""
         noise = self.randn(cond.batch_size, *self.shape)
         return noise, torch.full((noise.shape[0],), float(self.T - 1), dtype=torch.float64)
 
-    def distribution_matching_loss(self, x: Tensor, cond: Cond) -> Tensor:
+    def distribution_matching_loss(self, x: Tensor, cond: Cond) -> tuple[Tensor, dict]:
         """DMD2's L_DM on samples ``x`` (call with the fake score's weights frozen)."""
-        sched, d = self.backbone.schedule, self.cfg.hypersd.score_distill
-        t = self.sample_t(x.shape[0])
-        x_t = sched.add_noise(x, self.randn(*x.shape), t).detach()
-        with torch.no_grad():
-            with self.teacher_context():
-                x0_real = self.teacher.guided(x_t, t, cond, d.guidance_scale).x0
-            fake = self.backbone.denoiser(self.unwrap(self.fake_score))
-            x0_fake = fake(x_t, t, cond.replace(uncond=None)).x0
-        return dmd_loss(x, x0_real, x0_fake).mean()
+        return self.dm.generator_loss(x, cond)
 
     def fake_score_loss(self, x: Tensor, cond: Cond) -> Tensor:
-        """‖ε̂_φ(x_t, t) − ε‖² on detached generator samples (plain denoising loss)."""
-        sched = self.backbone.schedule
-        t = self.sample_t(x.shape[0])
-        noise = self.randn(*x.shape)
-        x_t = sched.add_noise(x.detach(), noise, t)
-        eps = self.backbone.denoiser(self.fake_score)(x_t, t, cond).eps
-        return F.mse_loss(eps.float(), noise)
+        """The fake score's denoising loss (the teacher's own target) on detached samples."""
+        return self.dm.fake_score_loss(x.detach(), cond)[0]
+
+    @contextlib.contextmanager
+    def real_denoiser(self):
+        """The frozen teacher (adapters off for a LoRA student), the DM's real score."""
+        with self.teacher_context():
+            yield self.teacher
 
     # -- the step -------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -600,7 +586,7 @@ class HyperSDTrainer(BackboneMixin, Trainer):
 
         # the adversarial term's gradient reaches the student through the head, not into it
         head = self.unwrap(self.discriminator) if self.discriminator is not None else None
-        with _no_param_grads(head):
+        with frozen(head):
             terms = self.tscd_terms(batch, stage.segments, extra_inputs)
             extra = dict(zip(extra_keys, terms.extra))
             loss_tscd = terms.loss.mean()
@@ -618,9 +604,9 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                 logs["reward"] = reward.detach().mean()
             x_onestep = extra["onestep"].x0.float() if stage.score_distill else None
             if dm_step:
-                loss_dm = self.distribution_matching_loss(x_onestep, terms.cond)
+                loss_dm, dm_logs = self.distribution_matching_loss(x_onestep, terms.cond)
                 loss = loss + p.score_distill.weight * loss_dm
-                logs["loss_dm"] = loss_dm.detach()
+                logs.update(dm_logs)
             self.step("unet", loss)
         logs["loss"] = loss.detach()
         if self.discriminator is not None:

@@ -1,9 +1,10 @@
 """Plain denoising-diffusion training (Ho et al. 2020) — the tool that makes teachers.
 
 Trains the UNet of a local diffusers folder (SD-structured latent text-to-image, or a pixel
-class-conditional ``UNet2DModel``) with the ε or v objective, t ~ U{0..T−1}, condition
-dropout for classifier-free guidance (Ho & Salimans 2022) and optional min-SNR-γ loss
-weighting (Hang et al. 2023, Eq. 8: w(t) = min(SNR(t), γ) / SNR(t) for ε, / (SNR+1) for v).
+class-conditional ``UNet2DModel``) with the ε, v or x0 objective (the folder's own prediction
+type, :meth:`~diffdistill.denoiser.Denoiser.target`), t ~ U{0..T−1}, condition dropout for
+classifier-free guidance (Ho & Salimans 2022) and optional min-SNR-γ loss weighting (Hang et
+al. 2023: :func:`min_snr_weight`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .common import BackboneMixin
 
 @dataclass
 class PretrainSection:
-    target: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the folder's own
+    target: Optional[Literal["epsilon", "v_prediction", "sample"]] = None  # None: the folder's
     cond_dropout: float = 0.1  # probability of training unconditionally (enables CFG)
     min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023)
     sample_steps: int = 25  # DDIM steps for the periodic sample grid
@@ -42,6 +43,20 @@ class PretrainConfig(BaseConfig):
             raise ConfigError("pretrain.min_snr_gamma must be > 0 (or null to disable)")
         if self.adapter.type != "full":
             raise ConfigError("pretraining trains full weights: set adapter.type=full")
+
+
+def min_snr_weight(schedule, t: torch.Tensor, gamma: float, prediction_type: str
+                   ) -> torch.Tensor:
+    """Min-SNR-γ loss weight (Hang et al. 2023, Eq. 6 and its v / x0 forms), float32:
+    min(SNR, γ)/SNR for an ε target, min(SNR, γ)/(SNR + 1) for v, min(SNR, γ) for x0."""
+    alpha, sigma = (v.float() for v in schedule.alpha_sigma(t.cpu()))
+    snr = (alpha / sigma) ** 2
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
+    return clipped / snr
 
 
 class PretrainTrainer(BackboneMixin, Trainer):
@@ -73,17 +88,13 @@ class PretrainTrainer(BackboneMixin, Trainer):
         t = self.randint(0, sched.num_train_timesteps, (n,)).double()
         noise = self.randn(*x0.shape)
         xt = sched.add_noise(x0, noise, t.cpu())
-        alpha, sigma = (v.float().to(self.device).reshape(-1, 1, 1, 1)
-                        for v in sched.alpha_sigma(t.cpu()))
-        target = noise if self.backbone.prediction_type == "epsilon" else alpha * noise - sigma * x0
-        pred = self.backbone.denoiser(self.unet).raw(xt, t.float(), cond).float()
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        den = self.backbone.denoiser(self.unet)
+        pred = den.raw(xt, t.float(), cond).float()
+        per_sample = F.mse_loss(pred, den.target(x0, noise, t), reduction="none").mean(
+            dim=(1, 2, 3))
         if p.min_snr_gamma is not None:
-            snr = (alpha / sigma).reshape(-1) ** 2
-            w = snr.clamp(max=p.min_snr_gamma) / snr
-            if self.backbone.prediction_type == "v_prediction":
-                w = snr.clamp(max=p.min_snr_gamma) / (snr + 1)
-            per_sample = per_sample * w
+            per_sample = per_sample * min_snr_weight(sched, t, p.min_snr_gamma,
+                                                     den.prediction_type).to(self.device)
         loss = per_sample.mean()
         self.step("unet", loss)
         return {"loss": loss.detach()}
