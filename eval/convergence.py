@@ -54,6 +54,15 @@ def _steps_of(key: str) -> str:
     return tail.replace("step", " step") if tail.endswith("step") else key
 
 
+def training_run_of(path) -> Path | None:
+    """The training run an export folder came from (``<run>/export`` beside the run's
+    ``metrics.jsonl``), or None (a teacher, a hub-style folder, ``world:NAME``)."""
+    if not path or str(path).startswith("world:"):
+        return None
+    run = Path(path).resolve().parent
+    return run if (run / "metrics.jsonl").is_file() else None
+
+
 def collect(runs: Mapping[str, os.PathLike | str]) -> dict[str, dict]:
     """``{label: run folder}`` → every run's curves, in the given order."""
     out: dict[str, dict] = {}

@@ -918,6 +918,12 @@ def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None)
         config=config_to_dict(cfg), grid_seeds=seeds[:cfg.grid_samples])
     if acc.is_main_process:
         write_report(results, grid_rows if cfg.grid_samples else None, out)
+        from diffdistill.eval.convergence import collect, training_run_of, write_convergence
+
+        runs = {m.name: training_run_of(m.lora or m.path) for m in cfg.models}
+        curves = collect({k: v for k, v in runs.items() if v is not None})
+        if curves:  # students exported by a run with periodic evals: how they got there
+            write_convergence(curves, out)
     acc.wait_for_everyone()
     return results
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from diffdistill.eval.convergence import collect, read_curves, write_convergence
+from diffdistill.eval.convergence import (
+    collect,
+    read_curves,
+    training_run_of,
+    write_convergence,
+)
 from diffdistill.trainers.base import list_checkpoints
 from diffdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
 from diffdistill.trainers.metrics_log import LogWindow
@@ -116,3 +121,11 @@ def test_periodic_eval_lines_carry_the_training_wall_time(pixel_dir, tmp_path, m
 def test_unreadable_lines_are_skipped(tmp_path, bad):
     (tmp_path / "metrics.jsonl").write_text(bad + "\n")
     assert read_curves(tmp_path, "x") == {}
+
+
+def test_training_run_of_an_export(tmp_path):
+    (tmp_path / "run" / "export").mkdir(parents=True)
+    assert training_run_of(tmp_path / "run" / "export") is None  # no metrics.jsonl yet
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert training_run_of(tmp_path / "run" / "export") == (tmp_path / "run").resolve()
+    assert training_run_of("world:teacher_latent") is None and training_run_of("") is None
