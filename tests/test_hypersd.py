@@ -596,6 +596,40 @@ def test_full_export_is_a_stock_pipeline_with_tcd(sd_v_dir, tmp_path):
     assert (_stock(teacher, 1, 0.5) - _stock(pipe, 1, 0.5)).abs().max() > 1e-4  # it trained
 
 
+def test_one_step_conditioning_timestep_trains_samples_and_exports(sd_dir, tmp_path):
+    """score_distill.timestep = 599: the DM sample is x0̂_θ(ε, 599), TCD's one-step grid is
+    [599] (more steps unchanged), the export records it, the bench reads it back, and a stock
+    pipeline called with timesteps=[599] reproduces the trainer's one-step sampler."""
+    from diffdistill.eval.harness import BenchModel, load_eval_model
+    from diffusers import StableDiffusionPipeline
+
+    stages = [{"segments": 1, "score_distill": True}]
+    tr = HyperSDTrainer(make_cfg(sd_dir, tmp_path / "run", adapter="full", steps=2, lr=1e-3,
+                                 stages=stages, hypersd={"score_distill": {"timestep": 599}}))
+    tr.fit()
+    cond = tr.backbone.encode_prompts(PROMPTS)
+    _, t = tr.onestep_input(cond)
+    assert t.tolist() == [599.0, 599.0]
+    assert tr.tcd_timesteps(1).tolist() == [599] and tr.tcd_timesteps(4).tolist() == [
+        999, 759, 499, 259]
+    out = tmp_path / "run" / "export"
+    info = json.loads((out / "diffdistill_export.json").read_text())
+    assert info["timesteps_by_steps"] == {"1": [599]}
+    assert load_eval_model(BenchModel(name="h", path=str(out))).grid_for(1).tolist() == [599.0]
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        stock = pipe(PROMPTS, timesteps=[599], guidance_scale=1.0, eta=0.3, generator=gens,
+                     output_type="pt", height=32, width=32).images
+    bb = tr.backbone
+    ours = generate(bb.denoiser(tr.unwrap(tr.unet)), seeds=[3, 4], shape=(4, 16, 16),
+                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl]), sampler="tcd",
+                    num_steps=1, timesteps=torch.tensor([599]), decode=bb.decode_latents,
+                    output="float", progress=False, sampler_opts={"gamma": 0.3})
+    assert (stock - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    assert "599" in (out / "README.md").read_text()
+
+
 # ----------------------------------------------------------------------------- configs
 
 

@@ -140,6 +140,9 @@ class ScoreDistillSection:
     t_min: float = 0.02  # DM / fake-score t ~ U[0.02T, 0.98T] (DMD2)
     t_max: float = 0.98
     fake_lr: Optional[float] = None  # None: train.lr (DMD2)
+    # the one-step generator's conditioning timestep (None: T−1), also the unified LoRA's
+    # 1-step sampling timestep; Hyper-SDXL's 1-step UNet starts at 800 (docs/one_step.md)
+    timestep: Optional[int] = None
 
 
 @dataclass
@@ -343,6 +346,9 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         N = p.num_ddim_timesteps
         if N > T:
             raise ConfigError(f"hypersd.num_ddim_timesteps={N} exceeds the teacher's T={T}")
+        tc = p.score_distill.timestep
+        if tc is not None and not 0 < tc < T:
+            raise ConfigError(f"hypersd.score_distill.timestep={tc} must be in (0, T={T})")
         from diffdistill.sampling import lcm_timesteps
 
         self.T, self.skip = T, T // N
@@ -549,10 +555,17 @@ class HyperSDTrainer(BackboneMixin, Trainer):
     def sample_t(self, n: int) -> Tensor:
         return self.dm.sample_t(n)
 
+    @property
+    def onestep_timestep(self) -> int:
+        """The one-step generator's conditioning timestep (``score_distill.timestep``, T−1)."""
+        t = self.cfg.hypersd.score_distill.timestep
+        return self.T - 1 if t is None else int(t)
+
     def onestep_input(self, cond: Cond) -> tuple[Tensor, Tensor]:
-        """(ε, T−1): the one-step generator's input; its sample is x = x0̂_θ(ε, T−1)."""
+        """(ε, t_c): the one-step generator's input; its sample is x = x0̂_θ(ε, t_c)."""
         noise = self.randn(cond.batch_size, *self.shape)
-        return noise, torch.full((noise.shape[0],), float(self.T - 1), dtype=torch.float64)
+        return noise, torch.full((noise.shape[0],), float(self.onestep_timestep),
+                                 dtype=torch.float64)
 
     def distribution_matching_loss(self, x: Tensor, cond: Cond) -> tuple[Tensor, dict]:
         """DMD2's L_DM on samples ``x`` (call with the fake score's weights frozen)."""
@@ -625,8 +638,11 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         return self.ema_or_online("unet", self.unet)
 
     def tcd_timesteps(self, num_steps: int) -> Tensor:
+        """TCD's grid for ``num_steps``; one step starts at the one-step generator's timestep."""
         from diffdistill.sampling import tcd_timesteps
 
+        if num_steps == 1 and self.cfg.hypersd.score_distill.timestep is not None:
+            return torch.tensor([self.onestep_timestep], dtype=torch.int64)
         return tcd_timesteps(num_steps, self.cfg.hypersd.num_ddim_timesteps,
                              num_train_timesteps=self.T)
 
@@ -665,11 +681,14 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                    "TCD gamma (diffusers eta)": p.gamma,
                    "stages (segments, steps)": " → ".join(stages),
                    "teacher CFG w range": f"[{p.w_min}, {p.w_max}]",
+                   "1-step timestep (pass timesteps=[t] for one step)": self.onestep_timestep,
                    "DDIM solver timesteps": N})
         write_export_info(out_dir, sampler="tcd", steps=p.export_steps,
                           guidance_scale=p.guidance_scale,
                           timesteps=self.tcd_timesteps(p.export_steps).tolist(), gamma=p.gamma,
                           served_steps=list(p.served_steps), original_inference_steps=N,
+                          timesteps_by_steps=({"1": [self.onestep_timestep]}
+                                              if p.score_distill.timestep is not None else {}),
                           guidance_embedding=False, method=self.method,
                           adapter=self.cfg.adapter.type)
         return out_dir
