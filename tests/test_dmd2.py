@@ -111,6 +111,37 @@ def test_fake_score_trains_on_the_teachers_own_target(sd_v_dir, tmp_path):
     assert abs(float(loss.detach()) - float(expected)) < 1e-5 * float(expected)
 
 
+def test_discriminator_sees_real_as_real_and_generated_as_fake(pixel_dir, tmp_path):
+    """The batched fake-score forward's halves: loss_D = softplus(−D(x_real,t)) +
+    softplus(D(x_gen,t)), checked against two separate forwards of UNet + head (swapped halves
+    would give softplus(−D(x_gen)) + softplus(D(x_real)), a different number here)."""
+    import torch.nn.functional as F
+
+    tr, batch = ready(pixel_dir, tmp_path / "d", 16)
+    cond = tr.cond_for_batch(batch)
+    x_gen = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    x_real = tr.encode_x0(batch)
+    tr.generator.manual_seed(11)
+    _, logs = tr.fake_score_loss(x_gen, cond, x_real)
+    g = torch.Generator().manual_seed(11)
+    t = torch.randint(20, 981, (2,), generator=g)
+    n_gen, n_real = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    sched = tr.backbone.schedule
+    fake = tr.unwrap(tr.fake_score)
+
+    def logits(x0, noise):
+        with torch.no_grad():
+            fake(sched.add_noise(x0, noise, t), t.float(), class_labels=cond.class_labels)
+        return fake.logits
+
+    d_gen, d_real = logits(x_gen, n_gen), logits(x_real, n_real)
+    expected = F.softplus(-d_real).mean() + F.softplus(d_gen).mean()
+    swapped = F.softplus(-d_gen).mean() + F.softplus(d_real).mean()
+    assert abs(float(expected - swapped)) > 1e-4
+    assert float(logs["loss_gan_discriminator"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(logs["d_real"]) == pytest.approx(float(d_real.mean()), rel=1e-5, abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- update order
 
 

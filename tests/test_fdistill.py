@@ -170,6 +170,35 @@ def test_reverse_kl_reproduces_dmd2_bit_for_bit(pixel_dir, tmp_path):
 # ----------------------------------------------------------------------------- config
 
 
+def test_ratio_is_read_at_the_x_t_it_weights(pixel_dir, tmp_path):
+    """h(r)'s logits come from the very fake-score forward that gives the DM term's x0̂_fake:
+    the x_t handed to dm_weight is the fake UNet's input in that pass, and its logits are the
+    head's output there (not a second draw of t or noise)."""
+    tr = FDistillTrainer(build_config(FDistillConfig, fd_data(pixel_dir, tmp_path, 16)))
+    tr.setup()
+    batch = next(tr._batches())
+    cond = tr.cond_for_batch(batch, with_uncond=True)
+    fake = tr.unwrap(tr.fake_score)
+    seen_inputs, seen_logits, weighted = [], [], {}
+    hook = fake.unet.register_forward_pre_hook(
+        lambda m, args, kw: seen_inputs.append((args[0] if args else kw["sample"]).detach()),
+        with_kwargs=True)
+    fake.head.register_forward_hook(lambda m, a, out: seen_logits.append(out.detach()))
+    weight = tr.dm_weight
+
+    def spy(x_t, t, logits):
+        weighted.update(x_t=x_t.clone(), logits=logits.clone())
+        return weight(x_t, t, logits)
+
+    tr.dm.weight_fn = spy
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    tr.distribution_matching_loss(x, cond)
+    hook.remove()
+    assert len(seen_inputs) == 1 and len(seen_logits) == 1  # one fake-score pass in the DM
+    assert torch.equal(weighted["x_t"], seen_inputs[0].float())
+    assert torch.equal(weighted["logits"], seen_logits[0])
+
+
 def test_config_without_gan_is_rejected(tmp_path):
     for w in ({"gan_generator_weight": 0.0}, {"gan_discriminator_weight": 0.0,
                                               "gan_generator_weight": 0.0}):
