@@ -209,3 +209,17 @@ def test_latent_cache_encodes_each_image_once(sd_dir, tmp_path):
     wds = {"index": torch.tensor([3, 3]), "key": ["a.tar/0003", "b.tar/0003"]}
     assert BackboneMixin._latent_keys(None, wds) == ["a.tar/0003", "b.tar/0003"]
     assert BackboneMixin._latent_keys(None, {"index": torch.tensor([3, 5])}) == ["3", "5"]
+
+
+@pytest.mark.parametrize("method", ["lcd", "dmd2", "fdistill", "hypersd", "ict"])
+def test_eval_guidance_scale_is_refused_by_students(method, tmp_path):
+    """Only pretraining samples its periodic eval with eval.guidance_scale; a student is
+    evaluated as exported, so the key would be silently ignored: refused by name instead."""
+    from diffdistill.trainers import get_trainer_class
+
+    cls = get_trainer_class(method)
+    cfg = build_config(cls.config_class, {"method": method, "output_dir": str(tmp_path),
+                                          "eval": {"guidance_scale": 2.0}})
+    with pytest.raises(ConfigError, match="eval.guidance_scale=2.0"):
+        cls(cfg)
+    assert get_trainer_class("pretrain").eval_uses_guidance

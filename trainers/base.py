@@ -146,11 +146,19 @@ class Trainer:
     config_class = BaseConfig
     #: config keys that must match between a checkpoint and the resuming run
     resume_must_match = ("method", "model.path", "adapter.type", "adapter.rank")
+    #: whether the periodic eval samples with ``eval.guidance_scale`` (a teacher does; a
+    #: distilled student is evaluated exactly as it is exported, its guidance included)
+    eval_uses_guidance = False
 
     def __init__(self, cfg: BaseConfig, accelerator=None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
+        if cfg.eval.guidance_scale != 1.0 and not self.eval_uses_guidance:
+            raise ConfigError(
+                f"eval.guidance_scale={cfg.eval.guidance_scale}: the {self.method} student is "
+                "evaluated as it is exported (its own sampler, steps and guidance); remove the "
+                "key or set it to 1")
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         cpu = cfg.train.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")

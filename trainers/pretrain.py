@@ -62,6 +62,7 @@ def min_snr_weight(schedule, t: torch.Tensor, gamma: float, prediction_type: str
 class PretrainTrainer(BackboneMixin, Trainer):
     method = "pretrain"
     config_class = PretrainConfig
+    eval_uses_guidance = True
 
     def build(self) -> None:
         cfg = self.cfg
