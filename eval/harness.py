@@ -96,7 +96,7 @@ class BenchModel:
     path: str = ""  # full pipeline folder (teacher or export) or world:NAME; the base with lora
     lora: str | None = None  # folder holding pytorch_lora_weights.safetensors
     sampler: str = "auto"  # auto: the export's recorded sampler, else its scheduler's
-    steps: list[int] | None = None  # None: the export's recorded step count, else [4]
+    steps: list[int] | None = None  # None: the export's served / recorded steps, else [4]
     guidance_scale: float | None = None  # CFG (w+1 for a w-embedding UNet); None: recorded, else 1
     timesteps: list[float] | None = None  # explicit grid for the steps entry of its length
     sampler_opts: dict = field(default_factory=dict)  # e.g. {gamma: 0.3} for tcd
@@ -408,6 +408,15 @@ def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torc
     return EvalModel(name=spec.name, backbone=bb, denoiser=model, sampler=sampler,
                      guidance_scale=guidance, guidance_embedding=embed,
                      timesteps=grids.get, sampler_opts=opts, info=info)
+
+
+def recorded_step_counts(info: dict) -> list[int]:
+    """The step counts a bench entry without ``steps`` runs: every count a unified export
+    serves (Hyper-SD's ``served_steps``), else its recorded count, else 4."""
+    served = info.get("served_steps")
+    if served:
+        return [int(s) for s in served]
+    return [int(info.get("steps", 4))]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -881,7 +890,7 @@ def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None)
     rows, grid_rows = [], []
     for spec in cfg.models:
         model = load_eval_model(spec, device=device, dtype=_DTYPES[cfg.dtype])
-        for steps in spec.steps or [int(model.info.get("steps", 4))]:
+        for steps in spec.steps or recorded_step_counts(model.info):
             gen = generate_for_eval(model, seeds, num_steps=steps, prompts=prompts,
                                     detectors=detectors, clip=clip,
                                     clip_prefix=cfg.clip.prefix if cfg.clip else "",

@@ -398,3 +398,11 @@ def test_trainer_periodic_eval_logs_the_harness_metric(pixel_dir, tmp_path):
     plain.fit()
     text = (tmp_path / "plain" / "metrics.jsonl").read_text()
     assert "eval/" not in text and plain.periodic_eval() == {}
+
+
+def test_a_bench_entry_without_steps_runs_what_the_export_serves():
+    from diffdistill.eval.harness import recorded_step_counts
+
+    assert recorded_step_counts({"steps": 4, "served_steps": [1, 2, 4, 8]}) == [1, 2, 4, 8]
+    assert recorded_step_counts({"steps": 2}) == [2]
+    assert recorded_step_counts({}) == [4]
