@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -219,18 +219,23 @@ def sample_tcd(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] =
     return x
 
 
-def _final_alpha_sigma(schedule: NoiseSchedule) -> tuple[float, float]:
-    """Where DDIM's last step lands (diffusers ``final_alpha_cumprod``); sigma 0 for VE."""
+def _final_alpha_sigma(schedule: NoiseSchedule, end: str = "scheduler"
+                       ) -> tuple[float, float]:
+    """Where DDIM's last step lands: diffusers' ``final_alpha_cumprod`` (``end="scheduler"``:
+    ᾱ = 1 with ``set_alpha_to_one``, its default, else ᾱ₀) or always ᾱ₀ (``end="first"``, as
+    LCM's DDIM solver does); sigma 0 for VE."""
     if schedule.kind != "vp":
         return 1.0, 0.0
     cfg = getattr(schedule, "config", {}) or {}
     # DDIMScheduler's default is set_alpha_to_one=True; SD's config says False.
-    acp = 1.0 if cfg.get("set_alpha_to_one", True) else float(schedule.alphas_cumprod[0])
+    to_one = end == "scheduler" and cfg.get("set_alpha_to_one", True)
+    acp = 1.0 if to_one else float(schedule.alphas_cumprod[0])
     return math.sqrt(acp), math.sqrt(1.0 - acp)
 
 
 def ddim_solver_step(pred: Prediction, schedule: NoiseSchedule, t_from, t_to, *,
-                     eta: float = 0.0, noise: Optional[Tensor] = None) -> Tensor:
+                     eta: float = 0.0, noise: Optional[Tensor] = None,
+                     end: Literal["scheduler", "first"] = "scheduler") -> Tensor:
     """One DDIM step (Song, Meng & Ermon 2021, Eq. 12) from (x0̂, ε̂) predicted at ``t_from``.
 
     ``x_to = α_to x0̂ + sqrt(σ_to² − σ_η²) ε̂ + σ_η z`` with the Eq. 16 variance
@@ -241,7 +246,9 @@ def ddim_solver_step(pred: Prediction, schedule: NoiseSchedule, t_from, t_to, *,
 
     ``t_from`` / ``t_to``: native times, scalars or one per sample. A negative ``t_to`` is the
     end of the chain, as in ``DDIMScheduler.step`` (``final_alpha_cumprod``: ᾱ = 1 with
-    ``set_alpha_to_one``, else ᾱ₀; σ = 0 for VE). ``noise`` (needed when η > 0) is z.
+    ``set_alpha_to_one``, else ᾱ₀; σ = 0 for VE) — or always ᾱ₀ with ``end="first"``, the
+    LCM DDIM solver's ``alpha_cumprods_prev`` (Luo et al. 2023's code), whatever the teacher's
+    scheduler config says. ``noise`` (needed when η > 0) is z.
     Coefficients are computed in float64 and applied in ``pred.x0``'s dtype.
     """
     x0, eps = pred
@@ -257,7 +264,7 @@ def ddim_solver_step(pred: Prediction, schedule: NoiseSchedule, t_from, t_to, *,
     a_to, s_to = schedule.alpha_sigma(t_to.clamp(min=0.0))
     final = t_to < 0
     if bool(final.any()):
-        fa, fs = _final_alpha_sigma(schedule)
+        fa, fs = _final_alpha_sigma(schedule, end)
         a_to = torch.where(final, torch.full_like(a_to, fa), a_to)
         s_to = torch.where(final, torch.full_like(s_to, fs), s_to)
     c_eps = s_to

@@ -93,6 +93,43 @@ def test_ddim_solver_step_equals_stock_ddim_scheduler(prediction_type, set_alpha
         assert torch.allclose(ours[i:i + 1], ref, atol=1e-5, rtol=1e-5), (i, t[i])
 
 
+@pytest.mark.parametrize("set_alpha_to_one", [None, True, False])
+def test_lcm_solver_end_is_alpha_zero_whatever_the_scheduler_says(set_alpha_to_one):
+    """end="first" (LCD's solver): t_to = −1 lands on ᾱ₀ = alphas_cumprod[0], as LCM's DDIM
+    solver does, also when the teacher's config sets or omits set_alpha_to_one (diffusers'
+    default, ᾱ = 1, is what end="scheduler" gives there)."""
+    cfg = dict(SD_SCHEDULER)
+    cfg.pop("set_alpha_to_one", None)
+    if set_alpha_to_one is not None:
+        cfg["set_alpha_to_one"] = set_alpha_to_one
+    schedule = VPSchedule.from_config(cfg)
+    x, raw = _rand((2, 4, 8, 8), 0), _rand((2, 4, 8, 8), 1)
+    t = torch.tensor([19.0, 19.0])
+    pred = Denoiser(_FixedOutput(raw), schedule, "epsilon")(x, t)
+    acp0 = float(schedule.alphas_cumprod[0])
+    expected = math.sqrt(acp0) * pred.x0 + math.sqrt(1 - acp0) * pred.eps
+    assert torch.allclose(ddim_solver_step(pred, schedule, t, t - 20, end="first"), expected,
+                          atol=1e-6)
+    stock_end = ddim_solver_step(pred, schedule, t, t - 20)
+    if set_alpha_to_one is False:
+        assert torch.allclose(stock_end, expected, atol=1e-6)
+    else:  # diffusers' final_alpha_cumprod = 1: the solver lands on x0̂ itself
+        assert torch.allclose(stock_end, pred.x0, atol=1e-6)
+
+
+def test_lcd_solver_ends_on_alpha_zero(sd_dir, tmp_path, monkeypatch):
+    """The trainer asks the solver for LCM's end (ᾱ₀) on every consistency step."""
+    import diffdistill.sampling as sampling
+
+    tr, batch = ready(make_cfg(sd_dir, tmp_path))
+    seen = []
+    solver = sampling.ddim_solver_step
+    monkeypatch.setattr(sampling, "ddim_solver_step",
+                        lambda *a, **kw: seen.append(kw.get("end")) or solver(*a, **kw))
+    tr.consistency_terms(batch)
+    assert seen == ["first"]
+
+
 # ----------------------------------------------------------------------------- config
 
 

@@ -12,7 +12,8 @@ DDIM timesteps over T = 1000 → k = 20), w ~ U[w_min, w_max], and
 
 with f the LCM boundary-conditioned consistency function (c_skip = σd²/((10t)²+σd²),
 c_out = 10t/sqrt((10t)²+σd²), σd = 0.5) and d the element-wise pseudo-Huber (c = 0.001) or
-L2. At the first grid entry t_n = −1: the solver lands at DDIM's final ᾱ and the target is
+L2. At the first grid entry t_n = −1: the solver lands at ᾱ₀ (LCM's solver, whatever the
+teacher's ``set_alpha_to_one``) and the target is
 taken at t = 0, where the boundary condition makes it x̂_{t_n} itself (f(x, 0) = x). The
 solver step is :func:`diffdistill.sampling.ddim_solver_step`, shared with ``sample_ddim``.
 
@@ -325,7 +326,8 @@ class LCDTrainer(BackboneMixin, Trainer):
 
             with self.teacher_context():
                 pred = self.teacher.guided(x_start, t_start, cond, guidance_scale=1.0 + w)
-            x_end = ddim_solver_step(pred, bb.schedule, t_start, t_end)
+            # LCM's solver always lands on ᾱ₀ at the first grid entry (t_end = −1)
+            x_end = ddim_solver_step(pred, bb.schedule, t_start, t_end, end="first")
             target_x0 = self.target(x_end, t_end.clamp(min=0), student_cond).x0
         return LCDTerms(loss=self.distance(student_x0, target_x0), student_x0=student_x0,
                         target_x0=target_x0, x0=x0, x_start=x_start, x_end=x_end,
