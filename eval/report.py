@@ -155,23 +155,51 @@ def markdown_table(results: BenchResults) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def save_grid_rows(rows: Sequence[torch.Tensor | None], path, pad: int = 2) -> Path | None:
+def save_grid_rows(rows: Sequence[torch.Tensor | None], path, pad: int = 2,
+                   labels: Sequence[str] | None = None) -> Path | None:
     """One grid row per entry (uint8 ``[cols, 3, H, W]``, same seeds in every row). Rows of
     another image size (models of different resolutions evaluated natively) are resized to
-    the largest for display only (LANCZOS)."""
+    the largest for display only (LANCZOS). ``labels``: one per row (e.g. "DMD2 @ 1"),
+    written in a margin left of the row, so the image says whose samples each row holds."""
     from diffdistill.eval.harness import resize_for_eval
 
     from diffdistill.images import save_grid
 
-    rows = [r for r in rows if r is not None]
-    if not rows:
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"{len(labels)} labels for {len(rows)} grid rows")
+    kept = [i for i, r in enumerate(rows) if r is not None]
+    if not kept:
         return None
+    rows = [rows[i] for i in kept]
     cols = rows[0].shape[0]
     if any(r.shape[0] != cols for r in rows):
         raise ValueError(f"grid rows differ in length: {[r.shape[0] for r in rows]}")
     size = max(max(r.shape[-2:]) for r in rows)
     rows = [resize_for_eval(r, size) for r in rows]
-    return save_grid(torch.cat(rows), path, nrow=cols)
+    path = save_grid(torch.cat(rows), path, nrow=cols)
+    if labels is not None:
+        _label_rows(path, [labels[i] for i in kept], size, pad)
+    return path
+
+
+def _label_rows(path: Path, labels: Sequence[str], size: int, pad: int) -> None:
+    """Prepend a margin with each row's label, vertically centred on its row (atomic)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = Image.open(path).convert("RGB")
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(grid)
+    width = int(max(probe.textlength(t, font=font) for t in labels)) + 2 * pad + 4
+    out = Image.new("RGB", (grid.width + width, grid.height), (0, 0, 0))
+    out.paste(grid, (width, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        top, bottom = font.getbbox(text)[1], font.getbbox(text)[3]
+        y = pad + r * (size + pad) + (size - (bottom - top)) // 2 - top
+        draw.text((pad + 2, y), text, fill=(255, 255, 255), font=font)
+    tmp = path.with_name(path.name + ".tmp.png")
+    out.save(tmp)
+    os.replace(tmp, path)
 
 
 def plot_metric_vs_steps(results: BenchResults, path, metrics: Sequence[str] | None = None
@@ -219,7 +247,8 @@ def write_report(results: BenchResults, grid_rows: Sequence | None = None, out="
     _atomic_write(paths["json"], json.dumps(results.to_dict(), indent=1, default=str) + "\n")
     _atomic_write(paths["markdown"], markdown_table(results))
     if grid_rows is not None:
-        grid = save_grid_rows(grid_rows, out / "grid.png")
+        grid = save_grid_rows(grid_rows, out / "grid.png",
+                              labels=[f"{r.model} @ {r.steps}" for r in results.rows])
         if grid is not None:
             paths["grid"] = grid
     if results.rows and results.metrics:

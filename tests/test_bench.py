@@ -56,12 +56,16 @@ def lora_dir(sd_dir, tmp_path_factory):
     return out
 
 
-def _tiles(path, rows, cols, size, pad=2):
+def _tiles(path, rows, cols, size, pad=2, labelled=True):
+    """The grid's tiles; a labelled grid (the bench's) has a label margin on its left."""
     grid = np.asarray(Image.open(path).convert("RGB"))
-    assert grid.shape == (rows * (size + pad) + pad, cols * (size + pad) + pad, 3)
+    width = cols * (size + pad) + pad
+    left = grid.shape[1] - width
+    assert grid.shape[0] == rows * (size + pad) + pad and grid.shape[2] == 3
+    assert (left > 0) if labelled else (left == 0)
     return [[grid[pad + r * (size + pad):pad + r * (size + pad) + size,
-                  pad + c * (size + pad):pad + c * (size + pad) + size] for c in range(cols)]
-            for r in range(rows)]
+                  left + pad + c * (size + pad):left + pad + c * (size + pad) + size]
+             for c in range(cols)] for r in range(rows)]
 
 
 def test_bench_command_end_to_end(sd_dir, lora_dir, tmp_path, capfd):
@@ -282,12 +286,17 @@ def test_report_table_grid_and_plot(tmp_path):
     paths = write_report(res, list(img), tmp_path)
     tiles = _tiles(paths["grid"], rows=3, cols=2, size=10)
     assert np.array_equal(tiles[2][1], img[2, 1].permute(1, 2, 0).numpy())
+    label_margin = np.asarray(Image.open(paths["grid"]).convert("RGB"))[:, :20]
+    assert label_margin.max() > 128  # "a @ 1" … written beside the rows
     assert Image.open(paths["plot"]).size == (420, 340)  # one panel: FID (CLIP is not a distance)
     assert load_results(paths["json"]).to_dict() == json.loads(paths["json"].read_text())
     with pytest.raises(ValueError, match="grid rows differ"):
         save_grid_rows([img[0], img[1, :1]], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="labels"):
+        save_grid_rows([img[0]], tmp_path / "bad.png", labels=["a", "b"])
     small = img[1, :, :, :5, :5].contiguous()  # a 5 px model next to a 10 px one
-    tiles = _tiles(save_grid_rows([img[0], small], tmp_path / "mixed.png"), 2, 2, size=10)
+    tiles = _tiles(save_grid_rows([img[0], small], tmp_path / "mixed.png"), 2, 2, size=10,
+                   labelled=False)
     assert np.array_equal(tiles[1][0], np.asarray(Image.fromarray(
         small[0].permute(1, 2, 0).numpy()).resize((10, 10), Image.LANCZOS)))
 

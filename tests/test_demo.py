@@ -69,7 +69,7 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
     assert all(0 < r.sec_per_image and r.num_samples == 8 for r in rows)
     # the grid has a row per bench row, same 8 seeds per row, 32 px images (+2 px padding)
     grid = np.asarray(Image.open(res.paths["grid"]))
-    assert grid.shape[:2] == (2 + len(rows) * 34, 2 + 8 * 34)
+    assert grid.shape[0] == 2 + len(rows) * 34 and grid.shape[1] > 2 + 8 * 34  # + labels
     assert Image.open(res.paths["plot"]).format == "PNG"
     for name in ("teacher_latent", "teacher_pixel"):
         assert np.asarray(Image.open(res.paths[name])).std() > 0

@@ -368,14 +368,15 @@ def test_trainer_periodic_eval_logs_the_harness_metric(pixel_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/fd_dd_test_conv_1step" in r]
     assert [r["step"] for r in evals] == [1, 2]
-    assert all(set(r) == {"step", "eval/fd_dd_test_conv_1step", "eval/fd_dd_test_conv_2step"}
-               for r in evals)
+    assert all(set(r) == {"step", "eval/fd_dd_test_conv_1step", "eval/fd_dd_test_conv_2step",
+                          "train_wall_s"} for r in evals)
+    assert 0 < evals[0]["train_wall_s"] < evals[1]["train_wall_s"]
     # the logged number is the harness's number for the weights at that step
     again = quick_eval(trainer, trainer.eval_spec())
     assert again["eval/fd_dd_test_conv_2step"] == pytest.approx(
         evals[1]["eval/fd_dd_test_conv_2step"], rel=1e-9)
     assert evals[0]["eval/fd_dd_test_conv_2step"] != evals[1]["eval/fd_dd_test_conv_2step"]
-    assert all(v > 0 for r in evals for k, v in r.items() if k != "step")
+    assert all(v > 0 for r in evals for k, v in r.items() if k.startswith("eval/"))
     # reference statistics of another resolution are refused
     trainer._quick_eval_cache.clear()
     bad = reference_statistics(det, BenchReference(resolution=32, max_images=8)).save(
