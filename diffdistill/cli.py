@@ -1,4 +1,4 @@
-"""The ``diffdistill`` command: train, sample, export, bench, world, demo.
+"""The ``diffdistill`` command: train, sample, export, bench, convergence, world, demo.
 
 ``diffdistill train CONFIG [key=value ...]`` runs one process; for several, use
 ``accelerate launch -m diffdistill.train CONFIG [key=value ...]`` (same arguments).
@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         "reference.resolution=256  batch_size=32")
     p.add_argument("config", help="bench YAML (see configs/bench/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_samples=1000")
+
+    p = sub.add_parser(
+        "convergence", help="plot training runs' periodic evals against step and wall time",
+        description="Read each run's metrics.jsonl (its eval.every evaluations) and write "
+        "convergence.json and convergence.png (metric vs training step and vs training wall "
+        "time, one line per run) into --out.")
+    p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR",
+                   help="training output_dir(s); LABEL defaults to the folder name")
+    p.add_argument("--out", default=".", help="folder for convergence.json / .png")
 
     p = sub.add_parser("demo", help="distill the embedded world's teacher and compare",
                        description="Distill the embedded world's teacher with the toolkit's "
@@ -185,6 +194,28 @@ def cmd_bench(args) -> int:
     return bench_command(args.config, args.overrides)
 
 
+def cmd_convergence(args) -> int:
+    from diffdistill.eval.convergence import collect, write_convergence
+
+    runs = {}
+    for item in args.runs:
+        label, _, folder = item.rpartition("=")
+        folder = Path(folder)
+        if not (folder / "metrics.jsonl").is_file():
+            print(f"error: {folder} has no metrics.jsonl; give a training output_dir",
+                  file=sys.stderr)
+            return 2
+        runs[label or folder.name] = folder
+    curves = collect(runs)
+    if not curves:
+        print("error: none of these runs logged a periodic evaluation (set eval.every)",
+              file=sys.stderr)
+        return 2
+    paths = write_convergence(curves, args.out)
+    print(f"{len(curves)} curve(s) -> {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def cmd_world(args) -> int:
     from diffdistill.world.build import main_build
 
@@ -198,7 +229,8 @@ def main(argv=None) -> int:
     from diffdistill.config import ConfigError
 
     handlers = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample,
-                "demo": cmd_demo, "world": cmd_world, "bench": cmd_bench}
+                "demo": cmd_demo, "world": cmd_world, "bench": cmd_bench,
+                "convergence": cmd_convergence}
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError) as e:

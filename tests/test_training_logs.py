@@ -129,3 +129,18 @@ def test_training_run_of_an_export(tmp_path):
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     assert training_run_of(tmp_path / "run" / "export") == (tmp_path / "run").resolve()
     assert training_run_of("world:teacher_latent") is None and training_run_of("") is None
+
+
+def test_convergence_command(tmp_path, capsys):
+    from diffdistill.cli import main
+
+    _write_metrics(tmp_path / "a", [{"step": 5, "eval/fid_fmnist_1step": 9.0,
+                                     "train_wall_s": 3.0}])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert main(["convergence", f"DMD2={tmp_path / 'a'}", "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "convergence.json").read_text())["DMD2"]["values"] == [9.0]
+    assert main(["convergence", str(tmp_path / "nothing")]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
+    assert main(["convergence", str(tmp_path / "empty")]) == 2
+    assert "eval.every" in capsys.readouterr().err
