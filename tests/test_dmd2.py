@@ -90,16 +90,20 @@ def test_dm_loss_gradient_is_the_normalised_score_difference(sd_v_dir, tmp_path)
     assert 20 <= int(t.min()) and int(t.max()) <= 980  # t ~ U[0.02T, 0.98T]
 
 
-def test_fake_score_trains_on_the_teachers_own_target(sd_v_dir, tmp_path):
-    """The fake score's loss is the plain v-prediction MSE on detached generator samples."""
+@pytest.mark.parametrize("fake_timesteps, t_range", [("dm", (20, 981)), ("all", (0, 1000))])
+def test_fake_score_trains_on_the_teachers_own_target(fake_timesteps, t_range, sd_v_dir,
+                                                      tmp_path):
+    """The fake score's loss is the plain v-prediction MSE on detached generator samples, at
+    t from the DM range or, with fake_timesteps=all, from U{0..T−1} (DMD2's code)."""
     tr, batch = ready(sd_v_dir, tmp_path / "f", 32, dmd2={
-        "gan_generator_weight": 0.0, "gan_discriminator_weight": 0.0})
+        "gan_generator_weight": 0.0, "gan_discriminator_weight": 0.0,
+        "fake_timesteps": fake_timesteps})
     cond = tr.cond_for_batch(batch)
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     tr.generator.manual_seed(5)
     loss, _ = tr.fake_score_loss(x, cond, None)
     g = torch.Generator().manual_seed(5)
-    t = torch.randint(20, 981, (2,), generator=g)
+    t = torch.randint(*t_range, (2,), generator=g)
     noise = torch.randn(2, 4, 16, 16, generator=g)
     acp = tr.backbone.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     a, s = acp.sqrt().float(), (1 - acp).sqrt().float()

@@ -7,7 +7,8 @@ al. 2024, Sec. 3):
 * the **fake score** — a trainable copy of the teacher that keeps fitting the generator's
   current distribution with the plain denoising loss (the teacher's own target,
   :meth:`~diffdistill.denoiser.Denoiser.target`), updated more often than the generator (the
-  two time-scale update rule, DMD2 Sec. 4.1: :func:`ttur_generator_step`).
+  two time-scale update rule, DMD2 Sec. 4.1: :func:`ttur_generator_step`). Its timesteps are
+  the DM range by default; ``fake_t_range=(0, T−1)`` is what DMD2's public code draws.
 
 Generator loss: t ~ U{t_lo … t_hi}, x_t = α_t x + σ_t ε, p_real = x − x0̂_real(x_t),
 p_fake = x − x0̂_fake(x_t), g = h·(p_real − p_fake) / mean|p_real| per sample (h = 1 for DMD2;
@@ -73,11 +74,14 @@ class DistributionMatching:
                  fake_score: nn.Module, t_range: tuple[int, int], guidance_scale: float,
                  compute_dtype: torch.dtype = torch.float32, gan_generator_weight: float = 0.0,
                  gan_discriminator_weight: float = 0.0, gan_balance: Optional[float] = None,
-                 weight_fn: Optional[Callable] = None, penalty_fn: Optional[Callable] = None):
+                 weight_fn: Optional[Callable] = None, penalty_fn: Optional[Callable] = None,
+                 fake_t_range: Optional[tuple[int, int]] = None):
         self.trainer = trainer
         self.real = real
         self.fake_score = fake_score
         self.t_lo, self.t_hi = t_range
+        # the fake score's denoising timesteps (None: the DM range; DMD2's code: [0, T))
+        self.fake_t_range = fake_t_range
         self.guidance_scale = guidance_scale
         self.compute_dtype = compute_dtype
         self.gan_generator_weight = gan_generator_weight
@@ -91,10 +95,12 @@ class DistributionMatching:
         return self.gan_discriminator_weight > 0
 
     # -- pieces -----------------------------------------------------------------------
-    def sample_t(self, n: int) -> Tensor:
+    def sample_t(self, n: int, t_range: Optional[tuple[int, int]] = None) -> Tensor:
+        """t ~ U{lo … hi} (inclusive; default the DM range) from the trainer's generator."""
         from diffdistill.schedule import sample_uniform_t
 
-        return sample_uniform_t(n, self.t_lo, self.t_hi, generator=self.trainer.generator)
+        lo, hi = t_range or (self.t_lo, self.t_hi)
+        return sample_uniform_t(n, lo, hi, generator=self.trainer.generator)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return self.trainer.backbone.schedule.add_noise(x0, noise, t.cpu())
@@ -152,7 +158,7 @@ class DistributionMatching:
         discriminator's GAN loss on noised real vs generated samples at the same t."""
         tr = self.trainer
         n = x.shape[0]
-        t = self.sample_t(n)
+        t = self.sample_t(n, self.fake_t_range)
         noise = tr.randn(*x.shape)
         x_t = self.add_noise(x, noise, t)
         den = self.fake_denoiser(self.fake_score)

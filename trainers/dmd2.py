@@ -95,8 +95,10 @@ class DMD2Section:
     timesteps: list[int] = field(default_factory=lambda: [999])  # 1-step: [999] (SDXL: [399])
     backward_simulation: bool = True  # multi-step inputs from the student's own chain
     fake_updates_per_generator_update: int = 10  # TTUR: 10 SD1.5, 5 ImageNet / SDXL
-    dm_t_min: float = 0.02  # DM / fake-score t ~ U[0.02T, 0.98T]
+    dm_t_min: float = 0.02  # DM t ~ U[0.02T, 0.98T] (DMD2)
     dm_t_max: float = 0.98
+    # the fake score's denoising t: "dm" the DM range above, "all" U{0..T−1} (DMD2's code)
+    fake_timesteps: Literal["dm", "all"] = "dm"
     fake_lr: Optional[float] = None  # fake score + GAN head (None: train.lr, as DMD2)
     gan_generator_weight: float = 1e-3  # 1e-3 SD1.5, 3e-3 ImageNet, 5e-3 SDXL; 0: no GAN
     gan_discriminator_weight: float = 1e-2  # DMD2: 1e-2; 0: no GAN head at all
@@ -278,7 +280,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
             t_range=(self.t_lo, self.t_hi), guidance_scale=d.guidance_scale,
             compute_dtype=self.x0_dtype, gan_generator_weight=d.gan_generator_weight,
             gan_discriminator_weight=d.gan_discriminator_weight, gan_balance=d.gan_balance,
-            weight_fn=self.dm_weight, penalty_fn=self.discriminator_penalty)
+            weight_fn=self.dm_weight, penalty_fn=self.discriminator_penalty,
+            fake_t_range=(0, T - 1) if d.fake_timesteps == "all" else None)
         self._lpips = None
 
     # -- networks as denoisers --------------------------------------------------------

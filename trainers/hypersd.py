@@ -137,8 +137,8 @@ class ScoreDistillSection:
     guidance_scale: float = 1.75  # real-score CFG (DMD2 SD1.5 low-guidance; 8 for SDXL)
     weight: float = 1.0  # λ_DM relative to the TSCD loss
     fake_updates_per_generator_update: int = 5  # DMD2 TTUR: 5 (SDXL) / 10 (SD1.5)
-    t_min: float = 0.02  # DM / fake-score t ~ U[0.02T, 0.98T] (DMD2)
-    t_max: float = 0.98
+    t_min: float = 0.02  # DM and fake-score t ~ U[0.02T, 0.98T] (DMD2's DM range; its
+    t_max: float = 0.98  # code trains the fake score on [0, T): dmd2.fake_timesteps=all)
     fake_lr: Optional[float] = None  # None: train.lr (DMD2)
     # the one-step generator's conditioning timestep (None: T−1), also the unified LoRA's
     # 1-step sampling timestep; Hyper-SDXL's 1-step UNet starts at 800 (docs/one_step.md)
