@@ -650,15 +650,23 @@ class LatentRewardModel(nn.Module):
 
 
 def lrm_preference_loss(lrm_scores: Tensor, expert_scores: Tensor,
-                        expert_logit_scale: float = 1.0) -> Tensor:
+                        expert_logit_scale: float = 1.0, pairwise: bool = False) -> Tensor:
     """Per-sample ``KL(softmax(s · expert) ‖ softmax(lrm))`` over the candidate axis (dim 1).
 
     ``lrm_scores`` / ``expert_scores``: ``[N, K]`` scores of K candidates for N prompts;
     ``expert_logit_scale`` s turns expert rewards into logits (the reward's ``logit_scale``).
+    ``pairwise``: the sum over the K(K−1)/2 candidate pairs of the same KL on each pair (a
+    Bradley–Terry preference per pair), which is how RG-LCD's reference code trains its LRM on
+    the triplet; the default is one K-way softmax.
     """
     if lrm_scores.shape != expert_scores.shape or lrm_scores.ndim != 2:
         raise ValueError(f"need matching [N, K] scores, got {tuple(lrm_scores.shape)} and "
                          f"{tuple(expert_scores.shape)}")
+    if pairwise:
+        k = lrm_scores.shape[1]
+        return sum(lrm_preference_loss(lrm_scores[:, [i, j]], expert_scores[:, [i, j]],
+                                       expert_logit_scale)
+                   for i in range(k) for j in range(i + 1, k))
     target = F.softmax(expert_scores.detach().float() * expert_logit_scale, dim=1)
     log_q = F.log_softmax(lrm_scores.float(), dim=1)
     return F.kl_div(log_q, target, reduction="none").sum(dim=1)

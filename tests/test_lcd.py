@@ -391,13 +391,13 @@ def test_lora_export_loads_in_a_stock_pipeline_with_lcm_scheduler(sd_dir, tmp_pa
 # ----------------------------------------------------------------------------- RG-LCD
 
 
-def rg_cfg(sd_dir, out, tiny_clip, mode, adapter="lora", **kw):
+def rg_cfg(sd_dir, out, tiny_clip, mode, adapter="lora", lrm_loss="softmax", **kw):
     cfg_file, weights, _ = tiny_clip
     return make_cfg(sd_dir, out, cls=RGLCDConfig, adapter=adapter,
                     rglcd={"mode": mode, "beta": 0.5},
                     reward={"kind": "clip", "path": str(weights), "model_name": TINY_CLIP,
                             "config_path": str(cfg_file)},
-                    lrm={"width": 16, "depth": 2}, **kw)
+                    lrm={"width": 16, "depth": 2, "loss": lrm_loss}, **kw)
 
 
 def test_rglcd_direct_reward_backpropagates_through_the_decoder(sd_dir, tiny_clip, tmp_path):
@@ -415,13 +415,15 @@ def test_rglcd_direct_reward_backpropagates_through_the_decoder(sd_dir, tiny_cli
         float(logs["loss_lcd"]) - 0.5 * float(logs["reward"]), abs=1e-6)
 
 
-def test_rglcd_lrm_fits_the_expert_on_triplets_and_guides_the_student(sd_dir, tiny_clip,
-                                                                       tmp_path):
+@pytest.mark.parametrize("lrm_loss", ["softmax", "pairwise"])
+def test_rglcd_lrm_fits_the_expert_on_triplets_and_guides_the_student(lrm_loss, sd_dir,
+                                                                       tiny_clip, tmp_path):
     from diffdistill.trainers.lcd import pooled_text
 
     from diffdistill.rewards import lrm_preference_loss
 
-    tr, batch = ready(rg_cfg(sd_dir, tmp_path, tiny_clip, "lrm"), RGLCDTrainer)
+    tr, batch = ready(rg_cfg(sd_dir, tmp_path, tiny_clip, "lrm", lrm_loss=lrm_loss),
+                      RGLCDTrainer)
     lrm = tr.unwrap(tr.reward_term.lrm)
     tr.generator.manual_seed(2)
     terms = tr.consistency_terms(batch)
@@ -437,7 +439,8 @@ def test_rglcd_lrm_fits_the_expert_on_triplets_and_guides_the_student(sd_dir, ti
         expert = tr.reward_model(tr.backbone.decode_latents(cands),
                                  [p for p in terms.prompts for _ in range(3)]).view(n, 3)
         scores = lrm(cands, pooled_text(terms.cond).repeat_interleave(3, 0)).view(n, 3)
-    expected = lrm_preference_loss(scores, expert, tr.reward_model.logit_scale).mean()
+    expected = lrm_preference_loss(scores, expert, tr.reward_model.logit_scale,
+                                   pairwise=lrm_loss == "pairwise").mean()
     lrm_before = [p.detach().clone() for p in lrm.parameters()]
     student_before = [p.detach().clone() for p in tr.trainable["unet"]]
     logs = tr.reward_term.update(terms)

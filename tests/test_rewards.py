@@ -193,6 +193,23 @@ def test_lrm_preference_loss_is_the_kl_of_softmaxed_scores():
                           torch.zeros(5), atol=1e-6)
 
 
+def test_pairwise_lrm_loss_sums_the_three_pairwise_kls():
+    """RG-LCD reference form: Σ_{i<j} KL(σ(s·[e_i, e_j]) ‖ σ([l_i, l_j])), by hand; it differs
+    from the 3-way softmax KL."""
+    g = torch.Generator().manual_seed(1)
+    lrm, expert = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+
+    def kl2(i, j):
+        p = torch.sigmoid(2.0 * (expert[:, i] - expert[:, j]))
+        q = torch.sigmoid(lrm[:, i] - lrm[:, j])
+        return p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+
+    manual = kl2(0, 1) + kl2(0, 2) + kl2(1, 2)
+    got = lrm_preference_loss(lrm, expert, 2.0, pairwise=True)
+    assert torch.allclose(got, manual, atol=1e-6)
+    assert not torch.allclose(got, lrm_preference_loss(lrm, expert, 2.0), atol=1e-3)
+
+
 def test_lrm_loss_decreases_on_fixed_preference_data():
     g = torch.Generator().manual_seed(0)
     n = 8

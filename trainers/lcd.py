@@ -132,6 +132,9 @@ class LRMSection:
     lr: float = 1e-4
     expert_logit_scale: Optional[float] = None  # None: the reward model's own logit scale
     loss_weight: float = 1.0  # scale of the LRM's KL loss (reference rm_loss_scale 1)
+    # "softmax": one KL over the 3-way softmax of the triplet; "pairwise": the sum of the three
+    # pairwise KLs, as RG-LCD's reference code does
+    loss: Literal["softmax", "pairwise"] = "softmax"
 
 
 @dataclass
@@ -428,6 +431,7 @@ class LatentProxyReward:
         self.logit_scale = (c.expert_logit_scale if c.expert_logit_scale is not None
                             else trainer.reward_model.logit_scale)
         self.use_text = c.text
+        self.pairwise = c.loss == "pairwise"
 
     def _text(self, terms: LCDTerms) -> Optional[Tensor]:
         return pooled_text(terms.cond) if self.use_text else None
@@ -453,7 +457,8 @@ class LatentProxyReward:
         text = self._text(terms)
         scores = self.lrm(cands, None if text is None else text.repeat_interleave(3, dim=0))
         scores = scores.view(n, 3)
-        loss = lrm_preference_loss(scores, expert, self.logit_scale).mean()
+        loss = lrm_preference_loss(scores, expert, self.logit_scale,
+                                   pairwise=self.pairwise).mean()
         tr.step("lrm", tr.cfg.lrm.loss_weight * loss)
         agree = (scores.detach().argmax(dim=1) == expert.argmax(dim=1)).float().mean()
         return {"loss_lrm": loss.detach(), "lrm_agreement": agree,
