@@ -360,10 +360,25 @@ def save_full_pipeline(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    drop_build_paths(out)
     if kind == "pixel" and backbone.num_classes is not None:
         (out / SIDECAR).write_text(json.dumps(
             {"num_classes": backbone.num_classes, "null_class": backbone.null_class}, indent=1))
     return out
+
+
+def drop_build_paths(folder) -> list[Path]:
+    """Remove ``_name_or_path`` (the folder a part was loaded from: a path of the machine that
+    built it) from every ``config.json`` under ``folder``; returns the files changed. A shipped
+    or shared pipeline folder should not carry the builder's directory layout."""
+    changed = []
+    for cfg in sorted(Path(folder).rglob("config.json")):
+        data = json.loads(cfg.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            changed.append(cfg)
+    return changed
 
 
 # ----------------------------------------------------------------------------- model card

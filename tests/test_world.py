@@ -316,3 +316,43 @@ def test_pyproject_lists_every_world_asset_folder():
     folders = {".".join(d.relative_to(root).parts) for d in [assets, *assets.rglob("*")]
                if d.is_dir() and not d.name.startswith((".", "__"))}
     assert folders and folders <= listed, sorted(folders - listed)
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_shipped_json_holds_no_absolute_build_path():
+    """Every JSON the package ships (world assets, configs) is free of the building
+    machine's absolute paths (``_name_or_path`` and the like)."""
+    import re
+
+    from diffdistill.world import ASSETS_DIR
+
+    roots = [Path(ASSETS_DIR), Path(__file__).resolve().parents[1] / "configs"]
+    bad = []
+    for root in roots:
+        for f in root.rglob("*.json"):
+            for s in _strings(json.loads(f.read_text())):
+                if re.match(r"^(/|[A-Za-z]:\\)", s) or "/work/" in s or "/home/" in s:
+                    bad.append(f"{f}: {s}")
+    assert not bad, bad[:5]
+
+
+def test_drop_build_paths(tmp_path):
+    from diffdistill.export import drop_build_paths
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(
+        {"_name_or_path": "/home/me/run/unet", "in_channels": 4}))
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_name_or_path": "x"}))
+    assert drop_build_paths(tmp_path) == [tmp_path / "unet" / "config.json"]
+    assert json.loads((tmp_path / "unet" / "config.json").read_text()) == {"in_channels": 4}
+    assert drop_build_paths(tmp_path) == []

@@ -60,6 +60,8 @@ from typing import Callable, Optional
 
 import torch
 
+from diffdistill.export import drop_build_paths
+
 from . import ASSETS_DIR, REF_STATS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -612,7 +614,7 @@ def run_report(ctx: BuildContext) -> dict:
         teachers[name] = {"sampler": "ddim", "steps": r["steps"],
                           "num_samples": r["num_samples"], "rows": rows,
                           "best_guidance_scale": best["guidance_scale"],
-                          "grid": str(grid_path)}
+                          "grid": str(grid_path.relative_to(ctx.work))}  # in the work dir
     sizes = {k: v for k, v in asset_sizes(ctx.out).items() if k != "world.json"}
     total = sum(sizes.values())  # + world.json itself (a few kB) once written
     forbidden = [f for f in sizes if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
@@ -721,6 +723,7 @@ def build_world(scale: str = "full", out=None, work=None, only=None, force: bool
             world["teachers"] = metrics["teachers"]
             world["total_bytes"] = metrics["total_bytes"]
         world["stages"][stage] = entry
+        drop_build_paths(out)  # no path of the building machine in the shipped configs
         _merge_stages_from_disk(world_path, world)
         _summaries(world)
         _atomic_write_json(world_path, world)
