@@ -503,7 +503,11 @@ def test_full_export_is_a_stock_pipeline_matching_the_sampler(runs):
     ours = tr.sample_latents([3, 4], tr.backbone.encode_prompts(PROMPTS, with_uncond=False))
     stock = _pipe_latents(pipe, PROMPTS, [3, 4], 4)
     assert rel_err(stock, ours) < 1e-4 and float(ours.std()) > 0.1
-    assert "dmd2" in (tr.out / "export" / "README.md").read_text()
+    card = (tr.out / "export" / "README.md").read_text()
+    assert "dmd2" in card
+    # the card's example prompt is a caption of the run's own training data
+    assert tr.card_prompt() == tr.dataset[0]["caption"] != "a photo of a cat"
+    assert f'pipe("{tr.card_prompt()}"' in card and "a photo of a cat" not in card
     # diffdistill sample / bench read the recorded grid, not LCM's default 50-step one
     from diffdistill.eval.harness import BenchModel, load_eval_model
 

@@ -45,6 +45,17 @@ def frozen(module: Optional[nn.Module]):
 class BackboneMixin:
     backbone = None
 
+    def card_prompt(self, default: str = "a photo of a cat") -> str:
+        """The model card's example prompt: the first caption of the run's own training data
+        (a prompt the model has seen), else ``default``."""
+        ds = getattr(self, "dataset", None)
+        try:
+            item = ds[0] if hasattr(ds, "__getitem__") else next(iter(ds))
+            caption = item.get("caption") if isinstance(item, dict) else None
+        except Exception:  # no data, an empty or unreadable source: the generic prompt
+            caption = None
+        return caption if isinstance(caption, str) and caption.strip() else default
+
     def load_backbone(self):
         from diffdistill.backbone import load_backbone, set_attention_backend
 

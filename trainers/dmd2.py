@@ -479,7 +479,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
                           timesteps=list(self.timesteps), method=self.method,
                           guidance_embedding=False)
         if lora:
-            write_model_card(out, method=self.method, base_model=base_model,
+            write_model_card(out, prompt=self.card_prompt(),
+                             method=self.method, base_model=base_model,
                              steps=steps, guidance_scale=1.0, scheduler="lcm", lora=True,
                              kind=bb.kind, scheduler_kwargs=sched_kwargs,
                              call_kwargs=call_kwargs, extra=extra)
@@ -490,7 +491,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
                                  "pipeline passes class labels, so step the scheduler by hand "
                                  "as above")
             code = pixel_usage_code(str(out), self.timesteps, ois, self.shape)
-        write_model_card(out, method=self.method, base_model=base_model, steps=steps,
+        write_model_card(out, prompt=self.card_prompt(),
+                         method=self.method, base_model=base_model, steps=steps,
                          guidance_scale=1.0, scheduler="lcm", lora=False, kind=bb.kind,
                          call_kwargs=call_kwargs, extra=extra, code=code)
         return out

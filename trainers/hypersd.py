@@ -673,7 +673,8 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         stages = [f"{st.segments}{' +DM' if st.score_distill else ''}"
                   f"{' +reward' if st.reward else ''} ({st.steps or 'rest'})" for st in p.stages]
         write_model_card(
-            out_dir, method=self.method, base_model=resolve_model_path(self.cfg.model.path),
+            out_dir, prompt=self.card_prompt(),
+            method=self.method, base_model=resolve_model_path(self.cfg.model.path),
             steps=p.export_steps, guidance_scale=p.guidance_scale, scheduler="tcd",
             lora=self.lora, kind=bb.kind, scheduler_kwargs=sched_kwargs if self.lora else None,
             call_kwargs={"eta": p.gamma},

@@ -391,7 +391,8 @@ class ICTTrainer(BackboneMixin, Trainer):
         if bb.kind != "pixel":
             extra["note"] = ("stock StableDiffusion pipeline with CMStochasticIterativeScheduler"
                              "; sample with guidance_scale=1 (no unconditional branch trained)")
-        write_model_card(out_dir, method="ict", base_model=self.cfg.model.path, steps=1,
+        write_model_card(out_dir, prompt=self.card_prompt(),
+                         method="ict", base_model=self.cfg.model.path, steps=1,
                          guidance_scale=1.0, scheduler="cm", lora=False, kind=bb.kind,
                          extra=extra)
         return out_dir

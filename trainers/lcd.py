@@ -381,7 +381,8 @@ class LCDTrainer(BackboneMixin, Trainer):
         save_generator(bb, self.generator_unet(), out_dir, lora=lora, scheduler="lcm",
                        scheduler_kwargs=sched_kwargs)
         gs = self.export_guidance_scale
-        write_model_card(out_dir, method=self.method, base_model=resolve_model_path(
+        write_model_card(out_dir, prompt=self.card_prompt(),
+                         method=self.method, base_model=resolve_model_path(
             self.cfg.model.path), steps=p.export_steps, guidance_scale=gs, scheduler="lcm",
             lora=lora, kind=bb.kind, scheduler_kwargs=sched_kwargs if lora else None,
             extra={"adapter": self.cfg.adapter.type, "w range": f"[{p.w_min}, {p.w_max}]",

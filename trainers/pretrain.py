@@ -121,7 +121,8 @@ class PretrainTrainer(BackboneMixin, Trainer):
 
         unet = self.generator_unet()
         save_full_pipeline(self.backbone, unet, out_dir, scheduler="teacher")
-        write_model_card(out_dir, method="pretrain", base_model=self.cfg.model.path,
+        write_model_card(out_dir, prompt=self.card_prompt(),
+                         method="pretrain", base_model=self.cfg.model.path,
                          steps=50, guidance_scale=self.cfg.pretrain.guidance_scale,
                          scheduler="teacher", lora=False, kind=self.backbone.kind)
         return out_dir
