@@ -46,7 +46,6 @@ import copy
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import re
 from collections import OrderedDict
@@ -202,6 +201,9 @@ def load_backbone(
     module docstring); ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``;
     ``prediction_type`` overrides the scheduler config's (for a mislabelled folder).
     """
+    from .quiet import apply_to_loaded_libraries
+
+    apply_to_loaded_libraries()
     folder, index = _validate_path(path)
     sidecar = _read_json(folder / SIDECAR) if (folder / SIDECAR).is_file() else {}
 
@@ -752,17 +754,3 @@ def clone_unet(unet: nn.Module, dtype: Optional[torch.dtype] = None, *,
 
 #: samplers with a ``clip_denoised`` option (diffdistill.sampling)
 CLIPPING_SAMPLERS = ("onestep", "lcm", "cm", "ddim")
-
-
-class _EmptyFp32ModulesFilter(logging.Filter):
-    """diffusers (0.36+) warns on every ``model.to(dtype)`` that "modules ... should be kept in
-    float32: []" even when that list is empty; the toolkit casts UNets on purpose (frozen
-    fp16 teacher, fp32 trainable copy), so the empty-list form is dropped. A non-empty list
-    still warns."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return "should be kept in float32: []" not in msg
-
-
-logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ModulesFilter())

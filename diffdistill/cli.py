@@ -224,6 +224,9 @@ def cmd_world(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from diffdistill.quiet import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose)  # libraries' bars and chatter: only with -v
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     from diffdistill.config import ConfigError

@@ -1,6 +1,7 @@
 """The `diffdistill` command end to end on tiny models: train, export, sample, help, errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,23 @@ def test_export_without_checkpoint_is_an_error(pixel_dir, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     meta = json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])
     assert meta["step"] == 2
+
+
+def test_transcript_is_quiet_unless_verbose(tmp_path):
+    """The libraries' load bars ("Loading weights", diffusers' component bar) stay off in the
+    CLI's transcript; -v brings them back; the toolkit's own generation bar always shows."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+                        "DIFFUSERS_VERBOSITY", "DIFFDISTILL_QUIET")}
+
+    def run(*flags):
+        cmd = [sys.executable, "-m", "diffdistill.cli", *flags, "sample", "world:teacher_latent",
+               "--steps", "1", "--num", "1", "--prompt", "a photo of a bag",
+               "--out", str(tmp_path / "s.png")]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout + done.stderr
+
+    quiet, verbose = run(), run("-v")
+    assert "generate (ddim, 1 steps)" in quiet and "Loading weights" not in quiet
+    assert "Loading weights" in verbose
