@@ -110,6 +110,8 @@ class LogConfig:
     grid_every: int = 0  # PNG grid of samples from fixed seeds every N steps (0: off)
     grid_size: int = 16
     grid_steps: int = 4
+    heartbeat_s: float = 0.0  # >0: a "[name] step k/N, it/s, ETA" line this often (no bar)
+    name: str = ""  # the run's label in heartbeat lines (default: the method)
 
 
 @dataclass

@@ -162,7 +162,8 @@ def _train_worker(job: tuple) -> tuple[str, dict]:
     key, out, steps, tiny, threads = job
     torch.set_num_threads(threads)
     return key, train_method(key, Path(out), steps=steps, tiny=tiny,
-                             overrides=["log.progress=false"])
+                             overrides=["log.progress=false", "log.heartbeat_s=10",
+                                        f"log.name={json.dumps(METHODS[key].label)}"])
 
 
 def train_methods(keys: Sequence[str], out: Path, *, steps: Optional[int] = None,
@@ -184,7 +185,7 @@ def train_methods(keys: Sequence[str], out: Path, *, steps: Optional[int] = None
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     print(f"      {len(keys)} methods in {jobs} worker processes ({threads} thread(s) each); "
-          "each prints a line when done")
+          "each reports its step, speed and ETA every 10 s and a line when done")
     done = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(_train_worker, (k, str(out), steps, tiny, threads))

@@ -38,14 +38,16 @@ def test_demo_rejects_unknown_method(tiny_world, tmp_path, monkeypatch, capsys):
     assert "dmd3" in capsys.readouterr().err
 
 
-def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, capsys):
+def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, capfd):
     from diffdistill.demo import MAIN_METHODS, METHODS, run_demo, train_method
 
     monkeypatch.setenv(WORLD_DIR_ENV, str(tiny_world[0]))
     out = tmp_path / "demo"
     res = run_demo(out=str(out), methods=list(MAIN_METHODS), train_steps=6, num_samples=8,
                    tiny=True, jobs=2, command="diffdistill demo --all --smoke")
-    text = capsys.readouterr().out
+    text = capfd.readouterr().out
+    # the worker processes report progress under each method's label (the last step always)
+    assert all(f"[{METHODS[k].label}] step 6/6" in text for k in MAIN_METHODS)
     # every method trained for its budget and exported
     assert list(res.trained) == list(MAIN_METHODS)
     for key in res.trained:

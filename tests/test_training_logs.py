@@ -144,3 +144,31 @@ def test_convergence_command(tmp_path, capsys):
     assert "metrics.jsonl" in capsys.readouterr().err
     assert main(["convergence", str(tmp_path / "empty")]) == 2
     assert "eval.every" in capsys.readouterr().err
+
+
+def test_heartbeat_lines_come_every_period_with_rate_and_eta():
+    from diffdistill.trainers.metrics_log import Heartbeat
+
+    now, lines = [0.0], []
+    beat = Heartbeat("DMD2 (no GAN)", total=100, every_s=10.0, start_step=20,
+                     clock=lambda: now[0], write=lines.append)
+    now[0] = 5.0
+    assert beat.tick(25) is None  # not yet 10 s
+    now[0] = 10.0
+    assert beat.tick(40) == "[DMD2 (no GAN)] step 40/100  2.00 it/s  ETA 0m 30s"
+    now[0] = 12.0
+    assert beat.tick(44) is None
+    now[0] = 13.0
+    beat.tick(100)  # the last step always reports
+    assert lines == ["[DMD2 (no GAN)] step 40/100  2.00 it/s  ETA 0m 30s",
+                     "[DMD2 (no GAN)] step 100/100  6.15 it/s  ETA 0m 00s"]
+
+
+def test_trainer_heartbeat_with_a_label(pixel_dir, tmp_path, capsys):
+    tr = _dmd2(pixel_dir, tmp_path / "h", 2)
+    tr.cfg.log.heartbeat_s = 1e-9
+    tr.cfg.log.name = "DMD2 (no GAN)"
+    tr.fit()
+    out = capsys.readouterr().out
+    assert "[DMD2 (no GAN)] step 1/2" in out and "[DMD2 (no GAN)] step 2/2" in out
+

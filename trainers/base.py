@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from diffdistill.config import BaseConfig, ConfigError, config_to_dict, save_config
 
-from .metrics_log import LogWindow, MetricsLogger
+from .metrics_log import Heartbeat, LogWindow, MetricsLogger
 
 log = logging.getLogger("diffdistill.train")
 
@@ -498,6 +498,9 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.global_step, desc=self.method,
                    disable=not (acc.is_main_process and self.cfg.log.progress), dynamic_ncols=True)
         batches = self._batches()
+        beat = (Heartbeat(self.cfg.log.name or self.method, t.max_steps, self.cfg.log.heartbeat_s,
+                          start_step=self.global_step)
+                if self.cfg.log.heartbeat_s > 0 and acc.is_main_process else None)
         last: dict[str, float] = {}
         t0, steps0 = time.perf_counter(), self.global_step
         while self.global_step < t.max_steps:
@@ -505,6 +508,8 @@ class Trainer:
             self.log_window.add(self.train_iteration(batches))
             self.train_wall_s += time.perf_counter() - tick
             bar.update(1)
+            if beat is not None:
+                beat.tick(self.global_step)
             if self.global_step % self.cfg.log.every == 0 or self.global_step == t.max_steps:
                 rate = (self.global_step - steps0) / max(time.perf_counter() - t0, 1e-9)
                 last = {**self.log_window.pop(), "it_per_s": rate,
