@@ -167,10 +167,18 @@ def _load_model(folder: Path, entry, name: str, dtype, device, variant):
         kw["use_safetensors"] = True
     if variant is not None:
         kw["variant"] = variant
-    if entry[0] == "diffusers":
-        model = cls.from_pretrained(str(sub), torch_dtype=dtype, **kw)
-    else:  # transformers: cast after loading (its dtype keyword changed name across majors)
-        model = cls.from_pretrained(str(sub), **kw).to(dtype)
+    try:
+        if entry[0] == "diffusers":
+            model = cls.from_pretrained(str(sub), torch_dtype=dtype, **kw)
+        else:  # transformers: cast after loading (its dtype keyword changed name across majors)
+            model = cls.from_pretrained(str(sub), **kw).to(dtype)
+    except Exception as e:  # a truncated / corrupt weight file or config: one line, not 16 frames
+        from .config import ConfigError
+
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{sub}: its {name} cannot be loaded ({type(e).__name__}: {first}); "
+                          "the model folder is damaged or incomplete: copy or export it "
+                          "again") from None
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -20,6 +20,17 @@ adapter.type(lora|full) adapter.rank adapter.alpha.  Multi-GPU:
 """
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 steps or images is a mistake, not a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config (its 'method' key picks the trainer)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
@@ -47,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt (repeatable); text-to-image models")
     p.add_argument("--class-label", type=int, action="append", default=None,
                    help="class index (repeatable); class-conditional pixel models")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=_positive_int, default=None,
                    help="number of sampling steps (default: the export's recorded steps, or 4)")
     p.add_argument("--sampler", default="auto",
                    help="auto (from the folder's scheduler), onestep, lcm, tcd, ddim, euler, heun")
@@ -55,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CFG scale (1 = off; a full LCM embeds it instead); default: the "
                    "export's recorded value, or 1")
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
-    p.add_argument("--num", type=int, default=4, help="images per prompt")
+    p.add_argument("--num", type=_positive_int, default=4, help="images per prompt")
     p.add_argument("--out", default="samples.png", help="output PNG (a grid)")
 
     p = sub.add_parser("export", help="(re-)export a run's newest checkpoint")
@@ -110,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or an ablation: dmd2-t999, dmd2-nogan, dmd2-4step, dmd2-4step-nogan, dmd2-pixel, "
                    "dmd2-pixel-nogan, dmd2-pixel-4step, rglcd-lrm (default: lcd-lora,dmd2)")
     g.add_argument("--all", action="store_true", help="the seven main methods")
-    p.add_argument("--train-steps", type=int, default=None,
+    p.add_argument("--train-steps", type=_positive_int, default=None,
                    help="optimizer steps per method (default: each method's demo budget)")
-    p.add_argument("--num-samples", type=int, default=1000,
+    p.add_argument("--num-samples", type=_positive_int, default=1000,
                    help="samples per model and step count for the metrics")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=_positive_int, default=1,
                    help="train the methods in this many worker processes (they split the CPU "
                    "threads; 2 on a 2-core machine halves the wall time)")
     p.add_argument("--effnet", action="store_true",

@@ -372,11 +372,10 @@ def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torc
     ``sampler_opts`` are passed on, the recorded guidance (and TCD gamma) when the entry
     gives none, consistency samplers get the LCM boundary, and a UNet with a guidance
     embedding (``time_cond_proj_dim``) gets w = guidance − 1 instead of CFG."""
-    from diffdistill.trainers.common import resolve_model_path
-
     from diffdistill.backbone import load_backbone
     from diffdistill.denoiser import LCMConsistency
     from diffdistill.generate_cli import choose_sampler, load_lora_into
+    from diffdistill.world import resolve_model_path
 
     path = Path(resolve_model_path(spec.path))
     lora_dir = Path(spec.lora) if spec.lora else None
@@ -854,6 +853,16 @@ def _protocol(cfg: BenchConfig, prompts: EvalPrompts, ref_count: int, detectors,
     }
 
 
+def _check_model_paths(cfg: BenchConfig) -> None:
+    """Every model folder and LoRA folder exists (one line naming the entry, else)."""
+    from diffdistill.world import resolve_model_path
+
+    for i, m in enumerate(cfg.models):
+        for key, value in (("path", m.path), ("lora", m.lora)):
+            if value and not Path(resolve_model_path(value)).exists():
+                raise ConfigError(f"models[{i}].{key}={value!r} ({m.name}) does not exist")
+
+
 def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None):
     """Evaluate every model × steps of ``cfg``; rank 0 writes the report into ``cfg.out``.
     Returns :class:`diffdistill.eval.report.BenchResults` (on every rank)."""
@@ -867,6 +876,7 @@ def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None)
         raise ConfigError(f"dtype={cfg.dtype} needs CUDA (this run is on {device}); "
                           "set dtype=fp32")
     out = Path(cfg.out)
+    _check_model_paths(cfg)  # before minutes of reference features
     prompts = build_eval_prompts(cfg)
     ref = cfg.reference
     ref_count = reference_count(ref)

@@ -104,8 +104,9 @@ def test_pickle_with_payload_is_refused(pixel_dir, tmp_path):
         f.unlink()
     with open(evil / "unet" / "diffusion_pytorch_model.bin", "wb") as fh:
         pickle.dump({"x": _Payload()}, fh)
-    # diffusers reads a .bin with torch.load(weights_only=True), which refuses the payload
-    with pytest.raises(OSError, match="Unable to load weights from checkpoint file"):
+    # diffusers reads a .bin with torch.load(weights_only=True), which refuses the payload; the
+    # toolkit turns its OSError into one line naming the folder
+    with pytest.raises(ConfigError, match="unet cannot be loaded.*Unable to load weights"):
         PretrainTrainer(cfg_for(evil, tmp_path / "o")).setup()
     assert not os.path.exists("/tmp/diffdistill-pwned")
     from diffdistill.eval.features import load_state_dict_file
@@ -343,3 +344,61 @@ def test_clip_weights_wrong_file(tmp_path):
 #     test_data.py::test_mode_conversion, ::test_palette_images_with_and_without_transparency,
 #     ::test_corrupt_file_is_skipped_counted_and_logged, ::test_all_files_corrupt_raises
 # a killed run / a half-written checkpoint: test_crash_resume.py
+
+
+def test_bench_refuses_a_missing_model_before_reference_features(tmp_path, monkeypatch):
+    """A bench entry whose folder does not exist fails in one line before any reference
+    statistics are computed (minutes with the EfficientNet detector)."""
+    import diffdistill.eval.harness as harness
+
+    from diffdistill.config import ConfigError, build_config
+
+    def no_reference(*a, **k):
+        raise AssertionError("reference statistics computed before the model check")
+
+    monkeypatch.setattr(harness, "reference_statistics", no_reference)
+    cfg = build_config(harness.BenchConfig, {
+        "models": [{"name": "teacher", "path": "world:teacher_latent", "steps": [1]},
+                   {"name": "student", "path": str(tmp_path / "nope"), "steps": [1]}],
+        "num_samples": 8, "out": str(tmp_path / "b")})
+    with pytest.raises(ConfigError, match=r"models\[1\]\.path=.*nope.*\(student\) does not exist"):
+        harness.run_bench(cfg)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_training_on_an_empty_or_missing_image_folder_is_one_line(tmp_path, capsys):
+    from diffdistill.cli import main
+
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        code = main(["train", str(ROOT / "configs" / "dmd2" / "toy.yaml"),
+                     f"output_dir={tmp_path / 'o'}", "data.kind=imagefolder",
+                     f"data.path={folder}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "data.path=" in err, err
+
+
+def test_a_corrupt_weight_file_is_one_line(tmp_path, capsys):
+    import shutil
+
+    from diffdistill.cli import main
+    from diffdistill.world import asset_path
+
+    model = tmp_path / "model"
+    shutil.copytree(asset_path("teacher_latent"), model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    code = main(["train", str(ROOT / "configs" / "dmd2" / "toy.yaml"), f"model.path={model}",
+                 f"output_dir={tmp_path / 'o'}", "data.limit=64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "unet cannot be loaded" in err and "damaged" in err
+
+
+def test_zero_steps_is_refused(capsys):
+    from diffdistill.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sample", "world:teacher_latent", "--steps", "0"])
+    assert "must be >= 1, got 0" in capsys.readouterr().err

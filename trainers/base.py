@@ -239,7 +239,11 @@ class Trainer:
             kw.update(urls_or_paths=d.path, center_crop=d.center_crop, random_flip=d.random_flip,
                       seed=self.cfg.seed, shuffle_shards=d.shuffle_shards,
                       process_index=self.rank, num_processes=self.world)
-        return build_dataset(d.kind, **kw)
+        try:
+            return build_dataset(d.kind, **kw)
+        except (ValueError, OSError) as e:  # a missing / empty / unreadable source: one line
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"data.kind={d.kind} data.path={d.path!r}: {first}") from None
 
     def _is_deepspeed(self) -> bool:
         from accelerate.utils import DistributedType

@@ -14,6 +14,7 @@ from torch import nn
 
 from diffdistill.config import ConfigError
 from diffdistill.denoiser import Cond
+from diffdistill.world import resolve_model_path
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -214,22 +215,6 @@ def unsharded_rebuild(module: torch.nn.Module, state_dict: dict) -> torch.nn.Mod
         new = type(module).from_config(module.config)
     new.load_state_dict(state_dict, strict=True, assign=True)
     return new.eval()
-
-
-def resolve_model_path(path: str) -> str:
-    """``world:NAME`` → the embedded world's folder NAME (``diffdistill/world/assets/NAME``, or
-    under ``$DIFFDISTILL_WORLD_DIR``)."""
-    if path.startswith("world:"):
-        from diffdistill.world import asset_path
-
-        folder = asset_path(path[len("world:"):])
-        if not folder.exists():
-            raise ConfigError(f"model.path={path!r}: the embedded world has no {folder.name!r} "
-                              "(build it with `diffdistill world build`)")
-        return str(folder)
-    if not path:
-        raise ConfigError("model.path is empty: give a local diffusers folder (or world:NAME)")
-    return path
 
 
 def load_reward_from(section, key: str, device):

@@ -74,6 +74,7 @@ from torch import nn
 from diffdistill.config import BaseConfig, ConfigError
 from diffdistill.denoiser import Cond, lcm_boundary
 from diffdistill.losses import l2
+from diffdistill.world import resolve_model_path
 
 from .base import Trainer
 from .common import (
@@ -81,7 +82,6 @@ from .common import (
     BackboneMixin,
     frozen,
     grid_shape,
-    resolve_model_path,
     shared_weights_copy,
 )
 from .dm import DistributionMatching, ttur_generator_step

@@ -93,6 +93,7 @@ from diffdistill.losses import (
     gan_generator_loss,
     l2,
 )
+from diffdistill.world import resolve_model_path
 
 from .base import Trainer
 from .common import (
@@ -100,7 +101,6 @@ from .common import (
     BackboneMixin,
     frozen,
     grid_shape,
-    resolve_model_path,
     shared_weights_copy,
 )
 from .dm import DistributionMatching, ttur_generator_step

@@ -55,9 +55,10 @@ from torch import nn
 from diffdistill.config import BaseConfig, ConfigError
 from diffdistill.denoiser import Cond, LCMConsistency, guidance_scale_embedding
 from diffdistill.losses import elementwise_huber, l2
+from diffdistill.world import resolve_model_path
 
 from .base import Trainer
-from .common import _DTYPES, BackboneMixin, resolve_model_path
+from .common import _DTYPES, BackboneMixin
 
 Tensor = torch.Tensor
 

@@ -54,6 +54,22 @@ def asset_path(name: str, assets: Optional[Union[str, Path]] = None) -> Path:
     return Path(assets or world_dir()) / name
 
 
+def resolve_model_path(path: str) -> str:
+    """``world:NAME`` → the embedded world's folder NAME (``diffdistill/world/assets/NAME``, or
+    under ``$DIFFDISTILL_WORLD_DIR``); any other path unchanged."""
+    from diffdistill.config import ConfigError
+
+    if path.startswith("world:"):
+        folder = asset_path(path[len("world:"):])
+        if not folder.exists():
+            raise ConfigError(f"model.path={path!r}: the embedded world has no {folder.name!r} "
+                              "(build it with `diffdistill world build`)")
+        return str(folder)
+    if not path:
+        raise ConfigError("model.path is empty: give a local diffusers folder (or world:NAME)")
+    return path
+
+
 def world_info(assets: Optional[Union[str, Path]] = None) -> dict:
     """Contents of ``world.json`` (raises FileNotFoundError when the world is not built)."""
     path = asset_path("world.json", assets)
