@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo demo-all test test-world lint clean
+.PHONY: setup data demo demo-all test test-world lint clean report-shot
 
 setup: $(STAMP)
 
@@ -45,6 +45,17 @@ test-world: setup data
 
 lint: setup
 	$(VENV)/bin/ruff check diffdistill trainers eval tests
+
+# Look at runs/demo/report.html as a person would: headless Chromium (Debian's package, not
+# installed by `make test`) screenshots it at desktop and phone widths.
+REPORT ?= runs/demo/report.html
+report-shot:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,2400 \
+	  --screenshot=$(basename $(REPORT))-desktop.png file://$(abspath $(REPORT))
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=390,2400 \
+	  --screenshot=$(basename $(REPORT))-phone.png file://$(abspath $(REPORT))
+	@echo "wrote $(basename $(REPORT))-desktop.png and $(basename $(REPORT))-phone.png"
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

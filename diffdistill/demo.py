@@ -237,15 +237,6 @@ def run_bench_for(models: list[dict], out: Path, *, num_samples: int, tiny: bool
     return run_bench(cfg, command=f"{command} (bench stage)")
 
 
-def write_convergence_for(trained: dict, out: Path) -> dict[str, Path]:
-    """``convergence.json`` / ``.png`` in ``out`` from each trained run's periodic evals."""
-    from diffdistill.eval.convergence import collect, write_convergence
-
-    runs = {info["label"]: Path(info["export"]).parent for info in trained.values()}
-    paths = write_convergence(collect(runs), out)
-    return {f"convergence_{k}": v for k, v in paths.items()}
-
-
 def best_student(results, students: Sequence[str]):
     """The student row with the lowest first Fréchet distance (ties: fewer steps)."""
     metric = results.metrics[0]
@@ -265,6 +256,29 @@ def _world_check() -> dict:
     return info
 
 
+def _training_rows(result: DemoResult) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "config", "train steps", "batch", "train wall (s)", "threads", "adapter"]
+    rows = [[t["label"], t["config"], str(t["train_steps"]), str(t["batch_size"]),
+             f"{t['wall_s']:.0f}", str(t["threads"]), "LoRA" if t["lora"] else "full"]
+            for t in result.trained.values()]
+    return head, rows
+
+
+def _write_demo_html(result: DemoResult, command: str, total_s: float, bench_dir: Path) -> Path:
+    """``report.html``: what was trained, then the bench's table, grids and curves."""
+    import html
+
+    from diffdistill.eval.html_report import bench_sections, table_html, write_html
+
+    head, rows = _training_rows(result)
+    intro = (f"<p class=\"note\">Command: <code>{html.escape(command)}</code>; "
+             f"{total_s / 60:.1f} min in all. Train wall: each method's own training time.</p>")
+    sections = [("Training", intro + table_html(head, rows, 2)),
+                *bench_sections(result.bench, bench_dir)]
+    return write_html(result.paths["report"], f"diffdistill demo — {time.strftime('%Y-%m-%d')}",
+                      sections)
+
+
 def _markdown(result: DemoResult, command: str, total_s: float) -> str:
     from diffdistill.eval.report import markdown_table
 
@@ -274,10 +288,9 @@ def _markdown(result: DemoResult, command: str, total_s: float) -> str:
              "run is only re-exported).", "",
              "| method | config | train steps | batch | train wall (s) | threads | adapter |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for t in result.trained.values():
-        lines.append(f"| {t['label']} | `{t['config']}` | {t['train_steps']} | "
-                     f"{t['batch_size']} | {t['wall_s']:.0f} | {t['threads']} | "
-                     f"{'LoRA' if t['lora'] else 'full'} |")
+    for cells in _training_rows(result)[1]:
+        cells[1] = f"`{cells[1]}`"
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", markdown_table(result.bench)]
     return "\n".join(lines)
 
@@ -315,10 +328,13 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
     total = time.perf_counter() - t0
     bench_dir = root / "bench"
     result.paths = {"results": root / "results.md", "grid": bench_dir / "grid.png",
-                    "plot": bench_dir / "fid_vs_steps.png", **grids}
-    result.paths.update(write_convergence_for(result.trained, root))
+                    "plot": bench_dir / "fid_vs_steps.png",
+                    "convergence_json": bench_dir / "convergence.json",
+                    "convergence_plot": bench_dir / "convergence.png",
+                    "report": root / "report.html", **grids}
     text = _markdown(result, command, total)
     result.paths["results"].write_text(text)
+    _write_demo_html(result, command, total, bench_dir)
     (root / "demo.json").write_text(json.dumps(
         {"command": command, "total_s": round(total, 1), "trained": result.trained,
          "num_samples": num_samples}, indent=1, default=str))
@@ -328,9 +344,10 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
     print(f"  sample grid: {result.paths['grid']} (rows: the table's models; columns: the "
           "same seeds and prompts)")
     print(f"  FID vs steps: {result.paths['plot']}")
-    if "convergence_plot" in result.paths:
+    if result.paths["convergence_plot"].exists():
         print(f"  convergence: {result.paths['convergence_plot']} (FID of "
               f"{EVAL_SAMPLES if not tiny else 8} samples vs training step and wall time)")
+    print(f"  one page with all of it: {result.paths['report']}")
     best = best_student(result.bench, [METHODS[k].label for k in methods])
     if best is not None:
         key = next(k for k in methods if METHODS[k].label == best.model)

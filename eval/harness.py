@@ -876,13 +876,13 @@ def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None)
         raise ConfigError(f"dtype={cfg.dtype} needs CUDA (this run is on {device}); "
                           "set dtype=fp32")
     out = Path(cfg.out)
-    _check_model_paths(cfg)  # before minutes of reference features
     prompts = build_eval_prompts(cfg)
     ref = cfg.reference
     ref_count = reference_count(ref)
     _check_reference_size(ref_count, cfg.num_samples, ref,
                           "the Fashion-MNIST test split" if ref.kind == "fashion_mnist_test"
                           else f"reference.images {ref.images}")
+    _check_model_paths(cfg)  # before minutes of reference features
     res = _eval_resolution(ref)
     detectors = [_build_detector(n, cfg.detector_options, device) for n in cfg.detectors]
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "ref_stats"
@@ -943,6 +943,9 @@ def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None)
         curves = collect({k: v for k, v in runs.items() if v is not None})
         if curves:  # students exported by a run with periodic evals: how they got there
             write_convergence(curves, out)
+        from diffdistill.eval.html_report import write_bench_html
+
+        write_bench_html(results, out)
     acc.wait_for_everyone()
     return results
 

@@ -123,36 +123,39 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
 
 
-def markdown_table(results: BenchResults) -> str:
-    """The table (one row per model × steps) under a short statement of the protocol."""
+def table_parts(results: BenchResults) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """The bench table's pieces, shared by the markdown and the HTML report: the protocol
+    sentence, the header, one row of cells per model × steps, and the notes below it."""
     p = results.protocol
     head = ["model", "steps", "sampler", "guidance", *results.metrics, "s/img", "peak mem (MB)"]
-    lines = [
-        (f"N = {p.get('num_samples')} samples, seeds {p.get('seeds')}, prompts: "
-         f"{p.get('prompts')}; reference: {p.get('reference')}."),
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|",
-    ]
-    for r in results.rows:
-        cells = [r.model, str(r.steps), r.sampler, f"{r.guidance_scale:g}",
-                 *[_fmt(r.metrics.get(m)) for m in results.metrics],
-                 f"{r.sec_per_image:.4f}", f"{r.peak_memory_mb:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    intro = (f"N = {p.get('num_samples')} samples, seeds {p.get('seeds')}, prompts: "
+             f"{p.get('prompts')}; reference: {p.get('reference')}.")
+    rows = [[r.model, str(r.steps), r.sampler, f"{r.guidance_scale:g}",
+             *[_fmt(r.metrics.get(m)) for m in results.metrics],
+             f"{r.sec_per_image:.4f}", f"{r.peak_memory_mb:.1f}"] for r in results.rows]
     kinds = sorted({r.peak_memory_kind for r in results.rows})
-    notes = [""]
+    notes = []
     for name, text in (p.get("fd") or {}).items():
-        notes.append(f"- {name}: {text}.")
+        notes.append(f"{name}: {text}.")
     if p.get("clip_score"):
-        notes.append(f"- {CLIP_METRIC}: {p['clip_score']}.")
-    notes.append(f"- s/img: {p.get('sec_per_image')}.")
-    notes.append(f"- peak mem ({', '.join(kinds)}): {p.get('peak_memory')}.")
+        notes.append(f"{CLIP_METRIC}: {p['clip_score']}.")
+    notes.append(f"s/img: {p.get('sec_per_image')}.")
+    notes.append(f"peak mem ({', '.join(kinds)}): {p.get('peak_memory')}.")
     m = results.machine
-    notes.append(f"- machine: {m.get('gpu') or m.get('cpu')}, {m.get('num_processes')} "
+    notes.append(f"machine: {m.get('gpu') or m.get('cpu')}, {m.get('num_processes')} "
                  f"process(es), torch {m.get('torch')}, diffusers {m.get('diffusers')}; "
                  f"{results.date}.")
-    notes.append(f"- command: `{results.command}`")
-    return "\n".join(lines + notes) + "\n"
+    notes.append(f"command: `{results.command}`")
+    return intro, head, rows, notes
+
+
+def markdown_table(results: BenchResults) -> str:
+    """The table (one row per model × steps) under a short statement of the protocol."""
+    intro, head, rows, notes = table_parts(results)
+    lines = [intro, "", "| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
 def save_grid_rows(rows: Sequence[torch.Tensor | None], path, pad: int = 2,

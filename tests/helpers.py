@@ -73,3 +73,59 @@ def method_run_data(method: str, model_dir, out, *, steps: int, reward: dict | N
             "reward": {"weight": 0.5, "model": reward}})
     data = tiny_run_data(method, model_dir, out, 32 if latent else 16, **per)
     return deep_merge(data, sections)
+
+
+def check_report_html(page, results_json) -> dict:
+    """A report.html read as a person's browser would: parsed, every image decodes as an
+    embedded PNG, every row of results.json is a table row (model, steps) on the page.
+    Returns {"images": [alt, ...], "headings": [...]}."""
+    import base64
+    import json
+    from html.parser import HTMLParser
+    from pathlib import Path
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.rows, self.headings, self._row, self._cell = [], [], [], None, None
+            self._h = None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.images.append(a)
+            elif tag == "tr":
+                self._row = []
+            elif tag in ("td", "th") and self._row is not None:
+                self._cell = ""
+            elif tag in ("h1", "h2"):
+                self._h = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self._cell is not None:
+                self._row.append(self._cell.strip())
+                self._cell = None
+            elif tag == "tr" and self._row is not None:
+                self.rows.append(self._row)
+                self._row = None
+            elif tag in ("h1", "h2") and self._h is not None:
+                self.headings.append(self._h.strip())
+                self._h = None
+
+        def handle_data(self, data):
+            if self._cell is not None:
+                self._cell += data
+            if self._h is not None:
+                self._h += data
+
+    p = Page()
+    p.feed(Path(page).read_text(encoding="utf-8"))
+    assert p.images, "no image on the page"
+    for img in p.images:
+        src = img["src"]
+        assert src.startswith("data:image/png;base64,"), src[:40]
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {(r[0], r[1]) for r in p.rows if len(r) > 1}
+    for r in json.loads(Path(results_json).read_text())["rows"]:
+        assert (r["model"], str(r["steps"])) in rows, (r["model"], r["steps"])
+    return {"images": [i.get("alt") for i in p.images], "headings": p.headings}

@@ -144,6 +144,11 @@ out: /nonexistent/overridden
     assert float(cells[1][4]) == pytest.approx(t3.metrics["FD-dd-test-conv"], abs=1e-4)
     assert "N = 8 samples" in md and "centre-cropped and LANCZOS" in md
 
+    # report.html: self-contained, every results row on it, grid and plot embedded
+    from helpers import check_report_html
+
+    page = check_report_html(out / "report.html", out / "results.json")
+    assert page["images"] == ["sample grid", "metrics vs steps"]
     # grid: rows = models x steps, columns = the same 4 seeds
     tiles = _tiles(out / "grid.png", rows=5, cols=4, size=32)
     for c in range(4):

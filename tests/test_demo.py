@@ -86,8 +86,12 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
             assert all(np.isfinite(curves[name]["values"])), name
             assert all(w > 0 for w in curves[name]["wall_s"]), name
     assert Image.open(res.paths["convergence_plot"]).format == "PNG"
-    # the bench finds the same runs behind the exports it scores
-    assert json.loads((out / "bench" / "convergence.json").read_text()) == curves
+    # one page with all of it: training table, bench table, grid, plots, convergence
+    from helpers import check_report_html
+
+    page = check_report_html(res.paths["report"], out / "bench" / "results.json")
+    assert page["images"] == ["sample grid", "metrics vs steps", "convergence curves"]
+    assert page["headings"][1] == "Training"
     # the results file holds the training table and the bench table
     md = res.paths["results"].read_text()
     for m in map(METHODS.get, MAIN_METHODS):
