@@ -108,9 +108,6 @@ def plot_convergence(curves: Mapping[str, dict], path) -> Path:
     ax_step.set_title("convergence by step")
     ax_wall.set_title("convergence by wall time")
     ax_step.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    from diffdistill.eval.report import save_figure
+
+    return save_figure(fig, path)

@@ -234,6 +234,11 @@ def plot_metric_vs_steps(results: BenchResults, path, metrics: Sequence[str] | N
         ax.grid(True, alpha=0.3)
         if k == 0:
             ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out a matplotlib figure and write it as PNG atomically (temp file + rename)."""
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")

@@ -255,11 +255,25 @@ def test_gan_gradients_reach_generator_not_fake_weights(pixel_dir, tmp_path):
     assert all(p.requires_grad for p in head.parameters())  # trainable again afterwards
 
 
+def _dm_and_gan_by_hand(tr, x, cond, seed):
+    """(x', L_DM, L_G) on a fresh leaf x' = x with the trainer's draws from ``seed``: the DM
+    loss from bare real / fake score passes and the head's generator loss on the same x_t."""
+    from diffdistill.losses import dmd_loss, gan_generator_loss
+
+    x2 = x.detach().clone().requires_grad_()
+    tr.generator.manual_seed(seed)
+    t = tr.sample_t(x.shape[0])
+    x_t = tr.add_noise(x2, tr.randn(*x.shape), t)
+    with torch.no_grad(), tr.real_score() as real:
+        x0_real = tr.denoiser(real).guided(x_t.detach(), t, cond, tr.cfg.dmd2.guidance_scale).x0
+    x0_fake = tr.denoiser(tr.fake_score)(x_t, t, cond).x0
+    loss_gan = gan_generator_loss(tr.unwrap(tr.fake_score).logits).mean()
+    return x2, dmd_loss(x2, x0_real, x0_fake).mean(), loss_gan
+
+
 def test_gan_gradient_balance_sets_the_ratio_of_gradient_norms(pixel_dir, tmp_path):
     """dmd2.gan_balance=b: ‖∇ₓ(GAN term)‖ = b‖∇ₓL_DM‖, and x's gradient is ∇L_DM + scale·∇L_G
     with scale = b‖∇L_DM‖/‖∇L_G‖ (the two gradients recomputed here from fresh graphs)."""
-    from diffdistill.losses import gan_generator_loss
-
     tr, batch = ready(pixel_dir, tmp_path / "gb", 16, dmd2={"gan_balance": 0.25})
     cond = tr.cond_for_batch(batch, with_uncond=True)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)).requires_grad_()
@@ -268,18 +282,9 @@ def test_gan_gradient_balance_sets_the_ratio_of_gradient_norms(pixel_dir, tmp_pa
     loss.backward()
     assert abs(float(logs["grad_norm_gan"] / logs["grad_norm_dm"]) - 0.25) < 1e-5
     # by hand: the same draws, the two terms' gradients separately
-    x2 = x.detach().clone().requires_grad_()
-    tr.generator.manual_seed(9)
-    t = tr.sample_t(2)
-    x_t = tr.add_noise(x2, tr.randn(2, 3, 16, 16), t)
-    with torch.no_grad(), tr.real_score() as real:
-        x0_real = tr.denoiser(real).guided(x_t.detach(), t, cond, tr.cfg.dmd2.guidance_scale).x0
-    x0_fake = tr.denoiser(tr.fake_score)(x_t, t, cond).x0
-    logits = tr.unwrap(tr.fake_score).logits
-    from diffdistill.losses import dmd_loss
-
-    (g_dm,) = torch.autograd.grad(dmd_loss(x2, x0_real, x0_fake).mean(), x2, retain_graph=True)
-    (g_gan,) = torch.autograd.grad(gan_generator_loss(logits).mean(), x2)
+    x2, loss_dm, loss_gan = _dm_and_gan_by_hand(tr, x, cond, seed=9)
+    (g_dm,) = torch.autograd.grad(loss_dm, x2, retain_graph=True)
+    (g_gan,) = torch.autograd.grad(loss_gan, x2)
     expected = g_dm + 0.25 * g_dm.norm() / g_gan.norm() * g_gan
     assert rel_err(x.grad, expected) < 1e-5
     assert float(logs["gan_scale"]) == pytest.approx(float(0.25 * g_dm.norm() / g_gan.norm()),
@@ -294,18 +299,8 @@ def test_fixed_gan_weight_is_the_plain_weighted_sum(pixel_dir, tmp_path):
     tr.generator.manual_seed(9)
     loss, logs = tr.distribution_matching_loss(x, cond)
     loss.backward()
-    from diffdistill.losses import dmd_loss, gan_generator_loss
-
-    x2 = x.detach().clone().requires_grad_()
-    tr.generator.manual_seed(9)
-    t = tr.sample_t(2)
-    x_t = tr.add_noise(x2, tr.randn(2, 3, 16, 16), t)
-    with torch.no_grad(), tr.real_score() as real:
-        x0_real = tr.denoiser(real).guided(x_t.detach(), t, cond, tr.cfg.dmd2.guidance_scale).x0
-    x0_fake = tr.denoiser(tr.fake_score)(x_t, t, cond).x0
-    total = (dmd_loss(x2, x0_real, x0_fake).mean()
-             + 1e-3 * gan_generator_loss(tr.unwrap(tr.fake_score).logits).mean())
-    total.backward()
+    x2, loss_dm, loss_gan = _dm_and_gan_by_hand(tr, x, cond, seed=9)
+    (loss_dm + 1e-3 * loss_gan).backward()
     assert rel_err(x.grad, x2.grad) < 1e-5 and float(logs["gan_scale"]) == pytest.approx(1e-3)
 
 
