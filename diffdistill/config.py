@@ -335,6 +335,32 @@ def _merge_into_list(key: str, items: list, new: dict) -> list:
     return items
 
 
+def packaged_config_dir() -> Path:
+    """The run configs that ship with the package (the repository's ``configs/``, installed
+    as ``diffdistill.configs``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("diffdistill.configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the packaged configs (diffdistill.configs) are missing: reinstall "
+                          "diffdistill")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """A config path as given, else the packaged config of that relative name
+    (``lcd/toy_lora.yaml``, also ``configs/lcd/toy_lora.yaml``)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    rel = p.relative_to("configs") if p.parts[:1] == ("configs",) else p
+    packaged = packaged_config_dir() / rel
+    if not p.is_absolute() and packaged.is_file():
+        return packaged
+    raise ConfigError(f"config file {name} does not exist (neither here nor among the packaged "
+                      f"configs in {packaged_config_dir()}, e.g. dmd2/toy.yaml)")
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.exists():

@@ -27,8 +27,6 @@ from typing import Optional, Sequence
 
 import torch
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
 
 @dataclass(frozen=True)
 class DemoMethod:
@@ -89,7 +87,8 @@ MAIN_METHODS = tuple(k for k, m in METHODS.items() if not m.variant)
 DEFAULT_METHODS = ("lcd-lora", "dmd2")
 TEACHER_STEPS = (1, 2, 4, 8, 25)
 
-# Smoke scale (tests): every path runs, nothing is measured.
+# Smoke scale (--smoke, tests): every path runs, nothing is measured.
+SMOKE_STEPS = 6
 TINY_OVERRIDES = ("train.batch_size=4", "data.limit=64", "log.every=1", "eval.num_samples=8")
 #: Periodic evaluations per training run: the points of the convergence curves.
 EVAL_POINTS = 5
@@ -125,10 +124,12 @@ def train_method(key: str, out: Path, *, steps: Optional[int] = None, tiny: bool
 
     m = METHODS[key]
     steps = int(steps or m.train_steps)
-    config = CONFIG_DIR / m.config
+    from diffdistill.config import packaged_config_dir
+
+    config = packaged_config_dir() / m.config
     if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing: run the demo from a clone of the "
-                                "diffdistill repository (it reads configs/)")
+        raise FileNotFoundError(f"{config} is missing: reinstall diffdistill (the demo reads "
+                                "its packaged configs)")
     run_dir = out / "train" / key
     run_overrides = [f"output_dir={run_dir}", f"train.max_steps={steps}",
                  f"train.checkpoint_every={max(1, steps // 2)}", "train.keep_checkpoints=1",
@@ -307,6 +308,8 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
     unknown = [k for k in methods if k not in METHODS]
     if unknown:
         raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if tiny and train_steps is None:  # --smoke checks the path: a few steps, not the budgets
+        train_steps = SMOKE_STEPS
     t0 = time.perf_counter()
     world = _world_check()
     n = 4

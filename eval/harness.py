@@ -215,9 +215,15 @@ def _normalise_bench_dict(data: dict) -> dict:
 
 def load_bench_config(path, overrides: Sequence[str] = ()) -> BenchConfig:
     """A bench YAML plus dotted ``key=value`` overrides, validated (ConfigError names the key)."""
-    from diffdistill.config import build_config, deep_merge, load_yaml, parse_overrides
+    from diffdistill.config import (
+        build_config,
+        deep_merge,
+        find_config,
+        load_yaml,
+        parse_overrides,
+    )
 
-    data = _normalise_bench_dict(load_yaml(path))
+    data = _normalise_bench_dict(load_yaml(find_config(path)))  # or a packaged bench/NAME
     data = deep_merge(data, _normalise_bench_dict(parse_overrides(list(overrides))))
     return build_config(BenchConfig, data)
 

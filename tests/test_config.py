@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import yaml
 from diffdistill.trainers import load_run_config
@@ -126,3 +129,52 @@ def test_wandb_requested_but_missing_fails_early(monkeypatch):
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="log.wandb"):
         build_config(BaseConfig, {"log": {"wandb": True}})
+
+
+def test_pyproject_ships_every_config_folder():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"]["diffdistill.configs"] == "configs"
+    folders = {"diffdistill.configs." + d.name for d in (root / "configs").iterdir()
+               if d.is_dir() and not d.name.startswith((".", "__"))}
+    assert folders and folders <= set(setup["packages"]), sorted(folders - set(setup["packages"]))
+
+
+def test_configs_are_found_by_their_packaged_name(tmp_path, monkeypatch):
+    from diffdistill.config import ConfigError, find_config, packaged_config_dir
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: only the packaged copy exists
+    assert find_config("lcd/toy_lora.yaml") == packaged_config_dir() / "lcd" / "toy_lora.yaml"
+    assert find_config("configs/dmd2/toy.yaml") == packaged_config_dir() / "dmd2" / "toy.yaml"
+    (tmp_path / "mine.yaml").write_text("method: dmd2\n")
+    assert find_config("mine.yaml") == Path("mine.yaml")  # a real file wins
+    with pytest.raises(ConfigError, match="nope/x.yaml does not exist"):
+        find_config("nope/x.yaml")
+
+
+def test_an_installed_wheel_runs_the_demo_outside_the_repository(tmp_path):
+    """pip installs the wheel (no editable source tree) into a folder; from another folder,
+    `diffdistill demo --smoke` finds its configs and world inside the installed package."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    target, work = tmp_path / "site", tmp_path / "elsewhere"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                           "--no-build-isolation", "--target", str(target), str(root)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (target / "diffdistill" / "configs" / "dmd2" / "toy.yaml").is_file()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = ("import diffdistill, sys; from diffdistill.cli import main; "
+            f"assert diffdistill.__file__.startswith({str(target)!r}), diffdistill.__file__; "
+            "sys.exit(main(['demo', '--smoke', '--methods', 'dmd2', '--no-teachers', "
+            "'--num-samples', '8', '--out', 'demo']))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+    assert (work / "demo" / "report.html").is_file()
+    assert "configs/dmd2/toy.yaml" in run.stdout

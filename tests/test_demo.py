@@ -10,10 +10,11 @@ from diffdistill.world import WORLD_DIR_ENV
 
 
 def test_hypersd_stages_scale_with_the_demo_budget():
-    from diffdistill.config import parse_overrides
-    from diffdistill.demo import CONFIG_DIR, _hypersd_stage_override
+    from diffdistill.config import packaged_config_dir, parse_overrides
+    from diffdistill.demo import _hypersd_stage_override
 
-    stages = parse_overrides([_hypersd_stage_override(CONFIG_DIR / "hypersd/toy.yaml", 500)])
+    stages = parse_overrides([_hypersd_stage_override(
+        packaged_config_dir() / "hypersd/toy.yaml", 500)])
     steps = [st.get("steps") for st in stages["hypersd"]["stages"]]
     assert steps == [100, 100, 100, 100, None]  # 500 of 2500 steps: a fifth of each stage
     assert [st["segments"] for st in stages["hypersd"]["stages"]] == [8, 4, 2, 1, 1]
@@ -109,13 +110,14 @@ def test_demo_ablations_change_one_thing_of_their_main_method():
     """Each ablation loads as its main method's demo config with exactly the stated change."""
     from diffdistill.trainers import load_run_config
 
-    from diffdistill.demo import CONFIG_DIR, MAIN_METHODS, METHODS
+    from diffdistill.config import packaged_config_dir
+    from diffdistill.demo import MAIN_METHODS, METHODS
 
     assert MAIN_METHODS == ("lcd", "lcd-lora", "rglcd", "dmd2", "fdistill", "hypersd", "ict")
 
     def cfg(key):
         m = METHODS[key]
-        return load_run_config(CONFIG_DIR / m.config, list(m.overrides))[1]
+        return load_run_config(packaged_config_dir() / m.config, list(m.overrides))[1]
 
     base, pixel = cfg("dmd2"), cfg("dmd2-pixel")
     assert base.dmd2.timesteps == [599] and base.dmd2.gan_generator_weight > 0

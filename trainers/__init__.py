@@ -32,8 +32,16 @@ def get_trainer_class(method: str):
 
 def load_run_config(path, overrides=()):
     """YAML file + dotted overrides → (trainer class, validated config)."""
-    from diffdistill.config import ConfigError, build_config, deep_merge, load_yaml, parse_overrides
+    from diffdistill.config import (
+        ConfigError,
+        build_config,
+        deep_merge,
+        find_config,
+        load_yaml,
+        parse_overrides,
+    )
 
+    path = find_config(path)  # a file, or a packaged config by name (lcd/toy_lora.yaml)
     data = deep_merge(load_yaml(path), parse_overrides(list(overrides)))
     method = data.get("method")
     if not method:

@@ -64,8 +64,6 @@ from diffdistill.export import drop_build_paths
 
 from . import ASSETS_DIR, REF_STATS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs" / "pretrain"
 SIZE_BUDGET_BYTES = 25 * 1000 * 1000  # "≤ 25 MB" for everything shipped
 FORMAT_VERSION = 1
 
@@ -411,14 +409,14 @@ def init_teacher_latent(folder: Path, seed: int, vae_dir: Path, unet: dict,
 
 
 def _pretrain_config(ctx: BuildContext, stage: str, init_dir: Path):
-    from diffdistill.config import build_config, deep_merge, load_yaml
+    from diffdistill.config import build_config, deep_merge, load_yaml, packaged_config_dir
     from diffdistill.trainers.pretrain import PretrainConfig
 
     r = ctx.recipe[stage]
-    path = CONFIG_DIR / r["config"]
+    path = packaged_config_dir() / "pretrain" / r["config"]
     if not path.is_file():
         raise FileNotFoundError(f"teacher config {path} is missing (the build reads the "
-                                "repository's configs/pretrain/*.yaml)")
+                                "packaged configs/pretrain/*.yaml)")
     data = load_yaml(path)
     over: dict = {"model": {"path": str(init_dir)}, "output_dir": str(ctx.work / "train" / stage),
                   "seed": ctx.stage_seed(stage)}
@@ -508,7 +506,7 @@ def _run_teacher(ctx: BuildContext, stage: str) -> dict:
     gflops = _unet_gflops(trainer.backbone, unet)
     export = Path(cfg.output_dir) / "export"
     finalize_teacher(export, ctx.out / stage, stage, last)
-    metrics = {"config": str(cfg_path.relative_to(REPO_ROOT)),
+    metrics = {"config": f"configs/pretrain/{cfg_path.name}",
                "max_steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
                "lr": cfg.train.lr, "ema_decay": cfg.train.ema_decay,
                "cond_dropout": cfg.pretrain.cond_dropout,
