@@ -238,8 +238,12 @@ def main(argv=None) -> int:
     from diffdistill.quiet import quiet_libraries
 
     quiet_libraries(verbose=args.verbose)  # libraries' bars and chatter: only with -v
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # The toolkit's own messages at INFO; other libraries' (open_clip logs to the root logger
+    # on every model load) only from WARNING, unless -v.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("diffdistill").setLevel(logging.INFO)
     from diffdistill.config import ConfigError
 
     handlers = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample,

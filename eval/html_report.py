@@ -22,18 +22,20 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid 
 .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.9em}
 th,td{border:1px solid #ccc;padding:3px 8px;white-space:nowrap}th{background:#f3f3f3}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%;height:auto;image-rendering:pixelated;border:1px solid #ddd}
+img{max-width:100%;height:auto;border:1px solid #ddd}img.grid{image-rendering:pixelated}
 p.note,li{font-size:.9em;color:#444}
 """
 
 
-def image_html(path, alt: str) -> str:
-    """An ``<img>`` with the PNG embedded (empty string when the file is missing)."""
+def image_html(path, alt: str, pixelated: bool = False) -> str:
+    """An ``<img>`` with the PNG embedded (empty string when the file is missing);
+    ``pixelated``: scaled without smoothing (sample grids of small images)."""
     path = Path(path)
     if not path.is_file():
         return ""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" '
+    cls = ' class="grid"' if pixelated else ""
+    return (f'<img{cls} src="data:image/png;base64,{data}" alt="{html.escape(alt)}" '
             f'title="{html.escape(path.name)}">')
 
 
@@ -67,7 +69,7 @@ def bench_sections(results, folder) -> list[tuple[str, str]]:
             ("fid_vs_steps.png", "Quality vs sampling steps", "metrics vs steps"),
             ("convergence.png", "Convergence: quick metric vs training step and wall time",
              "convergence curves")):
-        img = image_html(folder / name, alt)
+        img = image_html(folder / name, alt, pixelated=name == "grid.png")
         if img:
             sections.append((heading, img))
     return sections
