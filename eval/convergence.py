@@ -99,12 +99,13 @@ def plot_convergence(curves: Mapping[str, dict], path) -> Path:
     families = sorted({c["metric"].removeprefix(EVAL_PREFIX).rsplit("_", 1)[0]
                        for c in curves.values()})
     ylabel = families[0] if len(families) == 1 else "quick metric"
-    for name, c in curves.items():
-        ax_step.plot(c["steps"], c["values"], marker="o", markersize=3, label=name)
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i % 10}"  # one colour per run in both panels (some runs lack wall times)
+        ax_step.plot(c["steps"], c["values"], marker="o", markersize=3, label=name, color=color)
         timed = [(w, v) for w, v in zip(c["wall_s"], c["values"]) if w is not None]
         if timed:
             ax_wall.plot([w for w, _ in timed], [v for _, v in timed], marker="o",
-                         markersize=3, label=name)
+                         markersize=3, label=name, color=color)
     for ax, xlabel in ((ax_step, "training step"), (ax_wall, "training wall time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
