@@ -762,3 +762,12 @@ def clone_unet(unet: nn.Module, dtype: Optional[torch.dtype] = None, *,
 
 #: samplers with a ``clip_denoised`` option (diffdistill.sampling)
 CLIPPING_SAMPLERS = ("onestep", "lcm", "cm", "ddim")
+
+
+def grid_shape(bb: "Backbone", resolution: int) -> tuple[int, int, int]:
+    """The (C, H, W) a generator of ``bb`` samples at image ``resolution``: pixels for a pixel
+    model, latents (``resolution`` / the VAE factor) otherwise."""
+    if bb.kind == "pixel":
+        return (bb.unet.config.in_channels, resolution, resolution)
+    f = bb.vae_scale_factor
+    return (bb.latent_channels, resolution // f, resolution // f)

@@ -470,6 +470,46 @@ def save_generator(backbone, unet: nn.Module, out_dir, *, lora: bool, scheduler:
     return out
 
 
+# The sampler each stock scheduler class implies (``--sampler auto``).
+SAMPLER_FOR_SCHEDULER = {
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
+    "CMStochasticIterativeScheduler": "lcm",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+}
+
+
+def choose_sampler(requested: str, model_dir: Path, lora_dir: Optional[Path],
+                   scheduler_cls: str):
+    """``auto``: the export's recorded sampler (and its :data:`EXPORT_INFO`), else the one
+    its scheduler class implies."""
+    if requested != "auto":
+        return requested, {}
+    for d in (lora_dir, model_dir):
+        if d is not None and (d / EXPORT_INFO).exists():
+            info = json.loads((d / EXPORT_INFO).read_text())
+            return info.get("sampler", "lcm"), info
+    return SAMPLER_FOR_SCHEDULER.get(scheduler_cls, "ddim"), {}
+
+
+def load_lora_into(unet, lora_dir: Path) -> None:
+    """Load a diffusers-format LoRA (``unet.`` keys) into ``unet``; fail clearly on mismatch
+    (a :class:`~diffdistill.config.ConfigError`: the command prints it and exits 2)."""
+    from diffdistill.config import ConfigError
+
+    if not (lora_dir / LORA_WEIGHT_NAME).exists():
+        raise FileNotFoundError(f"--lora {lora_dir}: no {LORA_WEIGHT_NAME} in that folder")
+    try:
+        unet.load_lora_adapter(str(lora_dir), weight_name=LORA_WEIGHT_NAME, prefix="unet",
+                               adapter_name="default")
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"--lora {lora_dir} does not fit this base model (shape or key "
+                          f"mismatch: {str(e).splitlines()[0][:300]}); was it trained on a "
+                          "different base?") from None
+
+
 def write_export_info(out_dir, *, sampler: str, steps: int, guidance_scale: float,
                       timesteps, **extra: Any) -> Path:
     """``diffdistill_export.json``: the sampler, step count, guidance and timestep grid an

@@ -2,48 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-# The sampler each stock scheduler class implies (``--sampler auto``).
-SAMPLER_FOR_SCHEDULER = {
-    "LCMScheduler": "lcm",
-    "TCDScheduler": "tcd",
-    "CMStochasticIterativeScheduler": "lcm",
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-}
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-from diffdistill.export import EXPORT_INFO  # noqa: E402,F401  (written beside every export)
-
-
-def choose_sampler(requested: str, model_dir: Path, lora_dir: Path | None, scheduler_cls: str):
-    """``auto``: the export's recorded sampler, else the one its scheduler class implies."""
-    if requested != "auto":
-        return requested, {}
-    for d in (lora_dir, model_dir):
-        if d is not None and (d / EXPORT_INFO).exists():
-            info = json.loads((d / EXPORT_INFO).read_text())
-            return info.get("sampler", "lcm"), info
-    return SAMPLER_FOR_SCHEDULER.get(scheduler_cls, "ddim"), {}
-
-
-def load_lora_into(unet, lora_dir: Path) -> None:
-    """Load a diffusers-format LoRA (``unet.`` keys) into ``unet``; fail clearly on mismatch
-    (a :class:`~diffdistill.config.ConfigError`: the command prints it and exits 2)."""
-    from diffdistill.config import ConfigError
-
-    if not (lora_dir / LORA_FILE).exists():
-        raise FileNotFoundError(f"--lora {lora_dir}: no {LORA_FILE} in that folder")
-    try:
-        unet.load_lora_adapter(str(lora_dir), weight_name=LORA_FILE, prefix="unet",
-                               adapter_name="default")
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"--lora {lora_dir} does not fit this base model (shape or key "
-                          f"mismatch: {str(e).splitlines()[0][:300]}); was it trained on a "
-                          "different base?") from None
+from diffdistill.export import (  # noqa: F401  (EXPORT_INFO: written beside every export)
+    EXPORT_INFO,
+    LORA_WEIGHT_NAME,
+    choose_sampler,
+    load_lora_into,
+)
 
 
 class _Items:

@@ -380,7 +380,7 @@ def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torc
     embedding (``time_cond_proj_dim``) gets w = guidance − 1 instead of CFG."""
     from diffdistill.backbone import load_backbone
     from diffdistill.denoiser import LCMConsistency
-    from diffdistill.generate_cli import choose_sampler, load_lora_into
+    from diffdistill.export import choose_sampler, load_lora_into
     from diffdistill.world import resolve_model_path
 
     path = Path(resolve_model_path(spec.path))
@@ -614,9 +614,9 @@ def generate_for_eval(model: EvalModel, seeds: Sequence[int], *, num_steps: int,
     must call it (collectives)."""
     from diffdistill.eval.clip_score import clip_score
     from diffdistill.eval.fid import FeatureStats
-    from diffdistill.trainers.common import grid_shape
     from tqdm.auto import tqdm
 
+    from diffdistill.backbone import grid_shape
     from diffdistill.sampling import generate
 
     rank, world = _rank_world(accelerator)

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from diffdistill.backbone import grid_shape
 from diffdistill.config import ConfigError
 from diffdistill.denoiser import Cond
 from diffdistill.world import resolve_model_path
@@ -238,9 +239,3 @@ def grid_prompt(i: int) -> str:
 
     return caption_for_class(i % 10, 0)
 
-
-def grid_shape(bb, resolution: int) -> tuple[int, int, int]:
-    if bb.kind == "pixel":
-        return (bb.unet.config.in_channels, resolution, resolution)
-    f = bb.vae_scale_factor
-    return (bb.latent_channels, resolution // f, resolution // f)
