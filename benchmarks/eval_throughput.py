@@ -5,7 +5,7 @@ For every extractor ``diffdistill bench`` uses, two contenders run on the same u
 interleaved, several repeats, medians reported, the ratio computed within this one run (the
 machine is noisy):
 
-* ``path``    — what ``diffdistill.eval.harness.generate_for_eval`` does with a generated
+* ``path``    — what ``diffdistill.eval.generation.generate_for_eval`` does with a generated
   uint8 batch: ``detector(resize_for_eval(images, resolution))`` for the Fréchet-distance
   detectors, ``clip(images)`` for the CLIP score's image side (``clip_score`` calls it per
   batch). Everything included: uint8 → RGB, resizing, normalisation, the forward, the
@@ -57,7 +57,7 @@ def harness_features(detector, images: torch.Tensor, resolution: int | None = No
     """The features ``generate_for_eval`` computes for one generated uint8 batch: the
     detectors see ``resize_for_eval(images, resolution)``, the CLIP score's detector sees
     the images as generated."""
-    from diffdistill.eval.harness import resize_for_eval
+    from diffdistill.eval.generation import resize_for_eval
 
     return detector(images if clip else resize_for_eval(images, resolution))
 

@@ -33,16 +33,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
-    from diffdistill.backbone import load_backbone
+    from diffdistill.eval.bench_config import BenchReference
+    from diffdistill.eval.eval_model import EvalModel
     from diffdistill.eval.features import get_detector
     from diffdistill.eval.fid import fid_from_stats
-    from diffdistill.eval.harness import (
-        BenchReference,
-        EvalModel,
-        generate_for_eval,
-        reference_statistics,
-    )
+    from diffdistill.eval.generation import generate_for_eval
+    from diffdistill.eval.reference import reference_statistics
     from diffdistill.trainers.common import grid_prompt
+
+    from diffdistill.backbone import load_backbone
     from diffdistill.world import asset_path
 
     torch.manual_seed(0)

@@ -223,7 +223,8 @@ def bench_models(trained: dict, teacher_guidance: dict, tiny: bool = False,
 def run_bench_for(models: list[dict], out: Path, *, num_samples: int, tiny: bool = False,
                   effnet: bool = False, command: str = "diffdistill demo"):
     from diffdistill.config import build_config
-    from diffdistill.eval.harness import BenchConfig, run_bench
+    from diffdistill.eval.bench_config import BenchConfig
+    from diffdistill.eval.harness import run_bench
 
     cfg = build_config(BenchConfig, {
         "models": models, "num_samples": num_samples, "batch_size": min(250, num_samples),
@@ -232,7 +233,7 @@ def run_bench_for(models: list[dict], out: Path, *, num_samples: int, tiny: bool
         # FD-EffNetLite0 runs the ImageNet net at 224 px: ~11 img/s on 2 CPU cores, so
         # ~15 min for the reference split and ~1.5 min per 1000-sample row — opt-in
         "detectors": ["fmnist-net", "effnet-lite0"] if effnet else ["fmnist-net"],
-        "clip": {"detector": "world-clip"}, "grid_samples": min(10, num_samples),
+        "clip": {"detector": "world-clip-judge"}, "grid_samples": min(10, num_samples),
         "out": str(out / "bench"), "warmup": not tiny,
     })
     return run_bench(cfg, command=f"{command} (bench stage)")

@@ -25,7 +25,8 @@ class _Items:
 
 def sample_command(args) -> int:
     """Load the model exactly as ``diffdistill bench`` does, then write a grid."""
-    from diffdistill.eval.harness import BenchModel, load_eval_model
+    from diffdistill.eval.bench_config import BenchModel
+    from diffdistill.eval.eval_model import load_eval_model
     from diffdistill.images import save_grid
     from diffdistill.sampling import generate
 

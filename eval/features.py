@@ -644,6 +644,7 @@ class ClipDetector(_FrozenModule):
             raise ValueError(f"resize_mode must be one of {self.resize_modes}, got {resize_mode!r}")
         if config_path is not None:
             open_clip.add_model_config(str(config_path))
+        weights = None
         if model is None:
             path = pretrained_path if pretrained_path is not None else os.environ.get(CLIP_WEIGHTS_ENV)
             if path:
@@ -664,12 +665,15 @@ class ClipDetector(_FrozenModule):
             else:
                 path = None
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=path)
+            weights = path
         if tokenizer is None:
             tokenizer = open_clip.get_tokenizer(model_name)
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.model_name = model_name
+        # the weight file (None: a given or random model): the bench's "judge = reward" check
+        self.weights_path = weights
         self.name = f"clip:{model_name}"
         self.metric_name = f"FD-CLIP-{model_name}"
         self.resize_mode = resize_mode

@@ -23,6 +23,9 @@ __all__ = ["FORMAT", "BenchResults", "BenchRow", "load_results", "machine_info",
 
 FORMAT = "diffdistill-bench/1"
 CLIP_METRIC = "CLIP score"
+#: the metric columns that are not Fréchet distances (the plot shows only those)
+SAMPLE_METRICS = (CLIP_METRIC, "precision", "recall", "class agreement")
+JUDGE_IS_REWARD = "judge = reward"
 
 
 @dataclass
@@ -35,11 +38,12 @@ class BenchRow:
     num_samples: int
     metrics: dict  # metric name -> value (None where it does not apply)
     sec_per_image: float
-    peak_memory_mb: float
+    peak_memory_mb: float | None  # None: not measured on this platform
     peak_memory_kind: str  # cuda_max_allocated | cpu_peak_rss_delta
     path: str = ""
     lora: str | None = None
     seed_ranges_by_rank: list = field(default_factory=list)  # per rank: [[start, stop), ...]
+    judge_is_reward: bool = False  # its CLIP judge is the reward network it was trained on
 
 
 @dataclass
@@ -130,15 +134,26 @@ def table_parts(results: BenchResults) -> tuple[str, list[str], list[list[str]],
     head = ["model", "steps", "sampler", "guidance", *results.metrics, "s/img", "peak mem (MB)"]
     intro = (f"N = {p.get('num_samples')} samples, seeds {p.get('seeds')}, prompts: "
              f"{p.get('prompts')}; reference: {p.get('reference')}.")
+    def cell(r: BenchRow, m: str) -> str:
+        text = _fmt(r.metrics.get(m))
+        return f"{text} ({JUDGE_IS_REWARD})" if m == CLIP_METRIC and r.judge_is_reward else text
+
     rows = [[r.model, str(r.steps), r.sampler, f"{r.guidance_scale:g}",
-             *[_fmt(r.metrics.get(m)) for m in results.metrics],
-             f"{r.sec_per_image:.4f}", f"{r.peak_memory_mb:.1f}"] for r in results.rows]
+             *[cell(r, m) for m in results.metrics], f"{r.sec_per_image:.4f}",
+             "n/a" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.1f}"]
+            for r in results.rows]
     kinds = sorted({r.peak_memory_kind for r in results.rows})
     notes = []
     for name, text in (p.get("fd") or {}).items():
         notes.append(f"{name}: {text}.")
     if p.get("clip_score"):
         notes.append(f"{CLIP_METRIC}: {p['clip_score']}.")
+    if any(r.judge_is_reward for r in results.rows):
+        notes.append(f"{JUDGE_IS_REWARD}: the model was trained against the very network that "
+                     "gives its CLIP score (same weights); that score is not evidence.")
+    for key in ("precision_recall", "class_agreement"):
+        if p.get(key):
+            notes.append(f"{key.replace('_', ' ')}: {p[key]}.")
     notes.append(f"s/img: {p.get('sec_per_image')}.")
     notes.append(f"peak mem ({', '.join(kinds)}): {p.get('peak_memory')}.")
     m = results.machine
@@ -164,7 +179,7 @@ def save_grid_rows(rows: Sequence[torch.Tensor | None], path, pad: int = 2,
     another image size (models of different resolutions evaluated natively) are resized to
     the largest for display only (LANCZOS). ``labels``: one per row (e.g. "DMD2 @ 1"),
     written in a margin left of the row, so the image says whose samples each row holds."""
-    from diffdistill.eval.harness import resize_for_eval
+    from diffdistill.eval.generation import resize_for_eval
 
     from diffdistill.images import save_grid
 
@@ -213,7 +228,8 @@ def plot_metric_vs_steps(results: BenchResults, path, metrics: Sequence[str] | N
     from matplotlib.figure import Figure
 
     if metrics is None:
-        metrics = [m for m in results.metrics if m != CLIP_METRIC] or list(results.metrics)
+        metrics = ([m for m in results.metrics if m not in SAMPLE_METRICS]
+                   or list(results.metrics))
     fig = Figure(figsize=(4.2 * max(len(metrics), 1), 3.4), dpi=100)
     FigureCanvasAgg(fig)
     models = list(dict.fromkeys(r.model for r in results.rows))

@@ -374,7 +374,9 @@ def test_pixel_scheduler_clip_sample_reaches_the_shared_samplers(pixel_dir, tmp_
     import json
     import shutil
 
-    from diffdistill.eval.harness import BenchModel, generate_for_eval, load_eval_model
+    from diffdistill.eval.bench_config import BenchModel
+    from diffdistill.eval.eval_model import load_eval_model
+    from diffdistill.eval.generation import generate_for_eval
     from diffusers import DDIMScheduler
 
     folder = tmp_path / "px"

@@ -11,16 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffdistill.eval.bench_config import BenchClip, BenchReference, load_bench_config
 from diffdistill.eval.clip_score import clip_score
-from diffdistill.eval.harness import (
-    BenchClip,
-    BenchReference,
-    EvalModel,
-    generate_for_eval,
-    load_bench_config,
-    read_captions,
-    run_bench,
-)
+from diffdistill.eval.eval_model import EvalModel
+from diffdistill.eval.generation import generate_for_eval
+from diffdistill.eval.harness import run_bench
+from diffdistill.eval.prompts import read_captions
 from diffdistill.eval.report import (
     BenchResults,
     BenchRow,
@@ -108,11 +104,16 @@ out: /nonexistent/overridden
     assert [(r.model, r.steps) for r in res.rows] == [("teacher", 2), ("teacher", 3),
                                                       ("student", 1), ("student", 2),
                                                       ("recorded", 2)]
-    assert res.metrics == ["FD-dd-test-conv", "FID-TEST", "CLIP score"]
+    assert res.metrics == ["FD-dd-test-conv", "FID-TEST", "CLIP score", "precision", "recall"]
     t2, t3, s1, s2, rec = res.rows
     for metric in ("FD-dd-test-conv", "FID-TEST"):
         assert abs(t2.metrics[metric]) < 1e-6  # against its own samples
         assert all(r.metrics[metric] > 1e-3 for r in (t3, s1, s2, rec))
+    # precision / recall on the first detector's features: its own samples cover each other
+    assert t2.metrics["precision"] == t2.metrics["recall"] == 1.0
+    assert all(0 <= r.metrics[m] <= 1 for r in res.rows for m in ("precision", "recall"))
+    assert "k = 3" in res.protocol["precision_recall"]
+    assert "class agreement" not in res.metrics  # a folder reference: no world classes
     # sampler, steps and timesteps come from the export's record
     assert (rec.sampler, rec.guidance_scale, rec.timesteps) == ("lcm", 1.0, [999.0, 599.0])
     assert s2.timesteps == [999.0, 499.0] and rec.metrics != s2.metrics
@@ -136,7 +137,7 @@ out: /nonexistent/overridden
     md = (out / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert table[0] == ("| model | steps | sampler | guidance | FD-dd-test-conv | FID-TEST | "
-                        "CLIP score | s/img | peak mem (MB) |")
+                        "CLIP score | precision | recall | s/img | peak mem (MB) |")
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[1:]]
     assert [(c[0], c[1], c[3]) for c in cells] == [("teacher", "2", "2"), ("teacher", "3", "2"),
                                                    ("student", "1", "1"), ("student", "2", "1"),
@@ -202,6 +203,12 @@ def test_shipped_bench_configs_run_on_tiny_models(sd_dir, lora_dir, tmp_path):
         assert [(r.model, r.steps) for r in res.rows] == [(m.name, m.steps[0]) for m in cfg.models]
         assert all(r.metrics["FD-dd-test-conv"] > 0 and r.metrics["CLIP score"] is not None
                    for r in res.rows)
+        world = name == "world.yaml"  # world classes: the Fashion-MNIST net's class agreement
+        assert ("class agreement" in res.metrics) == world
+        if world:
+            assert all(r.metrics["class agreement"] in (0, .25, .5, .75, 1) for r in res.rows)
+            # 3 reference images (allow_fewer) cannot have 3 nearest neighbours: n/a
+            assert res.rows[0].metrics["precision"] is None
         size = 256 if name == "coco_sd15.yaml" else 32
         _tiles(tmp_path / name / "grid.png", rows=len(cfg.models), cols=2, size=size)
         if name == "coco_sd15.yaml":
@@ -311,7 +318,7 @@ def test_report_table_grid_and_plot(tmp_path):
 def test_shipped_bench_configs_validate(name):
     from pathlib import Path
 
-    from diffdistill.eval.harness import load_bench_config
+    from diffdistill.eval.bench_config import load_bench_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "bench" / f"{name}.yaml"
     cfg = load_bench_config(path)
@@ -323,3 +330,58 @@ def test_shipped_bench_configs_validate(name):
         }.get(name, (1000, ["fmnist-net"]))
         assert (cfg.num_samples, cfg.detectors) == expected
         assert cfg.reference.kind == "fashion_mnist_test"
+
+
+def test_a_row_judged_by_its_own_reward_network_is_marked(sd_dir, lora_dir, tmp_path):
+    """The CLIP judge is a weights file; the student's export records that same file (by
+    sha256, under another path) as its reward network: its CLIP cell says so, the others
+    do not; also the default judge when no clip is configured."""
+    from test_rewards import TINY_CLIP, make_tiny_clip
+
+    from diffdistill.fingerprint import weights_sha256
+
+    cfg_file, weights, _ = make_tiny_clip(tmp_path)
+    copy = tmp_path / "elsewhere" / "reward.safetensors"
+    copy.parent.mkdir()
+    shutil.copy(weights, copy)
+    rewarded = tmp_path / "rewarded"
+    shutil.copytree(lora_dir, rewarded)
+    (rewarded / EXPORT_INFO).write_text(json.dumps(
+        {"sampler": "lcm", "steps": 1, "guidance_scale": 1.0, "timesteps": [999],
+         "reward_networks": [{"kind": "clip", "path": str(copy),
+                              "sha256": weights_sha256(copy)}]}))
+    cfg = load_bench_config(_write(tmp_path, f"""models:
+  - {{name: teacher, path: {sd_dir}, sampler: ddim, steps: [1], guidance_scale: 2.0}}
+  - {{name: rewarded, path: {sd_dir}, lora: {rewarded}}}
+num_samples: 4
+batch_size: 4
+grid_samples: 0
+reference: {{kind: fashion_mnist_test, max_images: 8}}
+detectors: [dd-test-conv]
+clip: {{model: {TINY_CLIP}, weights: {weights}, config: {cfg_file}}}
+imports: [test_eval_harness]
+progress: false
+warmup: false
+out: {tmp_path / 'out'}
+"""))
+    res = run_bench(cfg)
+    assert [r.judge_is_reward for r in res.rows] == [False, True]
+    md = (tmp_path / "out" / "results.md").read_text()
+    cells = [[c.strip() for c in line.strip("|").split("|")]
+             for line in md.splitlines() if line.startswith("| ")]
+    col = cells[0].index("CLIP score")
+    assert "judge = reward" not in cells[1][col] and cells[2][col].endswith("(judge = reward)")
+    assert "judge = reward: the model was trained against" in md
+    assert cells[0][-3:] == ["class agreement", "s/img", "peak mem (MB)"]
+    assert all(0 <= float(c[cells[0].index("class agreement")]) <= 1 for c in cells[1:])
+    # no clip section: on the world's reference the default CLIP score is the world's judge
+    default = load_bench_config(_write(tmp_path, "models: [{name: a, path: x}]\n"
+                                                 "reference: fashion_mnist_test"))
+    assert default.clip == BenchClip(detector="auto")
+    from diffdistill.eval.harness import WORLD_JUDGE, _build_clip
+
+    judge = _build_clip(default.clip, {}, "cpu", default.reference)
+    assert WORLD_JUDGE == "world-clip-judge" and judge.model_name == "fmnist-clip-judge"
+    assert _build_clip(default.clip, {}, "cpu", BenchReference(kind="folder")) is None
+    assert load_bench_config(_write(tmp_path, "models: [{name: a, path: x}]\nclip: null"
+                                    )).clip is None

@@ -504,7 +504,8 @@ def test_full_export_is_a_stock_pipeline_matching_the_sampler(runs):
     assert tr.card_prompt() == tr.dataset[0]["caption"] != "a photo of a cat"
     assert f'pipe("{tr.card_prompt()}"' in card and "a photo of a cat" not in card
     # diffdistill sample / bench read the recorded grid, not LCM's default 50-step one
-    from diffdistill.eval.harness import BenchModel, load_eval_model
+    from diffdistill.eval.bench_config import BenchModel
+    from diffdistill.eval.eval_model import load_eval_model
 
     model = load_eval_model(BenchModel(name="s", path=str(tr.out / "export")))
     assert model.sampler == "lcm" and model.grid_for(4).tolist() == FOUR

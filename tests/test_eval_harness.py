@@ -19,18 +19,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from diffdistill.eval.bench_config import BenchReference
+from diffdistill.eval.eval_model import EvalModel
 from diffdistill.eval.features import ClipDetector, register_detector, to_uint8_rgb
 from diffdistill.eval.fid import FeatureStats, fid_from_stats
-from diffdistill.eval.harness import (
-    BenchReference,
-    EvalModel,
-    EvalPrompts,
-    generate_for_eval,
-    reference_count,
-    reference_statistics,
-    resize_for_eval,
-    shard_batches,
-)
+from diffdistill.eval.generation import generate_for_eval, resize_for_eval, shard_batches
+from diffdistill.eval.prompts import EvalPrompts
+from diffdistill.eval.reference import reference_count, reference_statistics
 from PIL import Image
 from torch import nn
 
@@ -135,6 +130,22 @@ def test_shard_batches_cover_every_sample_once_in_single_process_batches(n, batc
 # ----------------------------------------------------------------------------- generation
 
 
+class _ClassOf:
+    """A stand-in classifier that knows sample k of a call-ordered stream is ``labels[k]``
+    and answers wrongly for the first ``flip`` samples."""
+
+    def __init__(self, labels, flip=0):
+        self.labels, self.flip, self.seen = list(labels), flip, 0
+
+    def predict(self, images):
+        out = []
+        for _ in range(len(images)):
+            k = self.seen
+            out.append((self.labels[k] + 1) % 10 if k < self.flip else self.labels[k])
+            self.seen += 1
+        return torch.tensor(out)
+
+
 def _pixel_model(pixel_dir, gs=2.0):
     bb = load_backbone(str(pixel_dir))
     return bb, EvalModel("pixel", bb, bb.denoiser(), "ddim", guidance_scale=gs)
@@ -161,7 +172,12 @@ def test_generate_for_eval_equals_shared_sampler(pixel_dir):
         steps_offset=bb.scheduler_config.get("steps_offset", 0))]
     assert gen.sec_per_image > 0 and gen.gen_seconds > 0
     assert gen.peak_memory_kind == "cpu_peak_rss_delta" and gen.peak_memory_bytes >= 0
-    assert gen.clip_score is None
+    assert gen.clip_score is None and gen.class_agreement is None and gen.features == {}
+    # per-sample features (precision / recall) and class agreement with the asked class
+    kept = generate_for_eval(model, seeds, num_steps=3, detectors=[det], batch_size=5,
+                             keep_features=[det.name], classifier=_ClassOf(labels, flip=3))
+    assert torch.allclose(kept.features[det.name], det(direct).float(), atol=1e-6)
+    assert kept.class_agreement == 9 / 12  # the stand-in gets 3 of the 12 wrong
     # another batch size: the same images (one generator per seed), up to rounding
     other = generate_for_eval(model, seeds, num_steps=3, detectors=[det], batch_size=12,
                               grid_samples=3)
@@ -206,9 +222,9 @@ def test_resize_for_eval_is_centre_crop_lanczos():
 
 
 def test_cpu_peak_memory_counts_only_inside_the_block():
-    from diffdistill.eval.harness import _PeakMemory
+    from diffdistill.eval.memory import PeakMemory
 
-    mem = _PeakMemory(torch.device("cpu"))
+    mem = PeakMemory(torch.device("cpu"))
     outside = torch.ones(160 * 2**20 // 4)  # 160 MiB outside any block: not counted
     outside.add_(1)
     time.sleep(0.03)
@@ -222,6 +238,26 @@ def test_cpu_peak_memory_counts_only_inside_the_block():
     peak = mem.close()
     assert mem.kind == "cpu_peak_rss_delta"
     assert 80 * 2**20 < peak < 150 * 2**20
+
+
+def test_cpu_peak_memory_is_each_blocks_own_despite_a_reused_heap():
+    """Two identical blocks read about the same: the second is not hidden by the freed heap
+    the first left behind (without the trim it reads ~3 MiB instead of ~60)."""
+    from diffdistill.eval.memory import PeakMemory
+
+    mem = PeakMemory(torch.device("cpu"))
+    assert mem.measured
+    pinned, readings = [], []
+    for _ in range(2):
+        with mem:
+            xs = [torch.ones(16384) for _ in range(1000)]  # 64 KiB each: heap, not mmap
+            time.sleep(0.03)
+            pinned += xs[::50]  # a few stay alive, so the heap cannot simply shrink
+            del xs
+        readings.append(mem.peak)
+        mem.peak = 0
+    mem.close()
+    assert all(r > 45 * 2**20 for r in readings), [r / 2**20 for r in readings]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -292,7 +328,8 @@ def test_fashion_mnist_reference_equals_test_split(tmp_path):
 def test_two_process_bench_equals_one_process(pixel_dir, tmp_path):
     """accelerate launch, 2 CPU ranks: every seed generated exactly once, and the same images
     and Fréchet distances as one process."""
-    from diffdistill.eval.harness import load_bench_config, run_bench
+    from diffdistill.eval.bench_config import load_bench_config
+    from diffdistill.eval.harness import run_bench
     from diffdistill.eval.report import load_results
 
     cfg_file = tmp_path / "bench.yaml"
@@ -323,14 +360,20 @@ def test_two_process_bench_equals_one_process(pixel_dir, tmp_path):
     seeds = [s for ranges in rb.seed_ranges_by_rank for lo, hi in ranges for s in range(lo, hi)]
     assert sorted(seeds) == list(range(16)) and len(set(seeds)) == 16
     assert rb.num_samples == 16
-    assert set(ra.metrics) == {"FD-dd-test-conv", "FID-TEST"}
+    # default CLIP judge (the world's), precision / recall on the first detector's features
+    # (gathered across ranks in sample order), class agreement from the world classifier
+    assert set(ra.metrics) == {"FD-dd-test-conv", "FID-TEST", "CLIP score", "precision",
+                               "recall", "class agreement"}
+    assert "world-clip-judge" not in a.protocol["clip_score"]  # named by its model
+    assert "fmnist-clip-judge" in a.protocol["clip_score"]
     for k, v in ra.metrics.items():
-        assert v > 0 and rb.metrics[k] == pytest.approx(v, rel=1e-6), k
+        assert v is not None and rb.metrics[k] == pytest.approx(v, rel=1e-6), k
+    assert ra.metrics["FD-dd-test-conv"] > 0 and ra.metrics["FID-TEST"] > 0
     # the grid (first 6 seeds, 3 from each rank) is pixel-identical
     ga, gb = Image.open(one / "grid.png"), Image.open(two / "grid.png")
     assert np.array_equal(np.asarray(ga), np.asarray(gb))
-    # the reference cache was written once, by rank 0
-    assert len(list((tmp_path / "cache2").glob("*.npz"))) == 2
+    # the reference caches (2 statistics, 1 feature set) were written once, by rank 0
+    assert len(list((tmp_path / "cache2").glob("*.npz"))) == 3
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -402,7 +445,7 @@ def test_trainer_periodic_eval_logs_the_harness_metric(pixel_dir, tmp_path):
 
 
 def test_a_bench_entry_without_steps_runs_what_the_export_serves():
-    from diffdistill.eval.harness import recorded_step_counts
+    from diffdistill.eval.eval_model import recorded_step_counts
 
     assert recorded_step_counts({"steps": 4, "served_steps": [1, 2, 4, 8]}) == [1, 2, 4, 8]
     assert recorded_step_counts({"steps": 2}) == [2]

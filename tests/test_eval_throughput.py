@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffdistill.eval.eval_model import EvalModel
 from diffdistill.eval.features import get_detector, to_uint8_rgb
 from diffdistill.eval.fid import FeatureStats, fid_from_stats, frechet_distance
-from diffdistill.eval.harness import EvalModel, EvalPrompts, generate_for_eval
+from diffdistill.eval.generation import generate_for_eval
+from diffdistill.eval.prompts import EvalPrompts
 from PIL import Image
 
 import diffdistill.world  # noqa: F401  (registers fmnist-net / world-clip)
@@ -59,7 +61,7 @@ def test_path_gives_the_harness_features_and_clip_score(et, sd_dir, world_clip):
     per = (img * txt).sum(dim=-1)
     assert float(per.double().sum()) / 5 == gen.clip_score
     # the path at another evaluation resolution resizes exactly as the harness does
-    from diffdistill.eval.harness import resize_for_eval
+    from diffdistill.eval.generation import resize_for_eval
 
     assert torch.equal(et.harness_features(fm, images, 16), fm(resize_for_eval(images, 16)))
     assert not torch.equal(et.harness_features(fm, images, 16), feats)

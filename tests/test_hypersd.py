@@ -600,7 +600,8 @@ def test_one_step_conditioning_timestep_trains_samples_and_exports(sd_dir, tmp_p
     """score_distill.timestep = 599: the DM sample is x0̂_θ(ε, 599), TCD's one-step grid is
     [599] (more steps unchanged), the export records it, the bench reads it back, and a stock
     pipeline called with timesteps=[599] reproduces the trainer's one-step sampler."""
-    from diffdistill.eval.harness import BenchModel, load_eval_model
+    from diffdistill.eval.bench_config import BenchModel
+    from diffdistill.eval.eval_model import load_eval_model
     from diffusers import StableDiffusionPipeline
 
     stages = [{"segments": 1, "score_distill": True}]
@@ -695,3 +696,8 @@ def test_config_runs_on_a_tiny_model_of_its_structure(name, kind, every_stage, s
                for m, st in zip(metrics, stages))
     info = json.loads((tmp_path / "export" / EXPORT_INFO).read_text())
     assert info["sampler"] == "tcd" and info["gamma"] == raw["hypersd"]["gamma"]
+    # every config has a reward stage: the export names that network by content
+    from diffdistill.fingerprint import file_sha256
+
+    (net,) = info["reward_networks"]
+    assert net["kind"] == "clip" and list(net["sha256"].values()) == [file_sha256(weights)]

@@ -312,7 +312,9 @@ def test_pixel_export_is_a_stock_cm_pipeline_sampling_like_ours(pixel_dir, tmp_p
             stock = (img * 255).round().to(torch.uint8)[0]
             assert (stock.int() - grid[row + seed].int()).abs().max() <= 1
     # bench / `diffdistill sample` read the export info: the trained 2-step grid, clipping
-    from diffdistill.eval.harness import BenchModel, generate_for_eval, load_eval_model
+    from diffdistill.eval.bench_config import BenchModel
+    from diffdistill.eval.eval_model import load_eval_model
+    from diffdistill.eval.generation import generate_for_eval
 
     info = json.loads((out / "export" / "diffdistill_export.json").read_text())
     assert info["sampler"] == "cm" and info["timesteps"] == [80.0]

@@ -513,3 +513,15 @@ def test_config_runs_one_step_on_a_tiny_model_of_its_structure(name, kind, sd_di
     assert math.isfinite(float(logs["loss"]))
     info = json.loads((tmp_path / "export" / EXPORT_INFO).read_text())
     assert info["guidance_embedding"] == (cfg.adapter.type == "full")
+    # the reward network it trained against, by content: the bench's "judge = reward" mark
+    from diffdistill.eval.harness import judged_by_its_reward
+    from diffdistill.fingerprint import file_sha256
+
+    if raw["method"] == "rglcd":
+        (net,) = info["reward_networks"]
+        assert net["kind"] == raw["reward"]["kind"]
+        assert list(net["sha256"].values()) == [file_sha256(weights)]
+        assert judged_by_its_reward(info, {file_sha256(weights)})
+        assert not judged_by_its_reward(info, {file_sha256(cfg_file)})
+    else:
+        assert info["reward_networks"] == []

@@ -5,7 +5,7 @@ exported."""
 
 import pytest
 import torch
-from diffdistill.eval.harness import generate_for_eval
+from diffdistill.eval.generation import generate_for_eval
 from diffdistill.trainers import get_trainer_class
 
 from diffdistill.config import build_config

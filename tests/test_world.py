@@ -41,7 +41,7 @@ def _safetensors_dtypes(folder: Path) -> set:
 
 
 def test_world_json_records_every_stage(world):
-    from diffdistill.world.build import STAGES
+    from diffdistill.world.build import STAGE_SEED_OFFSET, STAGES
 
     out, _, info = world
     on_disk = json.loads((out / "world.json").read_text())
@@ -49,9 +49,14 @@ def test_world_json_records_every_stage(world):
     assert list(on_disk["stages"]) == list(STAGES)
     for name, stage in on_disk["stages"].items():
         assert stage["wall_s"] >= 0 and stage["cpu_s"] >= 0, name
-        assert stage["seed"] == STAGES.index(name) + 1, name  # seed * 1000 + stage offset
+        assert stage["seed"] == STAGE_SEED_OFFSET[name], name  # seed * 1000 + stage offset
+    # offsets are fixed per stage: adding the judge changed no other stage's seed
+    assert [STAGE_SEED_OFFSET[s] for s in STAGES] == [1, 2, 3, 4, 5, 6, 8, 7]
     acc = on_disk["accuracies"]
-    assert set(acc) == {"fmnist_net_test_accuracy", "clip_zero_shot_test_accuracy"}
+    assert set(acc) == {"fmnist_net_test_accuracy", "clip_zero_shot_test_accuracy",
+                        "clip_judge_zero_shot_train_accuracy"}
+    judge = on_disk["stages"]["clip_judge"]["metrics"]
+    assert (judge["train_split"], judge["eval_split"]) == ("test", "train")
     assert on_disk["command"] == "diffdistill world build --scale tiny"
     assert on_disk["teachers"]["teacher_latent"]["rows"][0]["guidance_scale"] == 2.0
     # the report measured exactly the shipped files, and nothing else is in the folder
@@ -174,6 +179,39 @@ def test_clip_loads_through_open_clip(world):
     assert acc == info["accuracies"]["clip_zero_shot_test_accuracy"]
 
 
+def test_clip_judge_is_another_network_trained_on_other_images(world):
+    import open_clip
+
+    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
+    from diffdistill.fingerprint import weights_sha256
+    from diffdistill.world.clip import (
+        JUDGE_MODEL_NAME,
+        WEIGHTS_FILE,
+        load_clip_model,
+        zero_shot_accuracy,
+    )
+
+    out, _, info = world
+    folder = out / "clip_judge"
+    judge, _, tok = load_clip_model(folder)
+    reward, _, _ = load_clip_model(out / "clip")
+    assert judge.visual.__class__.__name__ == "VisionTransformer"  # the reward: a ResNet
+    assert reward.visual.__class__.__name__ == "ModifiedResNet"
+    assert open_clip.create_model(f"local-dir:{folder}").visual.__class__.__name__ == \
+        "VisionTransformer"
+    assert (folder / f"{JUDGE_MODEL_NAME}.json").is_file()
+    assert weights_sha256(folder / WEIGHTS_FILE) != weights_sha256(out / "clip" / WEIGHTS_FILE)
+    # trained on the test split, so its accuracy is measured on training images
+    train = fashion_mnist_uint8("train", 32, limit=32)
+    labels = torch.from_numpy(load_fashion_mnist("train")[1][:32].copy())
+    acc = zero_shot_accuracy(judge, tok, train, labels)
+    assert acc == info["accuracies"]["clip_judge_zero_shot_train_accuracy"]
+    from diffdistill.world import world_clip_judge_detector
+
+    det = world_clip_judge_detector(folder)
+    assert det.model_name == JUDGE_MODEL_NAME and Path(det.weights_path) == folder / WEIGHTS_FILE
+
+
 def test_ref_stats_metadata_and_values(world):
     from diffdistill.eval.fid import FeatureStats
 
@@ -198,14 +236,14 @@ def test_ref_stats_metadata_and_values(world):
 def test_rebuild_skips_done_stages_and_force_is_deterministic(world):
     from safetensors.torch import load_file
 
-    from diffdistill.world.build import build_world
+    from diffdistill.world.build import STAGES, build_world
 
     out, work, info = world
     before = json.loads((out / "world.json").read_text())
     old = load_file(str(out / "fmnist_net.safetensors"))
     logs: list[str] = []
     build_world(scale="tiny", out=out, work=work, log=logs.append)
-    assert sum("outputs exist, skipped" in m for m in logs) == 7
+    assert sum("outputs exist, skipped" in m for m in logs) == len(STAGES)  # report too
     build_world(scale="tiny", out=out, work=work, only=["classifier"], force=True,
                 command="diffdistill world build --scale tiny --only classifier --force",
                 log=logs.append)
@@ -275,9 +313,10 @@ def test_shipped_world_sizes_and_formats():
 def test_shipped_world_accuracies_and_stats():
     from diffdistill.world import load_ref_stats
 
-    info = _require_shipped("classifier", "clip", "ref_stats")
+    info = _require_shipped("classifier", "clip", "ref_stats", "clip_judge")
     assert info["accuracies"]["fmnist_net_test_accuracy"] >= 0.90
     assert info["accuracies"]["clip_zero_shot_test_accuracy"] >= 0.5
+    assert info["accuracies"]["clip_judge_zero_shot_train_accuracy"] >= 0.5
     for key in ("fmnist-net", "clip"):
         assert load_ref_stats(key, source="fashion-mnist/test", resolution=32).count == 10000
 

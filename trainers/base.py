@@ -218,7 +218,7 @@ class Trainer:
 
     def eval_spec(self):
         """The generator as the evaluation harness samples it for the periodic quick metric
-        (``cfg.eval``): a :class:`diffdistill.eval.harness.EvalModel`, or None (no metric)."""
+        (``cfg.eval``): a :class:`diffdistill.eval.eval_model.EvalModel`, or None (no metric)."""
         return None
 
     def make_dataset(self):

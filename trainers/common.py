@@ -233,6 +233,18 @@ def load_reward_from(section, key: str, device):
                              head_path=section.head_path, device=device)
 
 
+def reward_network_record(section) -> dict:
+    """What an export records of the reward network it was trained against: kind, path and
+    the sha256 of its weight files (``diffdistill.fingerprint``), so the bench can tell when
+    its CLIP judge is that very network ("judge = reward")."""
+    from diffdistill.fingerprint import weights_sha256
+
+    path = resolve_model_path(section.path)
+    hashes = weights_sha256(path)
+    hashes.update(weights_sha256(getattr(section, "head_path", None)))
+    return {"kind": section.kind, "path": section.path, "sha256": hashes}
+
+
 def grid_prompt(i: int) -> str:
     """The fixed prompt of grid / evaluation sample i (the world's class i % 10)."""
     from diffdistill.data import caption_for_class

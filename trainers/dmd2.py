@@ -431,7 +431,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
 
     # -- sampling and export ----------------------------------------------------------
     def eval_spec(self):
-        from diffdistill.eval.harness import EvalModel
+        from diffdistill.eval.eval_model import EvalModel
 
         trained = list(self.timesteps)
         return EvalModel(self.method, self.backbone, self.generator_denoiser(self.generator_unet()),

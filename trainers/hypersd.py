@@ -647,7 +647,7 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                              num_train_timesteps=self.T)
 
     def eval_spec(self):
-        from diffdistill.eval.harness import EvalModel
+        from diffdistill.eval.eval_model import EvalModel
 
         p, bb = self.cfg.hypersd, self.backbone
         return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "tcd",
@@ -660,6 +660,13 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                                         num_steps=steps, timesteps=self.tcd_timesteps(steps),
                                         guidance_scale=p.guidance_scale,
                                         sampler_opts={"gamma": p.gamma})
+
+    def reward_networks(self) -> list[dict]:
+        """The ReFL reward network, when a stage trained against it."""
+        from .common import reward_network_record
+
+        p = self.cfg.hypersd
+        return [reward_network_record(p.reward.model)] if any(st.reward for st in p.stages) else []
 
     def export(self, out_dir: Path) -> Optional[Path]:
         from diffdistill.export import save_generator, write_export_info, write_model_card
@@ -691,5 +698,6 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                           timesteps_by_steps=({"1": [self.onestep_timestep]}
                                               if p.score_distill.timestep is not None else {}),
                           guidance_embedding=False, method=self.method,
-                          adapter=self.cfg.adapter.type)
+                          adapter=self.cfg.adapter.type,
+                          reward_networks=self.reward_networks())
         return out_dir

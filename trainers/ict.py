@@ -349,7 +349,7 @@ class ICTTrainer(BackboneMixin, Trainer):
         return cm_grid_sigmas([0, j], c.sigma_min, c.sigma_max, c.rho)
 
     def eval_spec(self):
-        from diffdistill.eval.harness import EvalModel
+        from diffdistill.eval.eval_model import EvalModel
 
         bb = self.backbone
         return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "lcm",

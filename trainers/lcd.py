@@ -356,7 +356,7 @@ class LCDTrainer(BackboneMixin, Trainer):
                              self.backbone.schedule.num_train_timesteps)
 
     def eval_spec(self):
-        from diffdistill.eval.harness import EvalModel
+        from diffdistill.eval.eval_model import EvalModel
 
         from diffdistill.denoiser import LCMConsistency
 
@@ -392,8 +392,13 @@ class LCDTrainer(BackboneMixin, Trainer):
         write_export_info(out_dir, sampler="lcm", steps=p.export_steps, guidance_scale=gs,
                           timesteps=self.lcm_timesteps(p.export_steps).tolist(),
                           original_inference_steps=p.num_ddim_timesteps,
-                          guidance_embedding=self.w_dim is not None, method=self.method)
+                          guidance_embedding=self.w_dim is not None, method=self.method,
+                          reward_networks=self.reward_networks())
         return out_dir
+
+    def reward_networks(self) -> list[dict]:
+        """The reward networks the student was trained against (none for plain LCD)."""
+        return []
 
 
 # ----------------------------------------------------------------------------- RG-LCD
@@ -480,6 +485,11 @@ class RGLCDTrainer(LCDTrainer):
 
         self.reward_model = load_reward_from(self.cfg.reward, "reward", self.device)
         self.reward_term = REWARD_TERMS[self.cfg.rglcd.mode](self)
+
+    def reward_networks(self) -> list[dict]:
+        from .common import reward_network_record
+
+        return [reward_network_record(self.cfg.reward)]  # the LRM mode fits it too
 
     def train_step(self, batch: dict) -> dict[str, float]:
         terms = self.consistency_terms(batch)

@@ -105,7 +105,7 @@ class PretrainTrainer(BackboneMixin, Trainer):
         return self.ema_or_online("unet", self.unet)
 
     def eval_spec(self):
-        from diffdistill.eval.harness import EvalModel
+        from diffdistill.eval.eval_model import EvalModel
 
         bb = self.backbone
         return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "ddim",

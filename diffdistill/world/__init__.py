@@ -13,14 +13,18 @@ two CPU cores, shipped as fp16 safetensors in ``diffdistill/world/assets/``:
                                class 10 for CFG, DDPMScheduler (linear β, ε).
 ``fmnist_net.safetensors``     Fashion-MNIST classifier, detector ``"fmnist-net"`` →
                                "FID-FMNIST" (:mod:`diffdistill.world.classifier`).
-``clip/``                      tiny open_clip model (:mod:`diffdistill.world.clip`).
+``clip/``                      tiny open_clip model (:mod:`diffdistill.world.clip`): the
+                               reward of RG-LCD / Hyper-SD in the toy configs.
+``clip_judge/``                the independent CLIP judge (``"world-clip-judge"``): another
+                               architecture, seed and image set; what the bench scores with.
 ``ref_stats/*.npz``            test-split feature statistics per extractor
                                (``diffdistill.eval.fid.FeatureStats``).
 ``world.json``                 what was built: command, seeds, CPU time per stage, metrics.
 =============================  ===========================================================
 
 Everything is produced by ``diffdistill world build`` (:mod:`diffdistill.world.build`).
-Importing this package registers the ``"fmnist-net"`` and ``"world-clip"`` detectors in
+Importing this package registers the ``"fmnist-net"``, ``"world-clip"`` and
+``"world-clip-judge"`` detectors in
 ``diffdistill.eval.features`` (lazily: the networks load on first use).
 """
 
@@ -128,6 +132,14 @@ def world_clip_detector(folder=None, device=None, **kw):
     return clip_detector(folder, device=device, **kw)
 
 
+def world_clip_judge_detector(folder=None, device=None, **kw):
+    """The world's independent CLIP judge (``clip_judge/``) as a ``ClipDetector``: the
+    default CLIP score of ``diffdistill bench`` on the world (never a reward)."""
+    from .clip import clip_detector
+
+    return clip_detector(folder or asset_path("clip_judge"), device=device, **kw)
+
+
 def _register_detectors() -> None:
     try:
         from diffdistill.eval.features import available_detectors, register_detector
@@ -138,6 +150,8 @@ def _register_detectors() -> None:
         register_detector("fmnist-net", fmnist_detector)
     if "world-clip" not in have:
         register_detector("world-clip", world_clip_detector)
+    if "world-clip-judge" not in have:
+        register_detector("world-clip-judge", world_clip_judge_detector)
 
 
 _register_detectors()

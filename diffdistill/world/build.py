@@ -13,6 +13,9 @@ Stages (each writes its outputs atomically, records wall/CPU seconds and metrics
                    ``PretrainTrainer`` with ``configs/pretrain/toy_pixel.yaml`` → ``teacher_pixel/``
 ``teacher_latent`` StableDiffusionPipeline on 8×8×4 latents, ``PretrainTrainer`` with
                    ``configs/pretrain/toy_latent.yaml`` → ``teacher_latent/``
+``clip_judge``     the independent CLIP judge: another architecture (ViT image tower), another
+                   seed, trained on the *test* split the reward CLIP never saw → ``clip_judge/``
+                   (``diffdistill bench`` scores CLIP with it; :mod:`.clip`)
 ``report``         quick FID-FMNIST / CLIP score per teacher and guidance scale, sample grids,
                    file sizes (checked against the 25 MB budget)
 =================  ==========================================================================
@@ -67,8 +70,11 @@ from . import ASSETS_DIR, REF_STATS
 SIZE_BUDGET_BYTES = 25 * 1000 * 1000  # "≤ 25 MB" for everything shipped
 FORMAT_VERSION = 1
 
-STAGES = ("classifier", "clip", "ref_stats", "vae", "teacher_pixel", "teacher_latent", "report")
-STAGE_SEED_OFFSET = {name: i + 1 for i, name in enumerate(STAGES)}
+STAGES = ("classifier", "clip", "ref_stats", "vae", "teacher_pixel", "teacher_latent",
+          "clip_judge", "report")
+# fixed per stage (not the position in STAGES), so adding a stage changes no other's seed
+STAGE_SEED_OFFSET = {"classifier": 1, "clip": 2, "ref_stats": 3, "vae": 4, "teacher_pixel": 5,
+                     "teacher_latent": 6, "report": 7, "clip_judge": 8}
 
 PIXEL_UNET = dict(channels=(16, 32, 64, 64), layers_per_block=1, norm_groups=16,
                   down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D",
@@ -87,6 +93,11 @@ TINY_CLIP = {"embed_dim": 32,
                             "patch_size": None},
              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 16, "heads": 2,
                           "layers": 1}}
+TINY_JUDGE = {"embed_dim": 32,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8,
+                             "patch_size": 8, "mlp_ratio": 2.0},
+              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 16, "heads": 2,
+                           "layers": 1}}
 TINY_TRAIN = {"train": {"max_steps": 2, "batch_size": 4, "checkpoint_every": 0,
                         "lr_warmup_steps": 0},
               "data": {"limit": 64}, "log": {"every": 1}}
@@ -96,6 +107,9 @@ RECIPES: dict[str, dict] = {
         "seed": 0,
         "classifier": dict(steps=1410, batch_size=128, lr=3e-3, widths=(32, 64, 128)),  # 3 ep.
         "clip": dict(steps=700, batch_size=256, lr=2e-3, config=None),  # 3 epochs
+        # the judge: 18 epochs of the 10k test images; accuracy on 10k training images
+        "clip_judge": dict(steps=700, batch_size=256, lr=2e-3, config="judge",
+                           test_limit=10000),
         "ref_stats": dict(extractors=("fmnist-net", "clip"), test_limit=None, floor_train=10000),
         "vae": dict(**VAE, steps=1200, batch_size=32, lr=1e-3, kl_weight=1e-5,
                     test_limit=2000),
@@ -111,6 +125,8 @@ RECIPES: dict[str, dict] = {
                            test_limit=32),
         "clip": dict(steps=2, batch_size=8, lr=2e-3, config=TINY_CLIP, limit=256,
                      test_limit=32),
+        "clip_judge": dict(steps=2, batch_size=8, lr=2e-3, config="judge-tiny", limit=64,
+                           test_limit=32),
         "ref_stats": dict(extractors=("fmnist-net", "clip"), test_limit=32, floor_train=32),
         "vae": dict(VAE, channels=(16, 16, 16), steps=2, batch_size=4, lr=1e-3,
                     kl_weight=1e-5, limit=256, test_limit=8, scale_images=16),
@@ -212,6 +228,10 @@ def stage_outputs(stage: str, ctx: BuildContext) -> list[Path]:
         from .clip import MODEL_NAME, WEIGHTS_FILE
 
         return [out / "clip" / WEIGHTS_FILE, out / "clip" / f"{MODEL_NAME}.json"]
+    if stage == "clip_judge":
+        from .clip import JUDGE_MODEL_NAME, WEIGHTS_FILE
+
+        return [out / "clip_judge" / WEIGHTS_FILE, out / "clip_judge" / f"{JUDGE_MODEL_NAME}.json"]
     if stage == "ref_stats":
         return [out / "ref_stats" / f"{k}.npz" for k in ctx.recipe["ref_stats"]["extractors"]]
     if stage == "vae":
@@ -275,15 +295,31 @@ def run_clip(ctx: BuildContext) -> dict:
     return metrics
 
 
+def run_clip_judge(ctx: BuildContext) -> dict:
+    """The independent CLIP judge (:data:`~diffdistill.world.clip.JUDGE_CONFIG`): trained on
+    the test split, its zero-shot accuracy measured on training images."""
+    from .clip import JUDGE_CONFIG, JUDGE_MODEL_NAME, train_clip
+
+    r = dict(ctx.recipe["clip_judge"])
+    config = {"judge": JUDGE_CONFIG, "judge-tiny": TINY_JUDGE}[r.pop("config")]
+    final = ctx.out / "clip_judge"
+    tmp = _fresh_tmp(final)
+    metrics = train_clip(tmp, seed=ctx.stage_seed("clip_judge"), root=ctx.root, log=ctx.log,
+                         config=config, name=JUDGE_MODEL_NAME, split="test",
+                         eval_split="train", **r)
+    _replace_dir(tmp, final)
+    return metrics
+
+
 def _detector(key: str, ctx: BuildContext):
     if key == "fmnist-net":
         from .classifier import FMNISTDetector
 
         return FMNISTDetector(weights_path=ctx.out / "fmnist_net.safetensors")
-    if key == "clip":
+    if key in ("clip", "clip_judge"):
         from .clip import clip_detector
 
-        return clip_detector(ctx.out / "clip")
+        return clip_detector(ctx.out / key)
     raise KeyError(f"unknown world extractor {key!r}; choose from {sorted(REF_STATS)}")
 
 
@@ -582,11 +618,12 @@ def run_report(ctx: BuildContext) -> dict:
 
     from . import load_ref_stats
 
-    for s in ("classifier", "clip", "ref_stats", "teacher_pixel", "teacher_latent"):
+    for s in ("classifier", "clip", "ref_stats", "teacher_pixel", "teacher_latent", "clip_judge"):
         _require(ctx, s, "report")
     r = ctx.recipe["report"]
     fm = _detector("fmnist-net", ctx)
     cd = _detector("clip", ctx)
+    judge = _detector("clip_judge", ctx)
     ref = load_ref_stats("fmnist-net", ctx.out)
     seed = ctx.stage_seed("report")
     teachers: dict = {}
@@ -600,8 +637,10 @@ def run_report(ctx: BuildContext) -> dict:
             fid = fid_from_stats(_stats(fm, imgs, f"{name}-samples"), ref)
             labels, prompts = teacher_prompts(len(imgs))
             cs = clip_score(cd, imgs, prompts).mean
+            cs_judge = clip_score(judge, imgs, prompts).mean
             acc = float((fm.predict(imgs) == torch.tensor(labels)).float().mean())
             rows.append({"guidance_scale": gs, "fid_fmnist": fid, "clip_score": cs,
+                         "clip_score_judge": cs_judge,
                          "class_accuracy": acc, "sample_s": time.perf_counter() - t0})
             samples[gs] = imgs[:r["grid"]]
             ctx.log(f"  {name}: cfg {gs:g}, {r['steps']} DDIM steps, {len(imgs)} samples: "
@@ -631,6 +670,7 @@ RUNNERS = {
     "vae": run_vae,
     "teacher_pixel": run_teacher_pixel,
     "teacher_latent": run_teacher_latent,
+    "clip_judge": run_clip_judge,
     "report": run_report,
 }
 
@@ -646,6 +686,9 @@ def _summaries(world: dict) -> None:
         acc["fmnist_net_test_accuracy"] = st["classifier"]["metrics"]["test_accuracy"]
     if "clip" in st:
         acc["clip_zero_shot_test_accuracy"] = st["clip"]["metrics"]["zero_shot_accuracy"]
+    if "clip_judge" in st:  # trained on the test split: measured on training images
+        acc["clip_judge_zero_shot_train_accuracy"] = \
+            st["clip_judge"]["metrics"]["zero_shot_accuracy"]
     world["accuracies"] = acc
     world["cpu_seconds_total"] = sum(s.get("cpu_s", 0.0) for s in st.values())
     world["wall_seconds_total"] = sum(s.get("wall_s", 0.0) for s in st.values())
@@ -759,14 +802,16 @@ def asset_sizes(out=None) -> dict[str, int]:
 
 def teacher_table(world: dict) -> str:
     """Markdown table of the report stage's quick teacher measurements."""
-    lines = ["| teacher | CFG | DDIM steps | samples | FID-FMNIST | CLIP score | class acc. |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| teacher | CFG | DDIM steps | samples | FID-FMNIST | CLIP score (reward CLIP) | "
+             "CLIP score (judge) | class acc. |", "|---|---|---|---|---|---|---|---|"]
     for name, t in world.get("teachers", {}).items():
         for row in t["rows"]:
             star = " (best)" if row["guidance_scale"] == t["best_guidance_scale"] else ""
+            judge = (f"{row['clip_score_judge']:.4f}" if "clip_score_judge" in row
+                     else "not measured")
             lines.append(f"| {name} | {row['guidance_scale']:g}{star} | {t['steps']} | "
                          f"{t['num_samples']} | {row['fid_fmnist']:.2f} | "
-                         f"{row['clip_score']:.4f} | {row['class_accuracy']:.3f} |")
+                         f"{row['clip_score']:.4f} | {judge} | {row['class_accuracy']:.3f} |")
     return "\n".join(lines)
 
 

@@ -39,12 +39,24 @@ import torch.nn.functional as F
 from diffdistill.world import epoch_batches, warmup_cosine
 
 MODEL_NAME = "fmnist-clip"
+JUDGE_MODEL_NAME = "fmnist-clip-judge"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir: loader looks for
 MODEL_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2,
                  "layers": 2},
+}
+#: The judge (``clip_judge/``): another architecture (a ViT image tower on 4×4 patches, a
+#: 3-layer text tower), another seed, and other images (the 10k test split, where the reward
+#: model saw the 60k training images), so a student trained against the reward CLIP is not
+#: scored by the network it exploited.
+JUDGE_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16,
+                   "patch_size": 4, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 4,
+                 "layers": 3},
 }
 
 
@@ -54,15 +66,16 @@ def default_clip_dir() -> Path:
     return asset_path("clip")
 
 
-def write_clip_config(folder: Union[str, os.PathLike], config: Optional[dict] = None) -> Path:
-    """Write ``<MODEL_NAME>.json`` (for ``open_clip.add_model_config``) and the hub-style
+def write_clip_config(folder: Union[str, os.PathLike], config: Optional[dict] = None,
+                      name: str = MODEL_NAME) -> Path:
+    """Write ``<name>.json`` (for ``open_clip.add_model_config``) and the hub-style
     ``open_clip_config.json`` (for ``local-dir:``) into ``folder``; returns the former."""
     import open_clip
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(config or MODEL_CONFIG)
-    path = folder / f"{MODEL_NAME}.json"
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(cfg, indent=1))
     (folder / "open_clip_config.json").write_text(json.dumps({
         "model_cfg": cfg,
@@ -73,22 +86,36 @@ def write_clip_config(folder: Union[str, os.PathLike], config: Optional[dict] = 
     return path
 
 
+def model_name_in(folder: Union[str, os.PathLike]) -> str:
+    """The open_clip model name a world CLIP folder defines: its ``<name>.json``."""
+    folder = Path(folder)
+    names = sorted(p.stem for p in folder.glob("*.json") if p.name != "open_clip_config.json")
+    if len(names) != 1:
+        raise FileNotFoundError(f"{folder} holds no single open_clip model config "
+                                f"(<name>.json; found {names or 'none'}): build the embedded "
+                                "world with `diffdistill world build`")
+    return names[0]
+
+
 def register_clip_config(folder: Union[str, os.PathLike, None] = None) -> str:
-    """Register the world's CLIP config with open_clip (every process must); returns the name."""
+    """Register a world CLIP folder's config with open_clip (every process must); returns
+    the model name."""
     import open_clip
 
-    path = Path(folder or default_clip_dir()) / f"{MODEL_NAME}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"open_clip config {path} does not exist: build the embedded "
+    folder = Path(folder or default_clip_dir())
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CLIP folder {folder} does not exist: build the embedded "
                                 "world with `diffdistill world build`")
-    if MODEL_NAME not in open_clip.list_models() or \
-            open_clip.get_model_config(MODEL_NAME) != json.loads(path.read_text()):
+    name = model_name_in(folder)
+    path = folder / f"{name}.json"
+    if name not in open_clip.list_models() or \
+            open_clip.get_model_config(name) != json.loads(path.read_text()):
         open_clip.add_model_config(str(path))
-    return MODEL_NAME
+    return name
 
 
 def load_clip_model(folder: Union[str, os.PathLike, None] = None, device="cpu"):
-    """``(model, preprocess, tokenizer)`` of the trained world CLIP, fp32, eval mode."""
+    """``(model, preprocess, tokenizer)`` of a trained world CLIP, fp32, eval mode."""
     import open_clip
 
     folder = Path(folder or default_clip_dir())
@@ -103,13 +130,13 @@ def load_clip_model(folder: Union[str, os.PathLike, None] = None, device="cpu"):
 
 
 def clip_detector(folder: Union[str, os.PathLike, None] = None, device=None, **kw):
-    """The world CLIP as a :class:`diffdistill.eval.features.ClipDetector` (CLIP score)."""
+    """A world CLIP folder as a :class:`diffdistill.eval.features.ClipDetector` (CLIP score)."""
     from diffdistill.eval.features import ClipDetector
 
     folder = Path(folder or default_clip_dir())
-    register_clip_config(folder)
-    return ClipDetector(MODEL_NAME, pretrained_path=folder / WEIGHTS_FILE,
-                        config_path=folder / f"{MODEL_NAME}.json", device=device, **kw)
+    name = register_clip_config(folder)
+    return ClipDetector(name, pretrained_path=folder / WEIGHTS_FILE,
+                        config_path=folder / f"{name}.json", device=device, **kw)
 
 
 def _normalize_images(model, images_uint8: torch.Tensor) -> torch.Tensor:
@@ -154,19 +181,22 @@ def zero_shot_accuracy(model, tokenizer, images_uint8: torch.Tensor, labels: tor
     return correct / max(len(images_uint8), 1)
 
 
-def save_clip_weights(model, path: Union[str, os.PathLike]) -> Path:
+def save_clip_weights(model, path: Union[str, os.PathLike], name: str = MODEL_NAME) -> Path:
     from . import save_safetensors_fp16
 
-    return save_safetensors_fp16(model.state_dict(), path, {"open_clip_model": MODEL_NAME})
+    return save_safetensors_fp16(model.state_dict(), path, {"open_clip_model": name})
 
 
 def train_clip(out_dir: Union[str, os.PathLike], *, steps: int = 800, batch_size: int = 256,
                lr: float = 2e-3, weight_decay: float = 0.1, seed: int = 0,
                config: Optional[dict] = None, limit: Optional[int] = None,
-               test_limit: Optional[int] = None, root=None,
+               test_limit: Optional[int] = None, root=None, name: str = MODEL_NAME,
+               split: str = "train", eval_split: str = "test",
                log: Callable[[str], None] = print) -> dict:
-    """Train the world CLIP with ``open_clip.ClipLoss``; write config + fp16 weights into
-    ``out_dir``; return ``{"zero_shot_accuracy", ...}`` (measured on the saved fp16 weights)."""
+    """Train a world CLIP (open_clip model ``name``) with ``open_clip.ClipLoss`` on the
+    ``split`` images (``limit``: the first N); write config + fp16 weights into ``out_dir``;
+    return ``{"zero_shot_accuracy", ...}``, measured on the saved fp16 weights with the first
+    ``test_limit`` images of ``eval_split``."""
     import open_clip
 
     from diffdistill.data import (
@@ -177,21 +207,23 @@ def train_clip(out_dir: Union[str, os.PathLike], *, steps: int = 800, batch_size
     )
 
     out = Path(out_dir)
-    write_clip_config(out, config)
+    if split == eval_split:
+        raise ValueError(f"train_clip: split and eval_split are both {split!r}")
+    write_clip_config(out, config, name)
     register_clip_config(out)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    model = open_clip.create_model(MODEL_NAME, pretrained=None, output_dict=True)
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
-    train_x = fashion_mnist_uint8("train", 32, root=root, limit=limit)
-    train_y = torch.from_numpy(load_fashion_mnist("train", root)[1][:len(train_x)].copy())
+    model = open_clip.create_model(name, pretrained=None, output_dict=True)
+    tokenizer = open_clip.get_tokenizer(name)
+    train_x = fashion_mnist_uint8(split, 32, root=root, limit=limit)
+    train_y = torch.from_numpy(load_fashion_mnist(split, root)[1][:len(train_x)].copy())
     n_t = len(CAPTION_TEMPLATES)
     # every (class, template) caption tokenised once; row = label * n_t + template
     captions = [caption_for_class(c, t) for c in range(10) for t in range(n_t)]
     tokens = tokenizer(captions)
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "embedding" in name
+    for pname, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "logit_scale" in pname or "embedding" in pname
          else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
@@ -218,14 +250,16 @@ def train_clip(out_dir: Union[str, os.PathLike], *, steps: int = 800, batch_size
             log(f"  clip step {step + 1}/{steps} loss {loss.item():.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
     model.eval()
-    save_clip_weights(model, out / WEIGHTS_FILE)
+    save_clip_weights(model, out / WEIGHTS_FILE, name)
     # The number that is reported is the shipped (fp16-stored) model's, loaded the public way.
     shipped, _, tok = load_clip_model(out)
-    test_x = fashion_mnist_uint8("test", 32, root=root, limit=test_limit)
-    test_y = torch.from_numpy(load_fashion_mnist("test", root)[1][:len(test_x)].copy())
+    test_x = fashion_mnist_uint8(eval_split, 32, root=root, limit=test_limit)
+    test_y = torch.from_numpy(load_fashion_mnist(eval_split, root)[1][:len(test_x)].copy())
     acc = zero_shot_accuracy(shipped, tok, test_x, test_y)
     params = sum(p.numel() for p in model.parameters())
-    log(f"  clip: zero-shot test accuracy {acc:.4f}, {params / 1e6:.2f} M params, "
-        f"logit scale {float(model.logit_scale.detach().exp()):.1f}")
-    return {"zero_shot_accuracy": acc, "params": params, "model_name": MODEL_NAME,
-            "logit_scale": float(model.logit_scale.detach().exp()), "test_images": len(test_x)}
+    log(f"  {name}: zero-shot accuracy on {len(test_x)} {eval_split} images {acc:.4f}, "
+        f"{params / 1e6:.2f} M params, logit scale "
+        f"{float(model.logit_scale.detach().exp()):.1f}")
+    return {"zero_shot_accuracy": acc, "params": params, "model_name": name,
+            "logit_scale": float(model.logit_scale.detach().exp()), "test_images": len(test_x),
+            "train_split": split, "train_images": len(train_x), "eval_split": eval_split}
