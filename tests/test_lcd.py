@@ -515,6 +515,7 @@ def test_config_runs_one_step_on_a_tiny_model_of_its_structure(name, kind, sd_di
     assert info["guidance_embedding"] == (cfg.adapter.type == "full")
     # the reward network it trained against, by content: the bench's "judge = reward" mark
     from diffdistill.eval.harness import judged_by_its_reward
+
     from diffdistill.fingerprint import file_sha256
 
     if raw["method"] == "rglcd":
