@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.checkpointing import list_checkpoints
 from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
 from PIL import Image
 

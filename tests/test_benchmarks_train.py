@@ -199,7 +199,7 @@ def test_memory_is_exact_and_lora_is_smaller(lcd_pair):
 
 def test_ema_update_is_the_per_tensor_lerp():
     """EMA.update (one multi-tensor lerp) gives bit for bit what a lerp_ per tensor gives."""
-    from diffdistill.trainers.base import EMA
+    from diffdistill.trainers.ema import EMA
 
     from diffdistill.tiny import tiny_cond_unet
 

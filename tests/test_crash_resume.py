@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.checkpointing import list_checkpoints
 from helpers import ALL_METHODS, LATENT_METHODS, method_run_data
 from safetensors.torch import load_file
 from test_rewards import TINY_CLIP, make_tiny_clip
@@ -274,7 +274,7 @@ def test_crash_while_replacing_a_checkpoint_keeps_latest_complete(pixel_dir, tmp
     old folder of that step is being deleted must not leave a half-deleted "latest"."""
     import shutil
 
-    from diffdistill.trainers import base
+    from diffdistill.trainers import checkpointing
     from diffdistill.trainers.pretrain import PretrainTrainer
 
     out = tmp_path / "r"
@@ -290,11 +290,11 @@ def test_crash_while_replacing_a_checkpoint_keeps_latest_complete(pixel_dir, tmp
             raise _Killed(path.name)
         return real(path, *a, **k)
 
-    monkeypatch.setattr(base.shutil, "rmtree", dies_half_way)
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", dies_half_way)
     with pytest.raises(_Killed):
         PretrainTrainer(_pretrain_cfg(pixel_dir, out, 3, keep_checkpoints=2)).fit(
             resume=str(out / "checkpoints" / "checkpoint-2"))
-    monkeypatch.setattr(base.shutil, "rmtree", real)
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real)
     for ck in list_checkpoints(out):  # whatever "latest" is, it is complete and loads
         assert (ck / "trainer_state.json").is_file(), ck
         assert {"model.safetensors", "trainer_rng_0.safetensors"} <= {

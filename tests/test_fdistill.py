@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.checkpointing import list_checkpoints
 from diffdistill.trainers.dmd2 import DMD2Trainer
 from diffdistill.trainers.fdistill import (
     FDistillConfig,

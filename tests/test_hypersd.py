@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.checkpointing import list_checkpoints
 from diffdistill.trainers.common import frozen
 from diffdistill.trainers.hypersd import (
     HyperSDConfig,

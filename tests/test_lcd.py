@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.checkpointing import list_checkpoints
 from diffdistill.trainers.lcd import (
     LCDConfig,
     LCDTrainer,

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from diffdistill.trainers.base import ShardedBatchSampler, list_checkpoints
+from diffdistill.trainers.batches import ShardedBatchSampler
+from diffdistill.trainers.checkpointing import list_checkpoints
 from helpers import ALL_METHODS, LATENT_METHODS, method_run_data
 from test_rewards import TINY_CLIP, make_tiny_clip
 

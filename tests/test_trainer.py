@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffdistill.trainers.base import NonFiniteLossError, list_checkpoints
+from diffdistill.trainers.base import NonFiniteLossError
+from diffdistill.trainers.checkpointing import list_checkpoints
 from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
 from safetensors.torch import load_file
 

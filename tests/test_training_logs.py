@@ -13,7 +13,7 @@ from diffdistill.eval.convergence import (
     training_run_of,
     write_convergence,
 )
-from diffdistill.trainers.base import list_checkpoints
+from diffdistill.trainers.checkpointing import list_checkpoints
 from diffdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
 from diffdistill.trainers.metrics_log import LogWindow
 from helpers import tiny_run_data

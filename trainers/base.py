@@ -4,7 +4,8 @@ A method defines :meth:`Trainer.build` (load networks, register optimizers / EMA
 :meth:`Trainer.train_step` (one micro-batch → a dict of logged scalars), calling
 ``self.step("generator", loss)`` for each named optimizer it updates. Everything else —
 mixed precision, gradient accumulation and clipping, non-finite-loss handling, atomic
-checkpoints with exact resume, logging, sample grids and the final export — lives here.
+checkpoints with exact resume (:mod:`.checkpointing`), FSDP / DeepSpeed policy (:mod:`.sharding`),
+logging, sample grids and the final export — lives here.
 
 Exact resume: all randomness a method draws goes through ``self.generator`` (one CPU
 ``torch.Generator`` per process, saved in the checkpoint), the data order is a pure function
@@ -19,26 +20,25 @@ trainable parameters are saved (a LoRA checkpoint holds the adapter, not the bas
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from diffdistill.config import BaseConfig, ConfigError, config_to_dict, save_config
 
+from .batches import ShardedBatchSampler, _to_device
+from .checkpointing import CheckpointMixin
+from .ema import EMA
 from .metrics_log import Heartbeat, LogWindow, MetricsLogger
+from .sharding import ShardingMixin
 
 log = logging.getLogger("diffdistill.train")
-
-CKPT_PREFIX = "checkpoint-"
-
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -47,98 +47,10 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- helpers
 
 
-class EMA:
-    """Exponential moving average of a module's trainable parameters (fp32 shadow)."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        params = dict(module.named_parameters())
-        self.shadow = {n: params[n].detach().float().clone() for n in self.names}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, decay: Optional[float] = None) -> None:
-        if not self.names:
-            return
-        d = self.decay if decay is None else decay
-        params = dict(module.named_parameters())
-        # One multi-tensor lerp (the arithmetic of a per-tensor ``lerp_``, as
-        # torch.optim.swa_utils' EMA does it), not one Python call and kernel per tensor.
-        torch._foreach_lerp_([self.shadow[n] for n in self.names],
-                             [params[n].detach().float() for n in self.names], 1.0 - d)
-
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        params = dict(module.named_parameters())
-        for n in self.names:
-            params[n].copy_(self.shadow[n].to(params[n].dtype))
-
-    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}{n}": t for n, t in self.shadow.items()}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-        for n in self.names:
-            self.shadow[n].copy_(tensors[f"{prefix}{n}"])
-
-
-class ShardedBatchSampler(Sampler):
-    """Deterministic, resumable batches: epoch e is ``randperm(n, seed + e)``; each global
-    batch of ``batch_size * world`` indices is split so rank r takes slice r — ranks never
-    overlap and the order does not depend on the number of DataLoader workers.
-    ``one_epoch``: stop at the end of the epoch that holds ``start_batch``."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int,
-                 start_batch: int = 0, shuffle: bool = True, one_epoch: bool = False):
-        self.n, self.bs, self.rank, self.world = n, batch_size, rank, world
-        self.seed, self.start, self.shuffle, self.one_epoch = seed, start_batch, shuffle, one_epoch
-        self.per_epoch = n // (batch_size * world)
-        if self.per_epoch == 0:
-            raise ValueError(
-                f"the dataset has {n} items, fewer than one global batch "
-                f"(train.batch_size={batch_size} x {world} processes); lower train.batch_size"
-            )
-
-    def __iter__(self) -> Iterator[list[int]]:
-        b = self.start
-        while True:
-            epoch, pos = divmod(b, self.per_epoch)
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-            gb = self.bs * self.world
-            for p in range(pos, self.per_epoch):
-                chunk = perm[p * gb:(p + 1) * gb]
-                yield chunk[self.rank * self.bs:(self.rank + 1) * self.bs].tolist()
-            if self.one_epoch:  # only the rest of the epoch that holds start_batch
-                return
-            b = (epoch + 1) * self.per_epoch
-
-    def __len__(self) -> int:  # infinite in practice; DataLoader only needs a number
-        return 2**62
-
-
-def _to_device(batch: Any, device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    root = Path(output_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(CKPT_PREFIX) and p.name[len(CKPT_PREFIX):].isdigit():
-            found.append(p)
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-
-
 # ----------------------------------------------------------------------------- trainer
 
 
-class Trainer:
+class Trainer(ShardingMixin, CheckpointMixin):
     """Base class. Subclasses set ``method`` and ``config_class`` and implement
     :meth:`build`, :meth:`train_step` and usually :meth:`export` / :meth:`sample_images`."""
 
@@ -244,76 +156,6 @@ class Trainer:
         except (ValueError, OSError) as e:  # a missing / empty / unreadable source: one line
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"data.kind={d.kind} data.path={d.path!r}: {first}") from None
-
-    def _is_deepspeed(self) -> bool:
-        from accelerate.utils import DistributedType
-
-        return getattr(self.accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
-
-    def _is_fsdp(self) -> bool:
-        from accelerate.utils import DistributedType
-
-        return getattr(self.accelerator, "distributed_type", None) == DistributedType.FSDP
-
-    def fsdp_unsupported(self) -> Optional[str]:
-        """Why this method's configuration cannot run under FSDP (None: it can). Methods
-        that build a module-level copy of a trained network (a θ⁻ target) override this."""
-        return None
-
-    def _check_fsdp(self) -> None:
-        """FSDP shards the trained networks: every rank holds only its slice of the weights,
-        and a prepared network runs only as a collective, inside its FSDP wrapper. What reads
-        a trained network outside that wrapper is refused here, before any model loads: a
-        module copy of it (the evaluation EMA, a θ⁻ target), a LoRA export read from the
-        unwrapped module, and the main-process sample grids / quick metric. The final export
-        gathers the full weights instead (:meth:`_gather_full_weights`)."""
-        if not self._is_fsdp():
-            return
-        cfg = self.cfg
-        why = None
-        if cfg.adapter.type == "lora":
-            why = ("adapter.type=lora: a LoRA's trainable state is small; train it with "
-                   "configs/accelerate/multi_gpu.yaml (DDP) — FSDP is for full weights")
-        elif cfg.train.ema_decay > 0:
-            why = (f"train.ema_decay={cfg.train.ema_decay}: the evaluation EMA is a module "
-                   "copy of the sharded network; set train.ema_decay=0")
-        elif cfg.log.grid_every or cfg.eval.every:
-            key = "log.grid_every" if cfg.log.grid_every else "eval.every"
-            why = (f"{key}: periodic samples run the network outside its FSDP wrapper; "
-                   f"set {key}=0 and evaluate the export with `diffdistill bench`")
-        else:
-            why = self.fsdp_unsupported()
-        if why:
-            raise ConfigError(f"not supported under FSDP (configs/accelerate/fsdp.yaml): {why}")
-
-    def _gather_full_weights(self) -> None:
-        """Under FSDP, every rank takes part in gathering each trained network's full state
-        dict (accelerate's ``get_state_dict``: FULL_STATE_DICT, offloaded to the main
-        process's CPU); :meth:`ema_or_online` then exports an unsharded rebuild of it."""
-        if not self._is_fsdp():
-            return
-        for module in self.networks.values():
-            self._full_states[id(module)] = self.accelerator.get_state_dict(module)
-
-    def _configure_deepspeed(self) -> None:
-        """accelerate + DeepSpeed: the engine's micro-batch size normally comes from a
-        DataLoader passed to ``prepare()``; the trainers feed their own, so set it to
-        ``train.batch_size``. The engine steps on every ``accelerator.backward`` (accelerate
-        never marks a micro-batch as non-final here), so the loop's own gradient
-        accumulation cannot run under it: only ``train.grad_accum: 1`` with DeepSpeed
-        ``gradient_accumulation_steps`` 1 (or auto)."""
-        if not self._is_deepspeed():
-            return
-        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            ds["train_micro_batch_size_per_gpu"] = self.cfg.train.batch_size
-        gas = ds.get("gradient_accumulation_steps", "auto")
-        if self.cfg.train.grad_accum != 1 or gas not in ("auto", 1):
-            raise ConfigError(
-                f"train.grad_accum={self.cfg.train.grad_accum} (DeepSpeed config "
-                f"gradient_accumulation_steps={gas}): under "
-                "DeepSpeed the engine steps on every backward, so gradient accumulation is "
-                "not supported; use train.grad_accum=1 and gradient_accumulation_steps: 1")
 
     # -- registration ---------------------------------------------------------------
     def add_network(self, name: str, module: nn.Module) -> nn.Module:
@@ -617,170 +459,3 @@ class Trainer:
         path = self.out / "samples" / f"step-{self.global_step:07d}.png"
         save_grid(imgs, path)
         return path
-
-    # -- checkpoints ----------------------------------------------------------------
-    def _register_checkpoint_hooks(self) -> None:
-        if self._ckpt_hooks_registered:
-            return
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            self._ckpt_hooks_registered = True  # accelerate saves sharded states itself
-            return
-
-        def keep_trainable(models, weights, output_dir):
-            # Save only trainable tensors: a LoRA checkpoint holds the adapter, not the base.
-            for i, model in enumerate(models):
-                keep = {n for n, p in model.named_parameters() if p.requires_grad}
-                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
-
-        self.accelerator.register_save_state_pre_hook(keep_trainable)
-        self._ckpt_hooks_registered = True
-
-    def _trainer_state(self) -> dict:
-        return {
-            "method": self.method,
-            "global_step": self.global_step,
-            "batches_consumed": self.batches_consumed,
-            "nonfinite_total": self.nonfinite_total,
-            "log_window": self.log_window.state(),
-            "train_wall_s": self.train_wall_s,
-            "state": self.state,
-            "config": config_to_dict(self.cfg),
-        }
-
-    def checkpoint(self) -> Path:
-        """Write ``checkpoints/checkpoint-<step>`` atomically; keep the newest N."""
-        from safetensors.torch import save_file
-
-        acc = self.accelerator
-        root = self.out / "checkpoints"
-        final = root / f"{CKPT_PREFIX}{self.global_step}"
-        tmp = root / f".tmp-{CKPT_PREFIX}{self.global_step}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        try:
-            acc.save_state(str(tmp))
-            save_file({"generator": self.generator.get_state(),
-                       "torch_rng": torch.get_rng_state(),
-                       "data_position": torch.tensor([self.data_epoch, self.epoch_batches])},
-                      str(tmp / f"trainer_rng_{self.rank}.safetensors"))
-            if acc.is_main_process:
-                tensors = dict(self.state_tensors)
-                for name, (ema, _) in self.emas.items():
-                    tensors.update(ema.state_tensors(f"ema.{name}."))
-                if tensors:
-                    save_file({k: v.contiguous() for k, v in tensors.items()},
-                              str(tmp / "trainer_tensors.safetensors"))
-                (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state(), indent=1))
-        except OSError as e:
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            prev = self.last_checkpoint or "none"
-            raise OSError(f"writing checkpoint {final} failed ({e}); the previous checkpoint "
-                          f"{prev} is intact") from e
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if final.exists():  # re-writing a step (resumed from an older checkpoint)
-                _discard(final)
-            os.replace(tmp, final)  # atomic: "latest" is always complete
-            for old in list_checkpoints(self.out)[:-self.cfg.train.keep_checkpoints]:
-                _discard(old)
-        acc.wait_for_everyone()
-        self.last_checkpoint = final
-        return final
-
-    def resolve_checkpoint(self, resume: str) -> Optional[Path]:
-        if resume == "latest":
-            ckpts = list_checkpoints(self.out)
-            return ckpts[-1] if ckpts else None
-        p = Path(resume)
-        if not (p / "trainer_state.json").exists():
-            raise FileNotFoundError(f"--resume {resume}: not a diffdistill checkpoint folder "
-                                    "(no trainer_state.json)")
-        return p
-
-    def resume(self, resume: str) -> None:
-        from safetensors.torch import load_file
-
-        path = self.resolve_checkpoint(resume)
-        if path is None:
-            log.info("--resume latest: no checkpoint in %s, starting fresh", self.out)
-            return
-        try:
-            meta = json.loads((path / "trainer_state.json").read_text())
-        except ValueError as e:
-            raise self._damaged(path, e) from e
-        self._check_compatible(meta, path)
-        rng_file = path / f"trainer_rng_{self.rank}.safetensors"
-        writers = len(list(path.glob("trainer_rng_*.safetensors")))
-        if writers != self.world or not rng_file.exists():
-            # each rank's generator and data position are in the checkpoint: another process
-            # count would silently change the noise and the data order
-            raise ConfigError(f"checkpoint {path} was written by {writers} process(es), this "
-                              f"run has {self.world}; resume with {writers} process(es) for an "
-                              "exact resume")
-        tfile = path / "trainer_tensors.safetensors"
-        try:
-            self.accelerator.load_state(str(path), strict=False)
-            rng = load_file(str(rng_file))
-            tensors = load_file(str(tfile)) if tfile.exists() else {}
-        except Exception as e:  # truncated / overwritten files: name the folder and a way out
-            raise self._damaged(path, e) from e
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch_rng"])
-        for name, (ema, _) in self.emas.items():
-            ema.load_tensors(tensors, f"ema.{name}.")
-        for k in list(self.state_tensors):
-            self.state_tensors[k] = tensors[k].to(self.state_tensors[k].device)
-        self.global_step = meta["global_step"]
-        self.batches_consumed = meta["batches_consumed"]
-        if "data_position" in rng:  # (older checkpoints: map-style data recomputes it)
-            self.data_epoch, self.epoch_batches = (int(v) for v in rng["data_position"])
-        self.nonfinite_total = meta.get("nonfinite_total", 0)
-        self.log_window.load(meta.get("log_window"))
-        self.train_wall_s = float(meta.get("train_wall_s", 0.0))
-        self.state.update(meta.get("state", {}))
-        self.last_checkpoint = path
-        self.on_resume()
-        log.info("resumed from %s at step %d", path, self.global_step)
-
-    def _damaged(self, path: Path, err: Exception) -> RuntimeError:
-        others = [p for p in list_checkpoints(self.out) if p.name != path.name]
-        hint = f", e.g. --resume {others[-1]}" if others else ""
-        first = (str(err).splitlines() or [""])[0][:200]
-        return RuntimeError(f"checkpoint {path} cannot be read ({type(err).__name__}: {first}); "
-                            f"it is damaged or incomplete: resume from another checkpoint{hint}")
-
-    def on_resume(self) -> None:
-        """Hook for methods whose structure depends on restored state (e.g. stages)."""
-
-    def _check_compatible(self, meta: dict, path: Path) -> None:
-        if meta.get("method") != self.method:
-            raise ConfigError(f"checkpoint {path} is from method {meta.get('method')!r}, "
-                              f"not {self.method!r}")
-        mine = config_to_dict(self.cfg)
-        for key in self.resume_must_match:
-            a, b = _dig(meta.get("config", {}), key), _dig(mine, key)
-            if a != b:
-                raise ConfigError(f"checkpoint {path} was trained with {key}={a!r}, but this "
-                                  f"run has {key}={b!r}; use the same value to resume")
-
-
-def _discard(folder: Path) -> None:
-    """Delete a checkpoint folder without ever exposing it half-deleted: it is first renamed
-    (atomically) out of the ``checkpoint-<step>`` names that "latest" and resume look at."""
-    trash = folder.with_name(f".old-{folder.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _dig(d: dict, dotted: str):
-    for p in dotted.split("."):
-        if not isinstance(d, dict):
-            return None
-        d = d.get(p)
-    return d

@@ -1,0 +1,43 @@
+"""Exponential moving average of a module's trainable parameters (the evaluation EMA and
+EMA targets of every trainer)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Exponential moving average of a module's trainable parameters (fp32 shadow)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        params = dict(module.named_parameters())
+        self.shadow = {n: params[n].detach().float().clone() for n in self.names}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, decay: Optional[float] = None) -> None:
+        if not self.names:
+            return
+        d = self.decay if decay is None else decay
+        params = dict(module.named_parameters())
+        # One multi-tensor lerp (the arithmetic of a per-tensor ``lerp_``, as
+        # torch.optim.swa_utils' EMA does it), not one Python call and kernel per tensor.
+        torch._foreach_lerp_([self.shadow[n] for n in self.names],
+                             [params[n].detach().float() for n in self.names], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        params = dict(module.named_parameters())
+        for n in self.names:
+            params[n].copy_(self.shadow[n].to(params[n].dtype))
+
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}{n}": t for n, t in self.shadow.items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        for n in self.names:
+            self.shadow[n].copy_(tensors[f"{prefix}{n}"])
