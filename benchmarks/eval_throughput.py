@@ -63,7 +63,7 @@ def harness_features(detector, images: torch.Tensor, resolution: int | None = No
 
 
 def _effnet_detector(device, tmp: Path):
-    from diffdistill.eval.features import (
+    from diffdistill.eval.effnet import (
         EFFNET_WEIGHTS_ENV,
         EffNetLite0,
         EffNetLite0Detector,
@@ -81,7 +81,7 @@ def _effnet_detector(device, tmp: Path):
 
 
 def _inception_detector(device):
-    from diffdistill.eval.features import INCEPTION_WEIGHTS_ENV, InceptionV3FID
+    from diffdistill.eval.inception import INCEPTION_WEIGHTS_ENV, InceptionV3FID
 
     weights = os.environ.get(INCEPTION_WEIGHTS_ENV)
     if weights and Path(weights).is_file():

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     from diffdistill.eval.features import get_detector
     from diffdistill.eval.fid import fid_from_stats
     from diffdistill.eval.generation import generate_for_eval
+    from diffdistill.eval.prompts import EvalPrompts
     from diffdistill.eval.reference import reference_statistics
-    from diffdistill.trainers.common import grid_prompt
 
     from diffdistill.backbone import load_backbone
     from diffdistill.world import asset_path
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     det = get_detector("fmnist-net")
     ref = reference_statistics(det, BenchReference(resolution=32))
     z = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    cond = bb.encode_prompts([grid_prompt(i) for i in range(64)], with_uncond=False)
+    cond = bb.encode_prompts([EvalPrompts().caption(i) for i in range(64)], with_uncond=False)
     rows = []
     for tc in args.timesteps:
         t0 = time.perf_counter()

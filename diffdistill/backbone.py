@@ -41,8 +41,6 @@ the rule.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import importlib
 import importlib.util
 import json
@@ -51,7 +49,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -73,13 +71,6 @@ PIPELINE_KINDS = {
 #: the side file in which exported folders record facts their configs cannot hold
 SIDECAR = "diffdistill.json"
 
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# The convolutional / projection layers LCM-LoRA (Luo et al. 2023) adapts as well.
-CONV_TARGETS = (
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
-    "proj_in", "proj_out", "time_emb_proj",
-)
-FF_TARGETS = ("ff.net.0.proj", "ff.net.2")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -496,7 +487,7 @@ class Backbone:
     def attach_prompt_disk_cache(self, cache_dir) -> None:
         """Keep prompt embeddings on disk too (safetensors shards), keyed by the prompt and
         the text encoders' identity, so a second run or another method skips the encoders."""
-        from .data import EmbeddingCache, hash_key
+        from .embedding_cache import EmbeddingCache, hash_key
 
         ident = hash_key(str(self.path), self.kind, self.text_encoder.config.hidden_size,
                          self.text_encoder.config.num_hidden_layers)
@@ -504,7 +495,7 @@ class Backbone:
 
     def _from_disk(self, prompts: list[str]) -> list[str]:
         """Fill the memory cache from disk; return the prompts still missing."""
-        from .data import hash_key
+        from .embedding_cache import hash_key
 
         still = []
         for p in prompts:
@@ -520,7 +511,7 @@ class Backbone:
         return still
 
     def _to_disk(self, prompts: list[str], encoded: list[tuple]) -> None:
-        from .data import hash_key
+        from .embedding_cache import hash_key
 
         for p, (hidden, pooled) in zip(prompts, encoded):
             key = hash_key(p)
@@ -613,151 +604,6 @@ class Backbone:
         outs = [vae.decode(c.to(vae.device, vae.dtype)).sample.float()
                 for c in z.split(chunk_size)]
         return torch.cat(outs)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def _has_adapters(unet: nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
-
-
-def lora_target_modules(targets: Iterable[str] = ATTENTION_TARGETS, *, conv: bool = False,
-                        ff: bool = False) -> list[str]:
-    out = list(dict.fromkeys(targets))
-    if conv:
-        out += [t for t in CONV_TARGETS if t not in out]
-    if ff:
-        out += [t for t in FF_TARGETS if t not in out]
-    return out
-
-
-def make_trainable(
-    unet: nn.Module,
-    *,
-    adapter: str = "lora",
-    rank: int = 64,
-    alpha: Optional[float] = None,  # default = rank, i.e. LoRA scale 1
-    target_modules: Sequence[str] = ATTENTION_TARGETS,
-    conv: bool = False,
-    ff: bool = False,
-    init="gaussian",
-    frozen_dtype: Optional[torch.dtype] = None,
-    gradient_checkpointing: bool = False,
-    adapter_name: str = "default",
-) -> list[nn.Parameter]:
-    """Make ``unet`` a student in place and return its trainable parameters.
-
-    ``adapter="lora"``: the base is frozen (cast to ``frozen_dtype`` if given) and a peft
-    LoRA of ``rank``/``alpha`` is added on ``target_modules`` (+ :data:`CONV_TARGETS` with
-    ``conv``, + :data:`FF_TARGETS` with ``ff``); the LoRA parameters are kept in float32.
-    ``adapter="full"``: every parameter is trained, in float32 (``frozen_dtype`` unused).
-    """
-    if adapter not in ("lora", "full"):
-        raise ValueError(f"adapter={adapter!r} is unknown; use 'lora' or 'full'")
-    if adapter == "full":
-        unet.to(torch.float32).requires_grad_(True)
-    else:
-        if not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if alpha is not None and alpha <= 0:
-            raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        if frozen_dtype is not None:
-            unet.to(frozen_dtype)
-        targets = lora_target_modules(target_modules, conv=conv, ff=ff)
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=rank if alpha is None else alpha,
-            init_lora_weights=True if init == "default" else init,
-            target_modules=targets,
-        )
-        if hasattr(unet, "add_adapter"):
-            unet.add_adapter(config, adapter_name=adapter_name)
-        else:  # no diffusers PEFT mixin (UNet2DModel): inject with peft itself
-            from peft import inject_adapter_in_model
-
-            inject_adapter_in_model(config, unet, adapter_name=adapter_name)
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.float32)
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"no trainable parameters: none of {list(target_modules)} matched")
-    return params
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
-    """Run ``unet`` without its LoRA inside the block (the teacher pass of a LoRA student)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-    if not layers:
-        raise ValueError(
-            "this UNet carries no LoRA adapters, so disabling them would leave the student "
-            "in place of the teacher: keep a separate teacher UNet (e.g. clone_unet) instead")
-    was_disabled = all(m.disable_adapters for m in layers)
-    # Switch the peft layers found above, which is all diffusers' ``disable_adapters()`` /
-    # ``enable_adapters()`` do (each after its own walk over every module: one walk here).
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield unet
-    finally:
-        if not was_disabled:
-            for m in layers:
-                m.enable_adapters(True)
-
-
-def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:
-    """Choose the attention kernel: xformers (CUDA only) or PyTorch SDPA; returns the choice."""
-    if backend not in ("auto", "sdpa", "xformers"):
-        raise ValueError(f"attention backend {backend!r} is unknown; use auto, sdpa or xformers")
-    device = next(unet.parameters()).device
-    has_xformers = importlib.util.find_spec("xformers") is not None
-    if backend == "auto":
-        backend = "xformers" if (device.type == "cuda" and has_xformers) else "sdpa"
-    if backend == "xformers":
-        if device.type != "cuda":
-            raise ValueError(
-                f"xformers attention runs on CUDA only and this UNet is on {device}: use "
-                f"backend='sdpa' (or 'auto')")
-        if not has_xformers:
-            raise ImportError("backend='xformers' needs the xformers package (the 'gpu' extra)")
-        unet.enable_xformers_memory_efficient_attention()
-        return "xformers"
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
-    # Per module: UNet2DModel has no set_attn_processor in every diffusers version.
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            module.set_processor(AttnProcessor2_0())
-    return "sdpa"
-
-
-def clone_unet(unet: nn.Module, dtype: Optional[torch.dtype] = None, *,
-               drop_adapters: bool = False, requires_grad: Optional[bool] = None) -> nn.Module:
-    """A deep copy of ``unet`` (for a fake score or an EMA), optionally cast to ``dtype``.
-
-    ``drop_adapters`` removes LoRA layers from the copy without merging them (the copy is
-    then the frozen base, i.e. the teacher); ``requires_grad`` sets every parameter's flag.
-    """
-    new = copy.deepcopy(unet)
-    if drop_adapters and _has_adapters(new):
-        new.unload_lora()
-    if dtype is not None:
-        new.to(dtype)
-    if requires_grad is not None:
-        new.requires_grad_(requires_grad)
-    return new
 
 
 #: samplers with a ``clip_denoised`` option (diffdistill.sampling)

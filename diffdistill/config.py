@@ -25,6 +25,15 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
+def torch_dtype(name: str):
+    """A config's dtype name (``model.frozen_dtype``, a bench's ``dtype``: ``"fp32"`` /
+    ``"fp16"`` / ``"bf16"``) → the torch dtype (imported here: reading a config needs no
+    torch)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported with the dotted key it concerns."""
 
@@ -196,12 +205,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
             return None
         raise ConfigError(f"{key}: expected null, got {value!r}")
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)

@@ -1,4 +1,4 @@
-"""Training data for every trainer: image-caption datasets, Fashion-MNIST, prompts, caches.
+"""Training data for every trainer: the dataset classes and :func:`build_dataset`.
 
 Every map-style dataset returns a dict per item and :func:`collate` batches them:
 
@@ -20,8 +20,10 @@ tiny world), Hugging Face ``imagefolder`` folders (``metadata.jsonl``) or ``.txt
 sidecars, class folders, prompt files and webdataset tar shards (read with :mod:`tarfile`,
 so the optional ``webdataset`` package is not needed for local shards).
 
-:class:`EmbeddingCache` stores tensors (VAE latents, prompt embeddings) keyed by strings in
-append-only safetensors shards so that an expensive encoder runs once per input across runs.
+Neighbouring modules hold the rest, and their public names are re-exported here:
+:mod:`diffdistill.fmnist` (the IDX format, Fashion-MNIST's class names, captions and image
+tensors), :mod:`diffdistill.image_folder` (listing and decoding image files) and
+:mod:`diffdistill.embedding_cache` (:class:`EmbeddingCache`, :func:`hash_key`).
 
 Design notes (where this module departs from the obvious):
 
@@ -33,38 +35,42 @@ Design notes (where this module departs from the obvious):
   (``skipped``, ``empty_captions``) live in the process that reads; with DataLoader
   workers each worker has its own copy, but every bad path is still logged once per
   process through ``logging.getLogger("diffdistill.data")``.
-* :class:`EmbeddingCache` never rewrites a shard: each ``flush`` writes one new file
-  (temp file + ``os.replace``) with a unique name, so several processes can fill one cache
-  directory at once without locks, and a crash cannot leave a half-written shard.
 """
 
 from __future__ import annotations
 
-import collections
-import csv
-import gzip
 import hashlib
-import io
 import json
 import logging
-import math
 import os
 import random
 import re
 import subprocess
 import tarfile
-import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
+
+from diffdistill.embedding_cache import EmbeddingCache, hash_key
+from diffdistill.fmnist import (
+    CAPTION_TEMPLATES,
+    FMNIST_CAPTION_WORDS,
+    FMNIST_CLASSES,
+    _fill_template,
+    _fmnist_to_uint8_rgb,
+    caption_for_class,
+    fashion_mnist_uint8,
+    find_fashion_mnist,
+    load_fashion_mnist,
+    read_idx,
+    write_idx,
+)
+from diffdistill.image_folder import IMAGE_EXTENSIONS, list_images, load_image_rgb, read_metadata
 
 logger = logging.getLogger("diffdistill.data")
 
@@ -94,8 +100,6 @@ __all__ = [
     "write_idx",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
 
 # --------------------------------------------------------------------------------------
 # Small shared helpers
@@ -110,14 +114,6 @@ def _stable_int(*parts: object) -> int:
     """
     text = "\x1f".join(str(p) for p in parts).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
-
-
-def hash_key(*parts: object) -> str:
-    """sha1 hex digest of ``parts`` (e.g. a prompt, or image path + resolution + VAE id).
-
-    Use it to build :class:`EmbeddingCache` keys that change whenever any input changes.
-    """
-    return hashlib.sha1("\x1f".join(str(p) for p in parts).encode()).hexdigest()
 
 
 class SkipLog:
@@ -187,173 +183,6 @@ def collate(items: Sequence[dict]) -> dict:
     return batch
 
 
-# --------------------------------------------------------------------------------------
-# IDX files and Fashion-MNIST
-# --------------------------------------------------------------------------------------
-
-# IDX type codes (third magic byte) -> big-endian numpy dtype, from the MNIST file spec.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzip-compressed or raw, into a numpy array."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
-    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(
-            f"{path} is not an IDX file: bad magic number {data[:4].hex() or '(empty)'} "
-            f"(expected 0000 + type byte in {sorted(hex(k) for k in _IDX_DTYPES)} + ndim)"
-        )
-    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = 4 + 4 * ndim + dtype.itemsize * math.prod(shape)
-    if len(data) != expected:
-        raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes), "
-                         f"file has {len(data)} bytes")
-    array = np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))
-
-
-def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write ``array`` as an IDX file (gzip-compressed when ``path`` ends in ``.gz``); the
-    inverse of :func:`read_idx`, for the dtypes the format has (u1, i1, i2, i4, f4, f8)."""
-    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
-    array = np.asarray(array)
-    code = codes.get(array.dtype.newbyteorder("="))
-    if code is None:
-        raise ValueError(f"IDX has no type for dtype {array.dtype}")
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-    data = header + array.astype(_IDX_DTYPES[code]).tobytes()
-    path = Path(path)
-    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-    return path
-
-
-# The names used by Zalando's Fashion-MNIST README, label order 0..9.
-FMNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-# What a person would write in a caption for each label ("a photo of a t-shirt").
-FMNIST_CAPTION_WORDS = (
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)
-CAPTION_TEMPLATES = (
-    "a photo of a {}",
-    "a {}",
-    "a picture of a {}",
-    "a black and white photo of a {}",
-)
-
-FMNIST_ENV = "DIFFDISTILL_FMNIST"
-FMNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
-_FMNIST_PREFIX = {"train": "train", "test": "t10k"}
-
-
-def _fill_template(template: str, word: str) -> str:
-    # Templates say "a {}"; "a ankle boot" would teach the text encoder bad English.
-    return re.sub(r"\ba (?=[aeiouAEIOU])", "an ", template.format(word))
-
-
-def caption_for_class(label: int, template_index: int = 0,
-                      templates: Sequence[str] = CAPTION_TEMPLATES) -> str:
-    """The caption of Fashion-MNIST class ``label`` with template ``template_index``."""
-    if not 0 <= int(label) < len(FMNIST_CAPTION_WORDS):
-        raise ValueError(f"Fashion-MNIST label must be in 0..9, got {label}")
-    return _fill_template(templates[template_index % len(templates)],
-                          FMNIST_CAPTION_WORDS[int(label)])
-
-
-def _idx_file(folder: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding Fashion-MNIST's IDX files: ``root``, else ``$DIFFDISTILL_FMNIST``,
-    else ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``)."""
-    # An explicit choice that is wrong is an error, not a reason to fall back silently.
-    if root is not None:
-        where, folder = "root argument", Path(root)
-    elif os.environ.get(FMNIST_ENV):
-        where, folder = f"${FMNIST_ENV}", Path(os.environ[FMNIST_ENV])
-    else:
-        where, folder = "default location", FMNIST_DEFAULT_DIR
-    if _idx_file(folder, "train-images-idx3-ubyte") or _idx_file(folder, "t10k-images-idx3-ubyte"):
-        return folder
-    raise FileNotFoundError(
-        f"Fashion-MNIST not found (looked in {where} {folder}). Install it with "
-        f"'sudo apt-get install dataset-fashion-mnist' (files land in {FMNIST_DEFAULT_DIR}), "
-        f"or set {FMNIST_ENV} to a folder holding "
-        "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."
-    )
-
-
-@lru_cache(maxsize=4)
-def _load_fashion_mnist_cached(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = _FMNIST_PREFIX[split]
-    files = {}
-    for kind in ("images-idx3", "labels-idx1"):
-        path = _idx_file(Path(folder), f"{prefix}-{kind}-ubyte")
-        if path is None:
-            raise FileNotFoundError(f"{folder} has no {prefix}-{kind}-ubyte[.gz] "
-                                    f"(Fashion-MNIST {split} split)")
-        files[kind] = path
-    images = read_idx(files["images-idx3"])
-    labels = read_idx(files["labels-idx1"]).astype(np.int64)
-    if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"unexpected Fashion-MNIST arrays in {folder}: images "
-                         f"{images.dtype}{images.shape}, labels {labels.shape}")
-    # Shared between callers through the cache: make accidental in-place edits fail loudly.
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
-
-
-def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """``(images uint8 [N, 28, 28], labels int64 [N])`` for ``split`` "train" or "test".
-
-    Arrays are cached per process and read-only (copy before editing).
-    """
-    if split not in _FMNIST_PREFIX:
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-    return _load_fashion_mnist_cached(str(find_fashion_mnist(root).resolve()), split)
-
-
-def _fmnist_to_uint8_rgb(gray: np.ndarray, resolution: int) -> torch.Tensor:
-    """uint8 [N,28,28] -> uint8 [N,3,R,R]: pad 2 px of background, then resize if R != 32."""
-    # np.array copies: the cached arrays are read-only and torch warns about sharing them.
-    x = torch.from_numpy(np.array(gray, dtype=np.uint8)).unsqueeze(1)
-    x = F.pad(x, (2, 2, 2, 2), value=0)  # 28 -> 32, background is 0 in Fashion-MNIST
-    if resolution != 32:
-        y = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear",
-                          align_corners=False, antialias=True)
-        x = y.round_().clamp_(0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1).contiguous()
-
-
-def fashion_mnist_uint8(split: str = "train", resolution: int = 32,
-                        root: str | os.PathLike | None = None,
-                        limit: int | None = None) -> torch.Tensor:
-    """Fashion-MNIST as uint8 ``N×3×H×W`` (the FID reference images), same pixels as the
-    training tensors of :class:`FashionMNISTDataset` at this resolution."""
-    images, _ = load_fashion_mnist(split, root)
-    if limit is not None:
-        images = images[:limit]
-    chunks = [_fmnist_to_uint8_rgb(images[i:i + 4096], resolution)
-              for i in range(0, len(images), 4096)]
-    if not chunks:
-        return torch.zeros((0, 3, resolution, resolution), dtype=torch.uint8)
-    return torch.cat(chunks)
-
-
 class FashionMNISTDataset(Dataset):
     """Fashion-MNIST as captioned RGB images in ``[-1, 1]`` (the embedded tiny world).
 
@@ -403,51 +232,8 @@ class FashionMNISTDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------
-# Image decoding and the SDXL-style resize / crop / flip
+# Image-file datasets and the SDXL-style resize / crop / flip
 # --------------------------------------------------------------------------------------
-
-
-def _composite_on_white(image: Image.Image) -> Image.Image:
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB the way a viewer would display it."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode in ("P", "L", "RGB") and "transparency" in image.info
-    ):
-        # Transparent pixels have arbitrary colour underneath; white is what viewers show.
-        return _composite_on_white(image)
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # PIL's convert("L") clips 16-bit values at 255 (a white image), so scale instead.
-        # 'I' almost always holds 16-bit PNG/TIFF data, hence the 0..65535 range.
-        array = np.asarray(image).astype(np.float64)
-        if mode == "F" and array.size and np.nanmax(array) <= 1.0:
-            array = array * 255.0
-        elif mode != "F":
-            array = array / 257.0  # 65535 / 257 = 255 exactly
-        gray = np.clip(np.rint(np.nan_to_num(array)), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    # CMYK, L, 1, P, YCbCr, LAB, HSV: PIL's own conversions are right for these.
-    return image.convert("RGB")
-
-
-def load_image_rgb(source: str | os.PathLike | bytes | io.BytesIO) -> Image.Image:
-    """Open an image file (or bytes), apply its EXIF orientation, return 8-bit RGB.
-
-    Raises on unreadable data; the datasets catch that and skip the file.
-    """
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
-    with Image.open(source) as image:
-        image.load()  # decode now so truncated files fail here, not later
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
 
 
 class _ImageTransform:
@@ -555,34 +341,13 @@ class _ImageFileDataset(Dataset):
                            "(the reasons are logged by 'diffdistill.data')")
 
 
-def _list_images(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(dirpath) / name)
-    return sorted(found)
-
-
-def _read_metadata(path: Path) -> list[dict]:
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument
-                    f"{path}:{line_number}: expected a JSON object per line")
-            rows.append(row)
-    return rows
+def _images_or_empty(folder: Path) -> list[Path]:
+    """:func:`list_images`, but ``[]`` for a folder without images: the datasets report an
+    empty dataset themselves, and an empty class folder is not an error."""
+    try:
+        return list_images(folder)
+    except FileNotFoundError:
+        return []
 
 
 class ImageCaptionFolder(_ImageFileDataset):
@@ -612,7 +377,7 @@ class ImageCaptionFolder(_ImageFileDataset):
         if metadata is not None:
             self._from_metadata(metadata)
         else:
-            for path in _list_images(self.root):
+            for path in _images_or_empty(self.root):
                 sidecar = path.with_suffix(".txt")
                 caption = (sidecar.read_text(encoding="utf-8", errors="replace").strip()
                            if sidecar.is_file() else "")
@@ -620,7 +385,7 @@ class ImageCaptionFolder(_ImageFileDataset):
         self._check_not_empty()
 
     def _from_metadata(self, metadata: Path) -> None:
-        rows = _read_metadata(metadata)
+        rows = read_metadata(metadata)
         columns = set().union(*(row.keys() for row in rows)) if rows else set()
         if rows and "file_name" not in columns:
             raise ValueError(f"{metadata} has no 'file_name' column (columns: {sorted(columns)})")
@@ -648,7 +413,7 @@ class ImageCaptionFolder(_ImageFileDataset):
                                    % len(caption)] if caption else "")
             caption = "" if caption is None else str(caption).strip()
             self.samples.append((path, caption, -1))
-        self.unlisted = sum(1 for p in _list_images(self.root) if p.resolve() not in listed)
+        self.unlisted = sum(1 for p in _images_or_empty(self.root) if p.resolve() not in listed)
         if self.unlisted:
             logger.warning("%s: %d images are not listed in %s and are ignored",
                            self.root, self.unlisted, metadata.name)
@@ -668,7 +433,7 @@ class ClassFolder(_ImageFileDataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         for name in self.classes:
             caption = _fill_template(templates[0], name.replace("_", " "))
-            for path in _list_images(self.root / name):
+            for path in _images_or_empty(self.root / name):
                 self.samples.append((path, caption, self.class_to_idx[name]))
         self._check_not_empty()
 
@@ -930,126 +695,3 @@ def check_batch_size(dataset_len: int, batch_size: int, num_processes: int = 1) 
         raise ValueError(f"the dataset has {dataset_len} items, fewer than one global batch "
                          f"of {global_batch} (batch_size {batch_size} × {num_processes} "
                          "processes); lower batch_size or add data")
-
-
-# --------------------------------------------------------------------------------------
-# Embedding / latent cache
-# --------------------------------------------------------------------------------------
-
-
-class EmbeddingCache:
-    """Tensors keyed by strings, persisted in ``cache_dir/namespace/*.safetensors``.
-
-    ``put`` buffers in memory; ``flush`` writes the buffer as one new shard (also done
-    automatically every ``shard_size`` entries). A new instance over the same folder sees
-    every flushed entry. Shards are loaded whole, lazily, and the last ``max_loaded_shards``
-    are kept in memory. Choose keys that change with every input that matters, e.g.
-    ``hash_key(image_path, resolution, vae_id)`` (see :func:`hash_key`).
-    """
-
-    def __init__(self, cache_dir: str | os.PathLike, namespace: str, shard_size: int = 1024,
-                 max_loaded_shards: int = 8):
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", namespace or ""):
-            raise ValueError(f"namespace {namespace!r} must be a plain folder name "
-                             "(letters, digits, '.', '_', '-')")
-        self.directory = Path(cache_dir) / namespace
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.namespace, self.shard_size, self.max_loaded_shards = namespace, shard_size, max_loaded_shards
-        self._pending: dict[str, torch.Tensor] = {}
-        self._index: dict[str, Path] = {}
-        self._loaded: collections.OrderedDict[Path, dict[str, torch.Tensor]] = (
-            collections.OrderedDict())
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Re-scan the folder (picks up shards written by other processes)."""
-        from safetensors import safe_open
-
-        self._index.clear()
-        # Names start with a timestamp, so sorted order is write order: later shards win.
-        for shard in sorted(self.directory.glob("*.safetensors")):
-            try:
-                with safe_open(str(shard), framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                        self._index[key] = shard
-            except Exception as error:  # noqa: BLE001 - a foreign file: ignore, do not crash
-                logger.warning("ignoring unreadable cache shard %s: %s", shard, error)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._pending or key in self._index
-
-    def __len__(self) -> int:
-        return len(self._index.keys() | self._pending.keys())
-
-    def keys(self) -> set[str]:
-        return set(self._index) | set(self._pending)
-
-    def get(self, key: str) -> torch.Tensor | None:
-        if key in self._pending:
-            return self._pending[key]
-        shard = self._index.get(key)
-        if shard is None:
-            return None
-        if shard not in self._loaded:
-            from safetensors.torch import load_file
-
-            self._loaded[shard] = load_file(str(shard))
-            while len(self._loaded) > self.max_loaded_shards:
-                self._loaded.popitem(last=False)
-        self._loaded.move_to_end(shard)
-        return self._loaded[shard][key]
-
-    def put(self, key: str, tensor: torch.Tensor) -> None:
-        # clone(): a slice of a batch shares storage with it, which safetensors refuses
-        # to save, and would keep the whole batch alive.
-        self._pending[str(key)] = tensor.detach().to("cpu").contiguous().clone()
-        if len(self._pending) >= self.shard_size:
-            self.flush()
-
-    def flush(self) -> Path | None:
-        """Write buffered entries as one new shard, atomically. Returns its path."""
-        if not self._pending:
-            return None
-        from safetensors.torch import save_file
-
-        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
-        final = self.directory / name
-        temporary = self.directory / f".{name}.tmp"
-        save_file(self._pending, str(temporary), metadata={"namespace": self.namespace})
-        os.replace(temporary, final)
-        self._loaded[final] = self._pending
-        for key in self._pending:
-            self._index[key] = final
-        self._pending = {}
-        while len(self._loaded) > self.max_loaded_shards:
-            self._loaded.popitem(last=False)
-        return final
-
-    def cached_map(self, keys: Sequence[str],
-                   compute_fn: Callable[[list], torch.Tensor | Sequence[torch.Tensor]],
-                   batch_size: int = 64, inputs: Sequence | None = None) -> list[torch.Tensor]:
-        """Tensors for ``keys``, computing only the missing ones, ``batch_size`` at a time.
-
-        ``compute_fn`` receives a list of the missing keys' ``inputs`` (or of the keys
-        themselves when ``inputs`` is None) and returns a batched tensor or a list of
-        tensors, one per element. New entries are flushed before returning.
-        """
-        keys = [str(k) for k in keys]
-        if inputs is not None and len(inputs) != len(keys):
-            raise ValueError(f"cached_map: {len(keys)} keys but {len(inputs)} inputs")
-        missing: dict[str, object] = {}
-        for i, key in enumerate(keys):
-            if key not in self and key not in missing:
-                missing[key] = key if inputs is None else inputs[i]
-        todo = list(missing.items())
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            outputs = compute_fn([value for _, value in chunk])
-            if len(outputs) != len(chunk):
-                raise ValueError(f"compute_fn returned {len(outputs)} results for "
-                                 f"{len(chunk)} inputs")
-            for (key, _), output in zip(chunk, outputs):
-                self.put(key, output)
-        self.flush()
-        return [self.get(key) for key in keys]
-

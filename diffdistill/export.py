@@ -41,7 +41,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .backbone import SIDECAR, Backbone, _has_adapters
+from .adapters import _has_adapters
+from .backbone import SIDECAR, Backbone
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"

@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-from diffdistill.export import (  # noqa: F401  (EXPORT_INFO: written beside every export)
-    EXPORT_INFO,
-    LORA_WEIGHT_NAME,
-    choose_sampler,
-    load_lora_into,
-)
-
 
 class _Items:
     """Per-sample prompts or class labels in the shape ``EvalModel.cond`` reads."""

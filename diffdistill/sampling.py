@@ -95,7 +95,7 @@ def _batch_t(t: float, x: Tensor) -> Tensor:
 
 def _work(x: Tensor) -> Tensor:
     # Sampler arithmetic in float32 (float64 kept when given): fp16 x0 arithmetic is a known
-    # source of speckled textures (see METHODS.md, shared pieces).
+    # source of speckled textures.
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffdistill.eval.features import ClipDetector, to_uint8_rgb
+from diffdistill.eval.clip_detector import ClipDetector
+from diffdistill.eval.features import to_uint8_rgb
 
 __all__ = ["ClipScoreResult", "clip_score"]
 

@@ -69,6 +69,40 @@ class EvalModel:
             cond = (cond or Cond()).replace(timestep_cond=row.expand(len(indices), -1))
         return cond
 
+    @torch.no_grad()
+    def sample(self, seeds: Sequence[int], num_steps: int, prompts: EvalPrompts | None = None,
+               *, indices: Sequence[int] | None = None, resolution: int | None = None,
+               batch_size: int | None = None, autocast_dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+        """uint8 images of samples ``indices`` (default 0..len(seeds)−1): sample ``indices[k]``
+        from seed ``seeds[k]`` with prompt ``indices[k]`` (:meth:`cond`), through the shared
+        sampler at this model's step grid and guidance — the one way a trainer's grid, its
+        periodic metric, the bench and the world's teacher report draw a sample."""
+        from diffdistill.eval.prompts import EvalPrompts
+
+        from diffdistill.backbone import grid_shape
+        from diffdistill.sampling import generate
+
+        bb = self.backbone
+        prompts = prompts or EvalPrompts()
+        indices = list(range(len(seeds))) if indices is None else list(indices)
+        ts = self.grid_for(num_steps)
+        return generate(self.denoiser, seeds=list(seeds),
+                        shape=grid_shape(bb, resolution or bb.resolution),
+                        cond_fn=lambda sl: self.cond(prompts, indices[sl]), sampler=self.sampler,
+                        num_steps=len(ts), timesteps=ts,
+                        guidance_scale=self.guidance_scale if self.cfg_active else 1.0,
+                        batch_size=batch_size or len(indices),
+                        decode=None if bb.kind == "pixel" else bb.decode_latents,
+                        output="uint8", progress=False, autocast_dtype=autocast_dtype,
+                        sampler_opts=self.sampler_options, device=bb.device)
+
+    @property
+    def sampler_options(self) -> dict:
+        """The backbone's options for this sampler (e.g. x0 clipping of a pixel teacher whose
+        scheduler clips), overridden by the model's own ``sampler_opts``."""
+        return {**self.backbone.sampler_options(self.sampler), **self.sampler_opts}
+
 
 def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torch.float32
                     ) -> EvalModel:

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffdistill.image_folder import IMAGE_EXTENSIONS, list_images
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FeatureStats",
@@ -47,7 +49,6 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _norm_meta_value(value: Any) -> Any:
@@ -325,13 +326,6 @@ def kid(feats1: torch.Tensor, feats2: torch.Tensor, subsets: int = 100, subset_s
 # Reference statistics with an on-disk cache
 # ----------------------------------------------------------------------------------------
 
-def _list_images(folder: Path) -> list:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
-    return files
-
-
 def _center_crop_resize(img, resolution: int):
     """Centre square crop, then LANCZOS to ``resolution`` (the COCO zero-shot convention)."""
     from PIL import Image
@@ -350,7 +344,7 @@ def iter_image_folder(folder: str | os.PathLike, resolution: int | None = None,
     """Yield uint8 ``[3, H, W]`` tensors for the images under ``folder`` (sorted, recursive)."""
     from PIL import Image
 
-    for path in files if files is not None else _list_images(Path(folder)):
+    for path in files if files is not None else list_images(folder):
         with Image.open(path) as img:
             img = img.convert("RGB")
             if resolution is not None:
@@ -407,7 +401,7 @@ def reference_stats(detector, images_source, cache_dir: str | os.PathLike | None
         folder = Path(images_source)
         if not folder.is_dir():
             raise FileNotFoundError(f"reference image folder {folder} does not exist")
-        files = _list_images(folder)
+        files = list_images(folder)
         if max_count is not None:
             files = files[:max_count]
         count = len(files)

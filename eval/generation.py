@@ -105,26 +105,16 @@ def generate_for_eval(model: EvalModel, seeds: Sequence[int], *, num_steps: int,
     from diffdistill.eval.fid import FeatureStats
     from tqdm.auto import tqdm
 
-    from diffdistill.backbone import grid_shape
-    from diffdistill.sampling import generate
-
     rank, world = _rank_world(accelerator)
     prompts = prompts or EvalPrompts()
     seeds = [int(s) for s in seeds]
     bb = model.backbone
     device = bb.device
     ts = model.grid_for(num_steps)
-    shape = grid_shape(bb, bb.resolution)
-    decode = None if bb.kind == "pixel" else bb.decode_latents
-    sampler_gs = model.guidance_scale if model.cfg_active else 1.0
 
     def run(indices: list[int]) -> torch.Tensor:
-        return generate(model.denoiser, seeds=[seeds[i] for i in indices], shape=shape,
-                        cond_fn=lambda sl: model.cond(prompts, indices[sl]),
-                        sampler=model.sampler, num_steps=len(ts), timesteps=ts,
-                        guidance_scale=sampler_gs, batch_size=len(indices), decode=decode,
-                        output="uint8", progress=False, autocast_dtype=autocast_dtype,
-                        sampler_opts=model.sampler_opts, device=device)
+        return model.sample([seeds[i] for i in indices], num_steps, prompts, indices=indices,
+                            autocast_dtype=autocast_dtype)
 
     batches = shard_batches(len(seeds), batch_size, rank, world)
     meta_res = resolution if resolution is not None else "native"

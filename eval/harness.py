@@ -50,7 +50,6 @@ from pathlib import Path
 
 import torch
 from diffdistill.eval.bench_config import (
-    DTYPES,
     BenchClip,
     BenchConfig,
     BenchReference,
@@ -68,7 +67,7 @@ from diffdistill.eval.reference import (
     reference_statistics,
 )
 
-from diffdistill.config import ConfigError
+from diffdistill.config import ConfigError, torch_dtype
 from diffdistill.fingerprint import weights_sha256
 
 log = logging.getLogger("diffdistill.eval")
@@ -123,7 +122,7 @@ def _build_clip(c: BenchClip | None, options: dict, device, ref: BenchReference 
         return _build_detector(WORLD_JUDGE, options, device)
     if c.detector:
         return _build_detector(c.detector, options, device)
-    from diffdistill.eval.features import ClipDetector
+    from diffdistill.eval.clip_detector import ClipDetector
 
     return ClipDetector(c.model, pretrained_path=c.weights or None,
                         config_path=c.config or None, device=device)
@@ -261,10 +260,10 @@ def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None)
     metrics += (["precision", "recall"] if pr_detector is not None else [])
     metrics += (["class agreement"] if classifier is not None else [])
     seeds = list(range(cfg.seeds_start, cfg.seeds_start + cfg.num_samples))
-    autocast = DTYPES[cfg.dtype] if (cfg.dtype != "fp32" and device.type == "cuda") else None
+    autocast = torch_dtype(cfg.dtype) if (cfg.dtype != "fp32" and device.type == "cuda") else None
     rows, grid_rows = [], []
     for spec in cfg.models:
-        model = load_eval_model(spec, device=device, dtype=DTYPES[cfg.dtype])
+        model = load_eval_model(spec, device=device, dtype=torch_dtype(cfg.dtype))
         for steps in spec.steps or recorded_step_counts(model.info):
             gen = generate_for_eval(model, seeds, num_steps=steps, prompts=prompts,
                                     detectors=detectors, clip=clip,

@@ -59,7 +59,7 @@ class EvalPrompts:
     template: int = 0
 
     def caption(self, i: int) -> str:
-        from diffdistill.data import caption_for_class
+        from diffdistill.fmnist import caption_for_class
 
         if self.captions is not None:
             return self.captions[i]

@@ -38,16 +38,16 @@ def _eval_resolution(ref: BenchReference) -> int | None:
 def reference_count(ref: BenchReference) -> int:
     """How many reference images the statistics are computed from."""
     if ref.kind == "fashion_mnist_test":
-        from diffdistill.data import load_fashion_mnist
+        from diffdistill.fmnist import load_fashion_mnist
 
         n = len(load_fashion_mnist("test", ref.fmnist_root or None)[1])
     else:
-        from diffdistill.eval.fid import _list_images
+        from diffdistill.image_folder import list_images
 
         folder = Path(ref.images)
         if not folder.is_dir():
             raise FileNotFoundError(f"reference.images: folder {folder} does not exist")
-        n = len(_list_images(folder))
+        n = len(list_images(folder))
     return n if ref.max_images is None else min(n, ref.max_images)
 
 
@@ -81,7 +81,7 @@ def reference_statistics(detector, ref: BenchReference, *, cache_dir=None,
                 return FeatureStats.load(shipped, source=FMNIST_SOURCE, **expected)
             except ValueError as e:
                 log.info("not using the shipped statistics: %s", e)
-        from diffdistill.data import fashion_mnist_uint8
+        from diffdistill.fmnist import fashion_mnist_uint8
 
         images = fashion_mnist_uint8("test", res, root=ref.fmnist_root or None,
                                      limit=ref.max_images)
@@ -103,8 +103,10 @@ def reference_features(detector, ref: BenchReference, count: int, *, cache_dir=N
     import numpy as np
     import torch
     from diffdistill.eval.features import iter_feature_batches
-    from diffdistill.eval.fid import _list_images, iter_image_folder
+    from diffdistill.eval.fid import iter_image_folder
     from diffdistill.eval.generation import _gather_objects, _rank_world
+
+    from diffdistill.image_folder import list_images
 
     res = _eval_resolution(ref)
     source = FMNIST_SOURCE if ref.kind == "fashion_mnist_test" else str(Path(ref.images).resolve())
@@ -123,7 +125,7 @@ def reference_features(detector, ref: BenchReference, count: int, *, cache_dir=N
                 return torch.from_numpy(f["features"].astype(np.float32))
     rank, world = _rank_world(accelerator)
     if ref.kind == "fashion_mnist_test":
-        from diffdistill.data import fashion_mnist_uint8
+        from diffdistill.fmnist import fashion_mnist_uint8
 
         images = fashion_mnist_uint8("test", res, root=ref.fmnist_root or None,
                                      limit=min(count, ref.max_images or count))
@@ -132,7 +134,7 @@ def reference_features(detector, ref: BenchReference, count: int, *, cache_dir=N
                               f"images, precision / recall needs {count}")
         items = images[rank::world]
     else:
-        files = _list_images(Path(ref.images))[:min(count, ref.max_images or count)]
+        files = list_images(Path(ref.images))[:min(count, ref.max_images or count)]
         if len(files) < count:
             raise ConfigError(f"reference.images holds {len(files)} images, precision / "
                               f"recall needs {count}")

@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 
-from diffdistill.backbone import (
-    PIPELINE_KINDS,
+from diffdistill.adapters import (
     adapters_disabled,
     clone_unet,
-    load_backbone,
     make_trainable,
     set_attention_backend,
 )
+from diffdistill.backbone import PIPELINE_KINDS, load_backbone
 from diffdistill.schedule import VESchedule, VPSchedule
 
 

@@ -261,7 +261,8 @@ def test_damaged_checkpoint_names_itself_and_an_older_one(pixel_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def sd_lora(sd_dir, tmp_path_factory):
-    from diffdistill.backbone import load_backbone, make_trainable
+    from diffdistill.adapters import make_trainable
+    from diffdistill.backbone import load_backbone
     from diffdistill.export import save_lora
 
     bb = load_backbone(str(sd_dir))
@@ -295,7 +296,7 @@ def test_lora_folder_without_the_weights_file(sd_dir, tmp_path, capsys):
 # -- weights for metrics ------------------------------------------------------------------------
 
 def test_inception_weights_missing_or_wrong(tmp_path, monkeypatch):
-    from diffdistill.eval.features import InceptionV3FID
+    from diffdistill.eval.inception import InceptionV3FID
 
     monkeypatch.delenv("DIFFDISTILL_INCEPTION_WEIGHTS", raising=False)
     with pytest.raises(FileNotFoundError, match="pt_inception"):
@@ -309,14 +310,14 @@ def test_inception_weights_missing_or_wrong(tmp_path, monkeypatch):
 
 
 def test_clip_weights_missing(tmp_path):
-    from diffdistill.eval.features import ClipDetector
+    from diffdistill.eval.clip_detector import ClipDetector
 
     with pytest.raises(FileNotFoundError):
         ClipDetector("ViT-B-32", pretrained_path=tmp_path / "none.safetensors")
 
 
 def test_clip_weights_wrong_file(tmp_path):
-    from diffdistill.eval.features import ClipDetector
+    from diffdistill.eval.clip_detector import ClipDetector
     from safetensors.torch import save_file
     from test_rewards import TINY_CLIP, make_tiny_clip
 

@@ -27,12 +27,12 @@ from diffdistill.eval.report import (
 from PIL import Image
 from test_eval_harness import tiny_clip  # also registers the stand-in detectors
 
-from diffdistill.backbone import load_backbone, make_trainable
+from diffdistill.adapters import make_trainable
+from diffdistill.backbone import load_backbone
 from diffdistill.cli import main
 from diffdistill.config import ConfigError
-from diffdistill.data import caption_for_class
-from diffdistill.export import save_lora
-from diffdistill.generate_cli import EXPORT_INFO
+from diffdistill.export import EXPORT_INFO, save_lora
+from diffdistill.fmnist import caption_for_class
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -226,7 +226,7 @@ def test_adapters_disabled_switches_every_lora_layer_like_diffusers():
     on and trainable (enable_adapters); a block entered disabled stays disabled."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from diffdistill.backbone import adapters_disabled, make_trainable
+    from diffdistill.adapters import adapters_disabled, make_trainable
     from diffdistill.tiny import tiny_cond_unet
 
     unet = tiny_cond_unet()

@@ -17,26 +17,29 @@ from PIL import Image
 
 from diffdistill import data
 from diffdistill.data import (
-    CAPTION_TEMPLATES,
-    FMNIST_CAPTION_WORDS,
     ClassFolder,
-    EmbeddingCache,
     FashionMNISTDataset,
     ImageCaptionFolder,
     PromptFile,
     WebDatasetShards,
     build_dataset,
-    caption_for_class,
     check_batch_size,
     check_resolution,
     collate,
+)
+from diffdistill.embedding_cache import EmbeddingCache, hash_key
+from diffdistill.fmnist import (
+    CAPTION_TEMPLATES,
+    FMNIST_CAPTION_WORDS,
+    _fill_template,
+    caption_for_class,
     fashion_mnist_uint8,
     find_fashion_mnist,
-    hash_key,
     load_fashion_mnist,
     read_idx,
     write_idx,
 )
+from diffdistill.image_folder import IMAGE_EXTENSIONS, list_images
 
 
 def to_uint8(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -161,7 +164,7 @@ def test_fashion_mnist_dataset_pixels_padding_and_captions(fmnist):
     assert used == set(range(len(CAPTION_TEMPLATES)))
     for i in range(200):
         word = FMNIST_CAPTION_WORDS[int(labels[i])]
-        assert captions[i] == data._fill_template(
+        assert captions[i] == _fill_template(
             CAPTION_TEMPLATES[dataset.template_index(i)], word)
 
 
@@ -346,6 +349,52 @@ def test_empty_folder_is_a_clear_error(tmp_path):
         ImageCaptionFolder(tmp_path, resolution=8)
     with pytest.raises(ValueError, match="does not exist"):
         ImageCaptionFolder(tmp_path / "missing", resolution=8)
+
+
+def test_list_images_is_one_listing_for_training_and_eval(tmp_path):
+    """One lister (diffdistill.image_folder.list_images) for the datasets and for FID:
+    sorted, recursive, any-case extensions incl. .gif, hidden files / folders skipped,
+    and a folder without images is an error naming the folder and the extensions."""
+    from diffdistill.eval import fid
+
+    root = tmp_path / "imgs"
+    for rel in ["b.png", "a.JPG", "anim.gif", "sub/deep/c.webp", "sub/a.png",
+                ".hidden.png", "._b.png", ".cache/x.png", "sub/.thumbs/y.jpg"]:
+        save(solid((10, 20, 30)), root / rel, format="GIF" if rel.endswith(".gif") else
+             ("JPEG" if rel.lower().endswith(".jpg") else None))
+    (root / "notes.txt").write_text("not an image")
+    (root / "folder.png").mkdir()  # a folder named like an image is not an image
+    expected = ["a.JPG", "anim.gif", "b.png", "sub/a.png", "sub/deep/c.webp"]
+
+    found = list_images(root)
+    assert [p.relative_to(root).as_posix() for p in found] == expected
+    assert found == sorted(found) and all(p.is_file() for p in found)
+    assert list_images(str(root)) == found
+    assert fid.IMAGE_EXTENSIONS == data.IMAGE_EXTENSIONS == IMAGE_EXTENSIONS
+    # Training and evaluation see exactly these files, in this order.
+    assert [p for p, _, _ in ImageCaptionFolder(root, resolution=8).samples] == found
+    assert len(list(fid.iter_image_folder(root))) == len(expected)
+
+    empty = tmp_path / "empty"
+    (empty / ".cache").mkdir(parents=True)
+    save(solid((0, 0, 0)), empty / ".cache" / "x.png")
+    save(solid((0, 0, 0)), empty / ".hidden.png")
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError) as info:
+        list_images(empty)
+    assert str(empty) in str(info.value)
+    assert all(ext in str(info.value) for ext in IMAGE_EXTENSIONS)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list(fid.iter_image_folder(empty))
+    # The datasets keep their own one-line error for an empty folder, and an empty class
+    # folder is still just a class without images.
+    with pytest.raises(ValueError, match=f"no images found in {empty}"):
+        ImageCaptionFolder(empty, resolution=8)
+    classes = tmp_path / "classes"
+    save(solid((0, 0, 0)), classes / "cat" / "1.png")
+    (classes / "dog").mkdir()
+    dataset = ClassFolder(classes, resolution=8)
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 1
 
 
 def test_center_crop_coordinates_non_square(tmp_path):

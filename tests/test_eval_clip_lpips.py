@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from diffdistill.eval.clip_detector import ClipDetector
 from diffdistill.eval.clip_score import clip_score
-from diffdistill.eval.features import ClipDetector
 from diffdistill.eval.lpips_metric import LPIPS_BACKBONE_ENV, LPIPSMetric
 from PIL import Image
 from torch import nn

@@ -8,6 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffdistill.eval import features as fe
+from diffdistill.eval.clip_detector import CLIP_WEIGHTS_ENV, ClipDetector
+from diffdistill.eval.effnet import EFFNET_WEIGHTS_ENV, EffNetLite0Detector
+from diffdistill.eval.inception import INCEPTION_WEIGHTS_ENV, InceptionV3FID
 from PIL import Image
 from torch import nn
 
@@ -75,10 +78,10 @@ def test_legacy_resize_equals_torch_fidelity_tf1_bilinear():
 # Inception-v3 (FID) against torch-fidelity
 # ---------------------------------------------------------------------------------------
 
-def _he_random_inception(seed: int = 0) -> fe.InceptionV3FID:
+def _he_random_inception(seed: int = 0) -> InceptionV3FID:
     # Default init gives ~1e-8 features (any two implementations would "agree"): use He
     # init and non-trivial BatchNorm statistics so features are O(1).
-    net = fe.InceptionV3FID(load_weights=False, resize_mode="legacy")
+    net = InceptionV3FID(load_weights=False, resize_mode="legacy")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in net.modules():
@@ -108,7 +111,7 @@ def inception_run(inception_weights):
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8, generator=g)
     images[0] = images[0, :1]  # image 0 is grey (R = G = B)
-    ours = fe.InceptionV3FID(weights_path=inception_weights, resize_mode="legacy")
+    ours = InceptionV3FID(weights_path=inception_weights, resize_mode="legacy")
     return {"images": images, "ours": ours, "feats": ours(images)}
 
 
@@ -135,28 +138,28 @@ def test_inception_loading_paths_and_gray(inception_run, tmp_path, monkeypatch):
              if "num_batches_tracked" not in k}
     st = tmp_path / "inception.safetensors"
     save_file(state, str(st))
-    monkeypatch.setenv(fe.INCEPTION_WEIGHTS_ENV, str(st))
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(st))
     from_env = fe.get_detector("inception", resize_mode="legacy")
     reference = inception_run["ours"].state_dict()
     loaded = from_env.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert set(loaded) == set(reference)
-    assert from_env.resize_mode == "legacy" and fe.InceptionV3FID(weights_path=st).resize_mode == "clean"
+    assert from_env.resize_mode == "legacy" and InceptionV3FID(weights_path=st).resize_mode == "clean"
     from diffdistill.eval.fid import metric_name
 
     assert metric_name(from_env) == "FID"
 
-    monkeypatch.delenv(fe.INCEPTION_WEIGHTS_ENV)
-    with pytest.raises(FileNotFoundError, match=fe.INCEPTION_WEIGHTS_ENV) as err:
-        fe.InceptionV3FID()
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV)
+    with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_ENV) as err:
+        InceptionV3FID()
     assert "pt_inception-2015-12-05-6726825d.pth" in str(err.value)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        fe.InceptionV3FID(weights_path=tmp_path / "nope.pth")
+        InceptionV3FID(weights_path=tmp_path / "nope.pth")
     bad = dict(state)
     bad.pop("fc.bias")
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="fc.bias"):
-        fe.InceptionV3FID(weights_path=tmp_path / "bad.pth")
+        InceptionV3FID(weights_path=tmp_path / "bad.pth")
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,8 +216,8 @@ def test_effnet_lite0_is_a_real_imagenet_network(effnet):
 
 
 def test_effnet_missing_weights_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=fe.EFFNET_WEIGHTS_ENV):
-        fe.EffNetLite0Detector(weights_path=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match=EFFNET_WEIGHTS_ENV):
+        EffNetLite0Detector(weights_path=tmp_path / "missing.pth")
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def tiny_clip(tmp_path_factory):
     (folder / "dd-tiny-clip-feat.json").write_text(TINY_CLIP)
     open_clip.add_model_config(str(folder))
     torch.manual_seed(0)
-    return fe.ClipDetector("dd-tiny-clip-feat", allow_random_init=True)
+    return ClipDetector("dd-tiny-clip-feat", allow_random_init=True)
 
 
 def test_clip_detector_matches_open_clip_by_hand(tiny_clip):
@@ -253,7 +256,7 @@ def test_clip_detector_matches_open_clip_by_hand(tiny_clip):
     assert torch.allclose(tiny_clip.encode_text(["a photo of a cat", "a dog"]), ref_txt, atol=1e-6)
 
     # the on-device tensor path follows the same recipe closely (not bit-exactly)
-    fast = fe.ClipDetector("dd-tiny-clip-feat", model=tiny_clip.model, preprocess=tiny_clip.preprocess,
+    fast = ClipDetector("dd-tiny-clip-feat", model=tiny_clip.model, preprocess=tiny_clip.preprocess,
                            tokenizer=tiny_clip.tokenizer, resize_mode="tensor")
     assert F.cosine_similarity(fast(imgs), feats).min() > 0.98
 
@@ -261,11 +264,11 @@ def test_clip_detector_matches_open_clip_by_hand(tiny_clip):
 def test_clip_detector_local_weights_only(tiny_clip, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    monkeypatch.delenv(fe.CLIP_WEIGHTS_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match=fe.CLIP_WEIGHTS_ENV):
-        fe.ClipDetector("dd-tiny-clip-feat")
+    monkeypatch.delenv(CLIP_WEIGHTS_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=CLIP_WEIGHTS_ENV):
+        ClipDetector("dd-tiny-clip-feat")
     with pytest.raises(FileNotFoundError, match="absent.safetensors"):
-        fe.ClipDetector("dd-tiny-clip-feat", pretrained_path=tmp_path / "absent.safetensors")
+        ClipDetector("dd-tiny-clip-feat", pretrained_path=tmp_path / "absent.safetensors")
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_clip.model.state_dict().items()}, str(path))
     loaded = fe.get_detector("clip:dd-tiny-clip-feat", pretrained_path=path)
@@ -313,6 +316,19 @@ def test_registry_register_and_get():
             fe.get_detector("no-such-net")
     finally:
         fe._REGISTRY.pop("dd-test-mean-colour", None)
+
+
+def test_builtin_detectors_registered_and_reexported():
+    # the detector modules are imported on first use, and their names stay importable here
+    from diffdistill.eval import clip_detector, effnet, inception
+
+    assert {"inception", "inception-v3", "clip", "effnet-lite0"} <= set(fe.available_detectors())
+    assert isinstance(fe.get_detector("inception-v3", load_weights=False), InceptionV3FID)
+    for module in (inception, effnet, clip_detector):
+        for name in module.__all__:
+            if name in fe.__all__:
+                assert getattr(fe, name) is getattr(module, name)
+    assert all(hasattr(fe, name) for name in fe.__all__)
 
 
 def test_extract_features_sources_and_batching():

@@ -20,8 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffdistill.eval.bench_config import BenchReference
+from diffdistill.eval.clip_detector import ClipDetector
 from diffdistill.eval.eval_model import EvalModel
-from diffdistill.eval.features import ClipDetector, register_detector, to_uint8_rgb
+from diffdistill.eval.features import register_detector, to_uint8_rgb
 from diffdistill.eval.fid import FeatureStats, fid_from_stats
 from diffdistill.eval.generation import generate_for_eval, resize_for_eval, shard_batches
 from diffdistill.eval.prompts import EvalPrompts
@@ -31,7 +32,7 @@ from torch import nn
 
 from diffdistill.backbone import load_backbone
 from diffdistill.config import ConfigError, build_config
-from diffdistill.data import caption_for_class, fashion_mnist_uint8
+from diffdistill.fmnist import caption_for_class, fashion_mnist_uint8
 from diffdistill.sampling import ddim_timesteps, generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffdistill.backbone import ATTENTION_TARGETS, CONV_TARGETS, load_backbone, make_trainable
+from diffdistill.adapters import ATTENTION_TARGETS, CONV_TARGETS, make_trainable
+from diffdistill.backbone import load_backbone
 from diffdistill.denoiser import Denoiser
 from diffdistill.export import (
     KOHYA_WEIGHT_NAME,
@@ -80,7 +81,7 @@ def test_lora_files_load_in_a_fresh_stock_pipeline(kind, sd_dir, sdxl_dir, sd_st
     unet = student.bb.unet
     base_before = _base_weights(unet)
     with torch.no_grad():
-        from diffdistill.backbone import adapters_disabled
+        from diffdistill.adapters import adapters_disabled
 
         with adapters_disabled(unet):
             teacher_out = student.run(unet)

@@ -25,7 +25,7 @@ from torch import nn
 
 from diffdistill.config import ConfigError, build_config, deep_merge, load_yaml
 from diffdistill.denoiser import Denoiser
-from diffdistill.generate_cli import EXPORT_INFO
+from diffdistill.export import EXPORT_INFO
 from diffdistill.losses import dmd_loss, gan_generator_loss, l2
 from diffdistill.sampling import generate, tcd_timesteps
 from diffdistill.schedule import VPSchedule
@@ -494,7 +494,7 @@ def sdxl_lora_run(sdxl_dir, tmp_path_factory):
     LoRA skips the tiny UNet's ``upsamplers.0.conv``: that upsampler sits in an attention-free
     up block, which real SDXL does not have and diffusers' kohya (sgm-name) loader cannot
     place (see test_export.test_ldm_names_of_real_sdxl)."""
-    from diffdistill.backbone import ATTENTION_TARGETS, CONV_TARGETS
+    from diffdistill.adapters import ATTENTION_TARGETS, CONV_TARGETS
 
     root = tmp_path_factory.mktemp("hypersd-sdxl")
     targets = list(ATTENTION_TARGETS) + [t for t in CONV_TARGETS if t != "upsamplers.0.conv"]
@@ -526,7 +526,7 @@ def test_unified_lora_loads_in_a_stock_pipeline_with_tcd_at_1_2_4_8_steps(kind, 
     """The exported LoRA (diffusers and kohya files) in a stock pipeline + TCDScheduler gives
     the trainer's own TCD samples at every served step count (SD: the all-stages run, SDXL:
     a short run on the SDXL-structured fixture)."""
-    from diffdistill.backbone import adapters_disabled
+    from diffdistill.adapters import adapters_disabled
     from diffdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
     if kind == "sd":

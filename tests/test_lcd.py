@@ -22,7 +22,7 @@ from torch import nn
 
 from diffdistill.config import build_config, deep_merge, load_yaml
 from diffdistill.denoiser import Denoiser, LCMConsistency, guidance_scale_embedding
-from diffdistill.generate_cli import EXPORT_INFO
+from diffdistill.export import EXPORT_INFO
 from diffdistill.sampling import ddim_solver_step, generate
 from diffdistill.schedule import VPSchedule
 from diffdistill.tiny import SD_SCHEDULER
@@ -353,12 +353,12 @@ def test_full_export_is_a_stock_lcm_pipeline_giving_the_same_images(sd_v_dir, tm
         tile = grid[2 + r * 34: 2 + r * 34 + 32, 2:34]
         assert np.abs(tile.astype(int) - stock4[r].astype(int)).max() <= 1, r
     # the trainer's sample grid is the same sampler with the same embedded w
-    from diffdistill.trainers.common import grid_prompt
+    from diffdistill.eval.prompts import EvalPrompts
 
     from diffdistill.sampling import to_uint8
 
     ref = _ours_float(tr, student, 4, 1.0, timestep_cond=emb, seeds=(0, 1),
-                      prompts=[grid_prompt(0), grid_prompt(1)])
+                      prompts=[EvalPrompts().caption(0), EvalPrompts().caption(1)])
     assert torch.equal(tr.sample_images([0, 1]), to_uint8(ref))
 
 

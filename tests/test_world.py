@@ -132,7 +132,7 @@ def test_pixel_teacher_loads_through_backbone(world):
 def test_classifier_detector_on_uint8(world):
     from diffdistill.eval.features import get_detector
 
-    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
+    from diffdistill.fmnist import fashion_mnist_uint8, load_fashion_mnist
     from diffdistill.world.classifier import FMNISTDetector, accuracy, load_fmnist_net
 
     out, _, info = world
@@ -159,7 +159,7 @@ def test_classifier_detector_on_uint8(world):
 def test_clip_loads_through_open_clip(world):
     import open_clip
 
-    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
+    from diffdistill.fmnist import fashion_mnist_uint8, load_fashion_mnist
     from diffdistill.world.clip import MODEL_NAME, WEIGHTS_FILE, load_clip_model, zero_shot_accuracy
 
     out, _, info = world
@@ -182,8 +182,8 @@ def test_clip_loads_through_open_clip(world):
 def test_clip_judge_is_another_network_trained_on_other_images(world):
     import open_clip
 
-    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
     from diffdistill.fingerprint import weights_sha256
+    from diffdistill.fmnist import fashion_mnist_uint8, load_fashion_mnist
     from diffdistill.world.clip import (
         JUDGE_MODEL_NAME,
         WEIGHTS_FILE,
@@ -215,7 +215,7 @@ def test_clip_judge_is_another_network_trained_on_other_images(world):
 def test_ref_stats_metadata_and_values(world):
     from diffdistill.eval.fid import FeatureStats
 
-    from diffdistill.data import fashion_mnist_uint8
+    from diffdistill.fmnist import fashion_mnist_uint8
     from diffdistill.world import load_ref_stats, world_clip_detector
     from diffdistill.world.classifier import FMNISTDetector
 

@@ -124,14 +124,36 @@ class Trainer(ShardingMixin, CheckpointMixin):
         """Write the final generator (LoRA or full) into ``out_dir``; None if nothing to do."""
         return None
 
-    def sample_images(self, seeds: list[int]) -> Optional[torch.Tensor]:
-        """uint8 NCHW samples from fixed seeds for the periodic grid (None: no grid)."""
+    def eval_spec(self):
+        """The generator as the evaluation harness samples it — sampler, step grid, guidance:
+        a :class:`diffdistill.eval.eval_model.EvalModel`, or None (nothing to sample). The
+        periodic metric, the sample grid (:meth:`sample_images`) and the export's sampling
+        record all describe this one generator."""
         return None
 
-    def eval_spec(self):
-        """The generator as the evaluation harness samples it for the periodic quick metric
-        (``cfg.eval``): a :class:`diffdistill.eval.eval_model.EvalModel`, or None (no metric)."""
-        return None
+    def grid_step_counts(self) -> list[int]:
+        """The step counts of the sample grid's rows (``log.grid_steps``)."""
+        return [self.cfg.log.grid_steps]
+
+    def grid_spec(self):
+        """What the sample grid draws: :meth:`eval_spec` (pretraining: its own guidance)."""
+        return self.eval_spec()
+
+    def sample_images(self, seeds: list[int]) -> Optional[torch.Tensor]:
+        """uint8 NCHW samples for the periodic grid: :meth:`grid_spec` at each of
+        :meth:`grid_step_counts`, sample i from seed ``seeds[i]`` with prompt i, the rows one
+        after another (None: no grid)."""
+        spec = self.grid_spec()
+        if spec is None:
+            return None
+        unet = self.generator_unet()
+        was_training = unet.training
+        unet.eval()
+        try:
+            return torch.cat([spec.sample(seeds, n, resolution=self.cfg.data.resolution)
+                              for n in self.grid_step_counts()])
+        finally:
+            unet.train(was_training)
 
     def make_dataset(self):
         from diffdistill.data import build_dataset

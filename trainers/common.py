@@ -1,5 +1,6 @@
-"""Pieces every method trainer shares: loading the backbone from ``model.*``, turning a data
-batch into (x0, Cond), the EMA/online choice, and sampling a grid through the shared sampler.
+"""Pieces every method trainer shares: loading the backbone from ``model.*``, the adapter
+arguments, turning a data batch into (x0, Cond), the EMA/online choice, frozen / shared-weight
+copies, and the reward network a config names.
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from diffdistill.backbone import grid_shape
-from diffdistill.config import ConfigError
+from diffdistill.config import ConfigError, torch_dtype
 from diffdistill.denoiser import Cond
 from diffdistill.world import resolve_model_path
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def shared_weights_copy(module: nn.Module) -> nn.Module:
@@ -58,8 +56,23 @@ class BackboneMixin:
             caption = None
         return caption if isinstance(caption, str) and caption.strip() else default
 
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """``model.frozen_dtype``: what frozen networks (teacher, VAE, text encoders) run in."""
+        return torch_dtype(self.cfg.model.frozen_dtype)
+
+    def adapter_kwargs(self, **overrides) -> dict:
+        """The ``adapter.*`` / ``model.gradient_checkpointing`` arguments of
+        :func:`~diffdistill.adapters.make_trainable`, as every trainer passes them."""
+        a = self.cfg.adapter
+        kw = dict(adapter=a.type, rank=a.rank, alpha=a.alpha, target_modules=a.target_modules,
+                  conv=a.conv, ff=a.ff, gradient_checkpointing=self.cfg.model.gradient_checkpointing)
+        kw.update(overrides)
+        return kw
+
     def load_backbone(self):
-        from diffdistill.backbone import load_backbone, set_attention_backend
+        from diffdistill.adapters import set_attention_backend
+        from diffdistill.backbone import load_backbone
 
         m = self.cfg.model
         bb = load_backbone(resolve_model_path(m.path), dtype=torch.float32, device=self.device,
@@ -75,7 +88,7 @@ class BackboneMixin:
                 raise ConfigError(f"data.resolution: {e}") from None
             if self.cfg.data.cache_dir:
                 bb.attach_prompt_disk_cache(self.cfg.data.cache_dir)
-            frozen = _DTYPES[m.frozen_dtype]
+            frozen = self.frozen_dtype
             for part in (bb.vae, bb.text_encoder, bb.text_encoder_2):
                 if part is not None:
                     part.requires_grad_(False).eval().to(dtype=frozen)
@@ -102,7 +115,7 @@ class BackboneMixin:
     @property
     def latent_cache(self):
         if getattr(self, "_latent_cache", None) is None:
-            from diffdistill.data import EmbeddingCache, hash_key
+            from diffdistill.embedding_cache import EmbeddingCache, hash_key
 
             d = self.cfg.data
             ns = "vae-" + hash_key(str(self.backbone.path), d.kind, d.path, d.resolution,
@@ -153,55 +166,6 @@ class BackboneMixin:
         self.emas[name][0].copy_to(copy_)
         return copy_
 
-    @torch.no_grad()
-    def sample_teacher_like(self, unet, seeds: list[int], *, sampler: str, num_steps: int,
-                            guidance_scale: float = 1.0, consistency: bool = False,
-                            timesteps=None, sampler_opts: Optional[dict] = None,
-                            timestep_cond: Optional[torch.Tensor] = None
-                            ) -> Optional[torch.Tensor]:
-        """uint8 samples from ``unet`` through the shared sampler (fixed seeds and prompts).
-
-        ``timestep_cond``: one embedding row given to every sample as ``Cond.timestep_cond``
-        (a full LCM student's guidance-scale embedding).
-        """
-        from diffdistill.denoiser import LCMConsistency
-        from diffdistill.sampling import generate
-
-        bb = self.backbone
-        model = bb.denoiser(unet)
-        if consistency:
-            model = LCMConsistency(model)
-        was_training = unet.training
-        unet.eval()
-        try:
-            shape = grid_shape(bb, self.cfg.data.resolution)
-
-            def base_cond(ids):
-                if bb.kind == "pixel":
-                    if bb.num_classes is None:
-                        return None
-                    labels = torch.tensor([s % bb.num_classes for s in ids], device=self.device)
-                    return bb.class_cond(labels, guidance=guidance_scale != 1.0)
-                return bb.encode_prompts([grid_prompt(s) for s in ids],
-                                         with_uncond=guidance_scale != 1.0)
-
-            def cond_fn(idx):
-                ids = list(range(len(seeds)))[idx]
-                cond = base_cond(ids)
-                if timestep_cond is not None:
-                    row = timestep_cond.reshape(1, -1).to(self.device)
-                    cond = (cond or Cond()).replace(timestep_cond=row.expand(len(ids), -1))
-                return cond
-
-            return generate(model, seeds=seeds, shape=shape, cond_fn=cond_fn, sampler=sampler,
-                            num_steps=num_steps, timesteps=timesteps,
-                            guidance_scale=guidance_scale,
-                            decode=None if bb.kind == "pixel" else bb.decode_latents,
-                            output="uint8", progress=False,
-                            sampler_opts={**bb.sampler_options(sampler), **(sampler_opts or {})})
-        finally:
-            unet.train(was_training)
-
 
 def unsharded_rebuild(module: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
     """A plain copy of the diffusers model ``module`` (built from its config, so no FSDP
@@ -243,11 +207,3 @@ def reward_network_record(section) -> dict:
     hashes = weights_sha256(path)
     hashes.update(weights_sha256(getattr(section, "head_path", None)))
     return {"kind": section.kind, "path": section.path, "sha256": hashes}
-
-
-def grid_prompt(i: int) -> str:
-    """The fixed prompt of grid / evaluation sample i (the world's class i % 10)."""
-    from diffdistill.data import caption_for_class
-
-    return caption_for_class(i % 10, 0)
-

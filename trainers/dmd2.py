@@ -71,19 +71,14 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from diffdistill.backbone import grid_shape
 from diffdistill.config import BaseConfig, ConfigError
 from diffdistill.denoiser import Cond, lcm_boundary
 from diffdistill.losses import l2
 from diffdistill.world import resolve_model_path
 
 from .base import Trainer
-from .common import (
-    _DTYPES,
-    BackboneMixin,
-    frozen,
-    grid_shape,
-    shared_weights_copy,
-)
+from .common import BackboneMixin, frozen, shared_weights_copy
 from .dm import DistributionMatching, ttur_generator_step
 
 Tensor = torch.Tensor
@@ -230,10 +225,10 @@ class DMD2Trainer(BackboneMixin, Trainer):
         return self.cfg.adapter.type == "lora"
 
     def build(self) -> None:
-        from diffdistill.backbone import clone_unet, make_trainable
+        from diffdistill.adapters import clone_unet, make_trainable
         from diffdistill.gan import DiscriminatorHead, UNetWithHead, bottleneck_channels
 
-        cfg, d, a = self.cfg, self.cfg.dmd2, self.cfg.adapter
+        cfg, d = self.cfg, self.cfg.dmd2
         bb = self.load_backbone()
         sched = bb.schedule
         if sched.kind != "vp" or bb.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -249,11 +244,10 @@ class DMD2Trainer(BackboneMixin, Trainer):
         self.t_lo, self.t_hi = int(d.dm_t_min * T), min(int(d.dm_t_max * T), T - 1)
         self.shape = grid_shape(bb, cfg.data.resolution)
         self.x0_dtype = torch.float64 if d.x0_dtype == "fp64" else torch.float32
-        frozen_dtype = _DTYPES[cfg.model.frozen_dtype]
+        frozen_dtype = self.frozen_dtype
 
         teacher = bb.unet.requires_grad_(False).eval()
-        kw = dict(adapter=a.type, rank=a.rank, alpha=a.alpha, target_modules=a.target_modules,
-                  conv=a.conv, ff=a.ff, gradient_checkpointing=cfg.model.gradient_checkpointing)
+        kw = self.adapter_kwargs()
         if self.lora:
             # The fake score's structure is copied before the generator's adapter exists.
             fake_unet = (shared_weights_copy(teacher) if d.fake_score_shares_base
@@ -296,7 +290,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
     @contextlib.contextmanager
     def real_score(self):
         """The frozen teacher: a separate UNet (full) or the generator's base (LoRA)."""
-        from diffdistill.backbone import adapters_disabled
+        from diffdistill.adapters import adapters_disabled
 
         if self.real_unet is not None:
             yield self.real_unet
@@ -438,10 +432,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
                          "lcm",
                          timesteps=lambda n: trained if n == len(trained) else None)
 
-    def sample_images(self, seeds: list[int]) -> Optional[torch.Tensor]:
-        return self.sample_teacher_like(self.generator_unet(), seeds, sampler="lcm",
-                                        num_steps=len(self.timesteps),
-                                        timesteps=torch.tensor(self.timesteps))
+    def grid_step_counts(self) -> list[int]:
+        return [len(self.timesteps)]  # its trained grid
 
     @torch.no_grad()
     def sample_latents(self, seeds: list[int], cond: Optional[Cond]) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Exponential moving average of a module's trainable parameters (the evaluation EMA and
-EMA targets of every trainer)."""
+EMA targets of every trainer), and θ⁻ as a module backed by an EMA's shadow tensors."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Optional
 
 import torch
@@ -41,3 +43,20 @@ class EMA:
     def load_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         for n in self.names:
             self.shadow[n].copy_(tensors[f"{prefix}{n}"])
+
+
+def ema_backed_copy(module: nn.Module, ema: EMA, share_frozen: bool = False) -> nn.Module:
+    """θ⁻ as a module whose parameters *are* the EMA shadow tensors: no extra copy, and the
+    EMA's in-place updates (and its restore on resume) move θ⁻ with it.
+
+    ``share_frozen``: the frozen parameters and the buffers are the module's own tensors, not
+    copies (a LoRA student's θ⁻ then costs only its adapter; used by Hyper-SD)."""
+    memo = {}
+    if share_frozen:
+        memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())
+                if not t.requires_grad}
+    target = copy.deepcopy(module, memo).requires_grad_(False)
+    params = dict(target.named_parameters())
+    for name in ema.names:
+        params[name].data = ema.shadow[name]  # shares storage: EMA updates move θ⁻ in place
+    return target

@@ -144,7 +144,7 @@ class FDistillTrainer(DMD2Trainer):
         self.state_tensors[self.MEAN_KEY] = torch.ones(f.ratio_bins, dtype=torch.float64)
         self.state_tensors[self.COUNT_KEY] = torch.zeros(f.ratio_bins, dtype=torch.float64)
         if f.r1_gamma > 0:
-            from diffdistill.backbone import set_attention_backend
+            from diffdistill.adapters import set_attention_backend
 
             set_attention_backend(self.unwrap(self.fake_score).unet, "sdpa")  # see docstring
         self._fd_logs: dict = {}

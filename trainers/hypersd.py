@@ -85,6 +85,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import nn
 
+from diffdistill.backbone import grid_shape
 from diffdistill.config import BaseConfig, ConfigError
 from diffdistill.denoiser import Cond, Prediction
 from diffdistill.losses import (
@@ -96,15 +97,10 @@ from diffdistill.losses import (
 from diffdistill.world import resolve_model_path
 
 from .base import Trainer
-from .common import (
-    _DTYPES,
-    BackboneMixin,
-    frozen,
-    grid_shape,
-    shared_weights_copy,
-)
+from .common import BackboneMixin, frozen, shared_weights_copy
 from .dm import DistributionMatching, ttur_generator_step
-from .lcd import RewardSection, _ema_backed_copy
+from .ema import ema_backed_copy
+from .lcd import RewardSection
 
 Tensor = torch.Tensor
 log = logging.getLogger("diffdistill.train")
@@ -329,14 +325,14 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         return self.cfg.adapter.type == "lora"
 
     def build(self) -> None:
-        from diffdistill.backbone import (
+        from diffdistill.adapters import (
             adapters_disabled,
             clone_unet,
             make_trainable,
             set_attention_backend,
         )
 
-        cfg, p, a = self.cfg, self.cfg.hypersd, self.cfg.adapter
+        cfg, p = self.cfg, self.cfg.hypersd
         bb = self.load_backbone()
         if bb.kind == "pixel" or bb.schedule.kind != "vp":
             raise ConfigError(f"model.path={cfg.model.path!r} holds a {bb.kind} model; Hyper-SD "
@@ -359,9 +355,8 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         self.distance: Callable[[Tensor, Tensor], Tensor] = (
             functools.partial(elementwise_huber, c=p.huber_c) if p.loss == "huber" else l2)
         self.shape = grid_shape(bb, cfg.data.resolution)
-        frozen_dtype = _DTYPES[cfg.model.frozen_dtype]
-        kw = dict(adapter=a.type, rank=a.rank, alpha=a.alpha, target_modules=a.target_modules,
-                  conv=a.conv, ff=a.ff, gradient_checkpointing=cfg.model.gradient_checkpointing)
+        frozen_dtype = self.frozen_dtype
+        kw = self.adapter_kwargs()
         score_distill = any(st.score_distill for st in p.stages)
 
         teacher = bb.unet.requires_grad_(False).eval()
@@ -385,7 +380,7 @@ class HyperSDTrainer(BackboneMixin, Trainer):
             self.teacher_context = contextlib.nullcontext
         self.student = bb.denoiser(self.unet)
         target_ema = self.add_ema("target", self.unet, p.target_ema_decay)
-        self.target = bb.denoiser(_ema_backed_copy(self.unwrap(self.unet), target_ema,
+        self.target = bb.denoiser(ema_backed_copy(self.unwrap(self.unet), target_ema,
                                                    share_frozen=True))
         if cfg.train.ema_decay > 0:
             self.add_ema("unet", self.unet, cfg.train.ema_decay)
@@ -654,12 +649,6 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                          guidance_scale=p.guidance_scale, timesteps=self.tcd_timesteps,
                          sampler_opts={"gamma": p.gamma})
 
-    def sample_images(self, seeds: list[int]) -> Optional[Tensor]:
-        p, steps = self.cfg.hypersd, self.cfg.log.grid_steps
-        return self.sample_teacher_like(self.generator_unet(), seeds, sampler="tcd",
-                                        num_steps=steps, timesteps=self.tcd_timesteps(steps),
-                                        guidance_scale=p.guidance_scale,
-                                        sampler_opts={"gamma": p.gamma})
 
     def reward_networks(self) -> list[dict]:
         """The ReFL reward network, when a stage trained against it."""

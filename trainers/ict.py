@@ -206,13 +206,10 @@ class ICTTrainer(BackboneMixin, Trainer):
             raise ConfigError("ict.loss=lpips compares images; this is a latent model: use "
                               "ict.loss=pseudo_huber or l2")
         unet = self._student_unet(bb.unet)
-        from diffdistill.backbone import make_trainable, set_attention_backend
+        from diffdistill.adapters import make_trainable, set_attention_backend
 
         set_attention_backend(unet, cfg.model.attention)
-        a = cfg.adapter
-        make_trainable(unet, adapter=a.type, rank=a.rank, alpha=a.alpha,
-                       target_modules=a.target_modules, conv=a.conv, ff=a.ff,
-                       gradient_checkpointing=cfg.model.gradient_checkpointing)
+        make_trainable(unet, **self.adapter_kwargs())
         # The student speaks the CM parameterisation on a VE schedule, whatever the folder's
         # scheduler was: a view of the backbone with that schedule (VAE, text encoders and
         # class handling unchanged) serves the sampler and the export.
@@ -356,15 +353,8 @@ class ICTTrainer(BackboneMixin, Trainer):
                          timesteps=lambda n: self.two_step_sigmas() if n == 2 else None,
                          sampler_opts={"clip_denoised": bb.kind == "pixel"})
 
-    def sample_images(self, seeds: list[int]) -> torch.Tensor | None:
-        """1-step samples, then 2-step samples of the same seeds (uint8, 2·len(seeds))."""
-        unet = self.generator_unet()
-        opts = {"clip_denoised": self.backbone.kind == "pixel"}  # as the exported scheduler
-        one = self.sample_teacher_like(unet, seeds, sampler="onestep", num_steps=1,
-                                       sampler_opts=opts)
-        two = self.sample_teacher_like(unet, seeds, sampler="lcm", num_steps=2,
-                                       timesteps=self.two_step_sigmas(), sampler_opts=opts)
-        return torch.cat([one, two])
+    def grid_step_counts(self) -> list[int]:
+        return [1, 2]  # the 1-step row, then the trained 2-step grid
 
     def export(self, out_dir: Path) -> Path | None:
         from diffdistill.export import save_full_pipeline, write_export_info, write_model_card

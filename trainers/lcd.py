@@ -42,9 +42,7 @@ shows reduces reward over-optimisation.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -58,7 +56,8 @@ from diffdistill.losses import elementwise_huber, l2
 from diffdistill.world import resolve_model_path
 
 from .base import Trainer
-from .common import _DTYPES, BackboneMixin
+from .common import BackboneMixin
+from .ema import ema_backed_copy
 
 Tensor = torch.Tensor
 
@@ -207,23 +206,6 @@ class LCDTerms:
     prompts: list
 
 
-def _ema_backed_copy(module: nn.Module, ema, share_frozen: bool = False) -> nn.Module:
-    """θ⁻ as a module whose parameters *are* the EMA shadow tensors: no extra copy, and the
-    EMA's in-place updates (and its restore on resume) move θ⁻ with it.
-
-    ``share_frozen``: the frozen parameters and the buffers are the module's own tensors, not
-    copies (a LoRA student's θ⁻ then costs only its adapter; used by Hyper-SD)."""
-    memo = {}
-    if share_frozen:
-        memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())
-                if not t.requires_grad}
-    target = copy.deepcopy(module, memo).requires_grad_(False)
-    params = dict(target.named_parameters())
-    for name in ema.names:
-        params[name].data = ema.shadow[name]  # shares storage: EMA updates move θ⁻ in place
-    return target
-
-
 # ----------------------------------------------------------------------------- LCD
 
 
@@ -268,39 +250,33 @@ class LCDTrainer(BackboneMixin, Trainer):
 
     def _build_full(self, guidance_scale: float) -> None:
         cfg, p, bb = self.cfg, self.cfg.lcd, self.backbone
-        from diffdistill.backbone import make_trainable, set_attention_backend
+        from diffdistill.adapters import make_trainable, set_attention_backend
 
         student = lcm_student_unet(bb.unet, p.time_cond_proj_dim)
-        make_trainable(student, adapter="full",
-                       gradient_checkpointing=cfg.model.gradient_checkpointing)
+        make_trainable(student, **self.adapter_kwargs(adapter="full"))
         set_attention_backend(student, cfg.model.attention)
-        bb.unet.to(_DTYPES[cfg.model.frozen_dtype])  # the frozen teacher
+        bb.unet.to(self.frozen_dtype)  # the frozen teacher
         self.unet = self.add_optimizer("unet", student)
         ema = self.add_ema("target", self.unet, p.target_ema_decay)
         self.teacher = bb.denoiser()
         self.teacher_context = contextlib.nullcontext
-        self.target = LCMConsistency(bb.denoiser(_ema_backed_copy(self.unwrap(self.unet), ema)))
+        self.target = LCMConsistency(bb.denoiser(ema_backed_copy(self.unwrap(self.unet), ema)))
         self.w_dim: Optional[int] = p.time_cond_proj_dim
         # the LCM pipeline embeds w = guidance_scale − 1 and runs no CFG
-        self.sample_guidance = {"guidance_scale": 1.0,
-                                "timestep_cond": self.w_embedding(guidance_scale - 1.0)}
         self.export_guidance_scale = guidance_scale
 
     def _build_lora(self, guidance_scale: float) -> None:
-        cfg, a, bb = self.cfg, self.cfg.adapter, self.backbone
-        from diffdistill.backbone import adapters_disabled, make_trainable
+        bb = self.backbone
+        from diffdistill.adapters import adapters_disabled, make_trainable
 
-        make_trainable(bb.unet, adapter="lora", rank=a.rank, alpha=a.alpha,
-                       target_modules=a.target_modules, conv=a.conv, ff=a.ff,
-                       frozen_dtype=_DTYPES[cfg.model.frozen_dtype],
-                       gradient_checkpointing=cfg.model.gradient_checkpointing)
+        make_trainable(bb.unet, **self.adapter_kwargs(adapter="lora",
+                                                      frozen_dtype=self.frozen_dtype))
         self.unet = self.add_optimizer("unet", bb.unet)
         raw = self.unwrap(self.unet)
         self.teacher = bb.denoiser(raw)  # the same UNet, run with its LoRA disabled
         self.teacher_context = functools.partial(adapters_disabled, raw)
         self.target = LCMConsistency(bb.denoiser(raw))  # online weights, used under no_grad
         self.w_dim = None
-        self.sample_guidance = {"guidance_scale": guidance_scale, "timestep_cond": None}
         self.export_guidance_scale = guidance_scale
 
     def w_embedding(self, w) -> Optional[Tensor]:
@@ -365,11 +341,6 @@ class LCDTrainer(BackboneMixin, Trainer):
                          "lcm", guidance_scale=self.export_guidance_scale,
                          guidance_embedding=self.w_dim, timesteps=self.lcm_timesteps)
 
-    def sample_images(self, seeds: list[int]) -> Optional[Tensor]:
-        steps = self.cfg.log.grid_steps
-        return self.sample_teacher_like(self.generator_unet(), seeds, sampler="lcm",
-                                        num_steps=steps, timesteps=self.lcm_timesteps(steps),
-                                        consistency=True, **self.sample_guidance)
 
     def export(self, out_dir: Path) -> Optional[Path]:
         from diffdistill.export import save_generator, write_export_info, write_model_card

@@ -111,10 +111,14 @@ class PretrainTrainer(BackboneMixin, Trainer):
         return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "ddim",
                          guidance_scale=self.cfg.eval.guidance_scale)
 
-    def sample_images(self, seeds: list[int]) -> Optional[torch.Tensor]:
-        p = self.cfg.pretrain
-        return self.sample_teacher_like(self.generator_unet(), seeds, sampler="ddim",
-                                        num_steps=p.sample_steps, guidance_scale=p.guidance_scale)
+    def grid_step_counts(self) -> list[int]:
+        return [self.cfg.pretrain.sample_steps]
+
+    def grid_spec(self):
+        import dataclasses
+
+        return dataclasses.replace(self.eval_spec(),
+                                   guidance_scale=self.cfg.pretrain.guidance_scale)
 
     def export(self, out_dir: Path) -> Optional[Path]:
         from diffdistill.export import save_full_pipeline, write_model_card

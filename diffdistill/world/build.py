@@ -334,8 +334,8 @@ def _stats(detector, images: torch.Tensor, source: str, batch_size: int = 250):
 
 
 def run_ref_stats(ctx: BuildContext) -> dict:
-    from diffdistill.data import fashion_mnist_uint8
     from diffdistill.eval.fid import fid_from_stats
+    from diffdistill.fmnist import fashion_mnist_uint8
 
     _require(ctx, "classifier", "ref_stats")
     _require(ctx, "clip", "ref_stats")
@@ -368,8 +368,8 @@ def run_vae(ctx: BuildContext) -> dict:
     if stage_done("classifier", ctx) and (ctx.out / "ref_stats" / "fmnist-net.npz").exists():
         from diffusers import AutoencoderKL
 
-        from diffdistill.data import fashion_mnist_uint8
         from diffdistill.eval.fid import fid_from_stats
+        from diffdistill.fmnist import fashion_mnist_uint8
 
         from . import load_ref_stats
         from .vae import reconstruct
@@ -572,11 +572,12 @@ def run_teacher_latent(ctx: BuildContext) -> dict:
 
 
 def teacher_prompts(n: int) -> tuple[list[int], list[str]]:
-    """Labels ``i % 10`` and their first-template captions ("a photo of a t-shirt", ...)."""
-    from diffdistill.data import caption_for_class
+    """Labels ``i % 10`` and the evaluation's captions of samples 0..n−1 ("a photo of a
+    t-shirt", ...)."""
+    from diffdistill.eval.prompts import EvalPrompts
 
-    labels = [i % 10 for i in range(n)]
-    return labels, [caption_for_class(c, 0) for c in labels]
+    prompts = EvalPrompts()
+    return [i % 10 for i in range(n)], [prompts.caption(i) for i in range(n)]
 
 
 @torch.no_grad()
@@ -584,30 +585,15 @@ def sample_teacher(path, num: int, *, steps: int = 25, guidance_scale: float = 2
                    seed: int = 0, sampler: str = "ddim", batch_size: int = 250,
                    backbone=None) -> torch.Tensor:
     """uint8 samples ``[num, 3, 32, 32]`` of a world teacher through the shared sampler:
-    sample i has seed ``seed + i`` and class ``i % 10`` (its caption for the latent one)."""
+    sample i has seed ``seed + i`` and class ``i % 10`` (its caption for the latent one) —
+    the evaluation's own sample i (:meth:`~diffdistill.eval.eval_model.EvalModel.sample`)."""
     from diffdistill.backbone import load_backbone
-    from diffdistill.sampling import generate
+    from diffdistill.eval.eval_model import EvalModel
 
     bb = backbone or load_backbone(path)
-    labels, prompts = teacher_prompts(num)
-    gs = float(guidance_scale)
-    if bb.kind == "pixel":
-        shape = (bb.unet.config.in_channels, 32, 32)
-
-        def cond_fn(sl):
-            return bb.class_cond(torch.tensor(labels[sl]), guidance=gs != 1.0)
-        decode = None
-    else:
-        f = bb.vae_scale_factor
-        shape = (bb.latent_channels, 32 // f, 32 // f)
-
-        def cond_fn(sl):
-            return bb.encode_prompts(prompts[sl], with_uncond=gs != 1.0)
-        decode = bb.decode_latents
-    return generate(bb.denoiser(), seeds=[seed + i for i in range(num)], shape=shape,
-                    cond_fn=cond_fn, sampler=sampler, num_steps=steps, guidance_scale=gs,
-                    batch_size=batch_size, decode=decode, output="uint8", progress=False,
-                    sampler_opts=bb.sampler_options(sampler))
+    model = EvalModel("teacher", bb, bb.denoiser(), sampler, guidance_scale=float(guidance_scale))
+    return model.sample([seed + i for i in range(num)], steps, resolution=32,
+                        batch_size=batch_size)
 
 
 def run_report(ctx: BuildContext) -> dict:

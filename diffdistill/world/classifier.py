@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffdistill.eval.features import FrozenModule
 from diffdistill.world import epoch_batches, warmup_cosine
 
 DETECTOR_NAME = "fmnist-net"
@@ -83,7 +84,7 @@ def preprocess_uint8(images, size: int = INPUT_SIZE) -> torch.Tensor:
     return x.mean(dim=1, keepdim=True) / 127.5 - 1.0
 
 
-class FMNISTDetector(nn.Module):
+class FMNISTDetector(FrozenModule):
     """Detector ``"fmnist-net"``: uint8 NCHW images → 128-d FMNISTNet features (float32)."""
 
     resize_mode = "clean"
@@ -101,13 +102,6 @@ class FMNISTDetector(nn.Module):
         self.requires_grad_(False)
         if device is not None:
             self.to(device)
-
-    def train(self, mode: bool = True):  # an evaluation network: BatchNorm uses running stats
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
 
     @torch.no_grad()
     def forward(self, images_uint8_nchw) -> torch.Tensor:
@@ -203,7 +197,7 @@ def train_fmnist_net(out_path: Union[str, os.PathLike], *, steps: int = 1410,
     Deterministic: the initial weights come from ``seed``, the batch order and augmentation
     from a generator seeded with it.
     """
-    from diffdistill.data import fashion_mnist_uint8, load_fashion_mnist
+    from diffdistill.fmnist import fashion_mnist_uint8, load_fashion_mnist
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)

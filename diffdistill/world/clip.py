@@ -131,7 +131,7 @@ def load_clip_model(folder: Union[str, os.PathLike, None] = None, device="cpu"):
 
 def clip_detector(folder: Union[str, os.PathLike, None] = None, device=None, **kw):
     """A world CLIP folder as a :class:`diffdistill.eval.features.ClipDetector` (CLIP score)."""
-    from diffdistill.eval.features import ClipDetector
+    from diffdistill.eval.clip_detector import ClipDetector
 
     folder = Path(folder or default_clip_dir())
     name = register_clip_config(folder)
@@ -154,7 +154,7 @@ def _normalize_images(model, images_uint8: torch.Tensor) -> torch.Tensor:
 def class_text_embeddings(model, tokenizer, templates=None) -> torch.Tensor:
     """``[10, D]`` L2-normalised class embeddings: mean over caption templates (CLIP's
     prompt ensembling, Radford et al. 2021 sec. 3.1.4)."""
-    from diffdistill.data import CAPTION_TEMPLATES, caption_for_class
+    from diffdistill.fmnist import CAPTION_TEMPLATES, caption_for_class
 
     templates = tuple(templates or CAPTION_TEMPLATES)
     rows = []
@@ -199,7 +199,7 @@ def train_clip(out_dir: Union[str, os.PathLike], *, steps: int = 800, batch_size
     ``test_limit`` images of ``eval_split``."""
     import open_clip
 
-    from diffdistill.data import (
+    from diffdistill.fmnist import (
         CAPTION_TEMPLATES,
         caption_for_class,
         fashion_mnist_uint8,

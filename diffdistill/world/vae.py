@@ -64,7 +64,7 @@ def train_vae(out_dir: Union[str, os.PathLike], *, channels=(16, 32, 64), norm_g
               log: Callable[[str], None] = print) -> dict:
     """Train the VAE, set its ``scaling_factor`` from the data and save it (fp32 diffusers
     folder) to ``out_dir``. Returns metrics: test PSNR, latent std, scaling factor."""
-    from diffdistill.data import fashion_mnist_uint8
+    from diffdistill.fmnist import fashion_mnist_uint8
     from diffdistill.tiny import tiny_vae
 
     torch.manual_seed(seed)
