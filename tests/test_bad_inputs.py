@@ -319,7 +319,7 @@ def test_clip_weights_missing(tmp_path):
 def test_clip_weights_wrong_file(tmp_path):
     from diffdistill.eval.clip_detector import ClipDetector
     from safetensors.torch import save_file
-    from test_rewards import TINY_CLIP, make_tiny_clip
+    from standins import TINY_CLIP, make_tiny_clip
 
     cfg_file, weights, _ = make_tiny_clip(tmp_path)
     assert ClipDetector(TINY_CLIP, pretrained_path=weights, config_path=cfg_file)  # right file

@@ -25,7 +25,7 @@ from diffdistill.eval.report import (
     save_grid_rows,
 )
 from PIL import Image
-from test_eval_harness import tiny_clip  # also registers the stand-in detectors
+from standins import tiny_clip  # also registers the stand-in detectors
 
 from diffdistill.adapters import make_trainable
 from diffdistill.backbone import load_backbone
@@ -91,7 +91,7 @@ grid_samples: 4
 reference: {{images: {ref}, resolution: 32}}
 detectors: [dd-test-conv, dd-test-conv-b]
 clip: {{detector: dd-test-clip}}
-imports: [test_eval_harness]
+imports: [standins]
 out: /nonexistent/overridden
 """)
     assert main(["bench", str(cfg), f"out={out}", f"cache_dir={tmp_path / 'cache'}"]) == 0
@@ -191,7 +191,7 @@ def test_shipped_bench_configs_run_on_tiny_models(sd_dir, lora_dir, tmp_path):
                 m.lora = str(lora_dir)
         cfg.clip = BenchClip(detector="dd-test-clip")
         cfg.detector_options = {}
-        cfg.imports = ["test_eval_harness"]
+        cfg.imports = ["standins"]
         if cfg.reference.kind == "folder":
             assert cfg.reference.resolution == 256 and cfg.num_samples == 4
             cfg.reference.images = str(coco / "val")
@@ -263,7 +263,7 @@ def test_bench_config_shorthands_and_early_errors(tmp_path, capsys):
     # fewer reference images than samples: refused before any model loads
     path = _write(tmp_path, "models: [{name: a, path: /does/not/exist}]\nnum_samples: 20\n"
                             "reference: {kind: fashion_mnist_test, max_images: 10}\n"
-                            f"detectors: [dd-test-conv]\nimports: [test_eval_harness]\n"
+                            f"detectors: [dd-test-conv]\nimports: [standins]\n"
                             f"out: {tmp_path / 'o'}\n")
     assert main(["bench", str(path)]) == 2
     err = capsys.readouterr().err
@@ -336,7 +336,7 @@ def test_a_row_judged_by_its_own_reward_network_is_marked(sd_dir, lora_dir, tmp_
     """The CLIP judge is a weights file; the student's export records that same file (by
     sha256, under another path) as its reward network: its CLIP cell says so, the others
     do not; also the default judge when no clip is configured."""
-    from test_rewards import TINY_CLIP, make_tiny_clip
+    from standins import TINY_CLIP, make_tiny_clip
 
     from diffdistill.fingerprint import weights_sha256
 
@@ -359,7 +359,7 @@ grid_samples: 0
 reference: {{kind: fashion_mnist_test, max_images: 8}}
 detectors: [dd-test-conv]
 clip: {{model: {TINY_CLIP}, weights: {weights}, config: {cfg_file}}}
-imports: [test_eval_harness]
+imports: [standins]
 progress: false
 warmup: false
 out: {tmp_path / 'out'}

@@ -26,7 +26,7 @@ import yaml
 from diffdistill.trainers.checkpointing import list_checkpoints
 from helpers import ALL_METHODS, LATENT_METHODS, method_run_data
 from safetensors.torch import load_file
-from test_rewards import TINY_CLIP, make_tiny_clip
+from standins import TINY_CLIP, make_tiny_clip
 
 from diffdistill.cli import main as cli
 

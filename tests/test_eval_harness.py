@@ -1,8 +1,7 @@
 """Evaluation harness: sharding, generate_for_eval (equal to the shared sampler, the same
 images with 1 and 2 processes), reference statistics (COCO-style folder, cache, refusal) and
-the Trainer's periodic quick metric. Stand-in detectors (a seeded random conv net, a tiny
-random open_clip model) are registered here; other tests (and the 2-process run, through
-``imports: [test_eval_harness]``) reuse them."""
+the Trainer's periodic quick metric. The stand-in detectors come from ``standins`` (the
+2-process run registers them through ``imports: [standins]``)."""
 
 from __future__ import annotations
 
@@ -11,24 +10,20 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffdistill.eval.bench_config import BenchReference
-from diffdistill.eval.clip_detector import ClipDetector
 from diffdistill.eval.eval_model import EvalModel
-from diffdistill.eval.features import register_detector, to_uint8_rgb
 from diffdistill.eval.fid import FeatureStats, fid_from_stats
 from diffdistill.eval.generation import generate_for_eval, resize_for_eval, shard_batches
 from diffdistill.eval.prompts import EvalPrompts
 from diffdistill.eval.reference import reference_count, reference_statistics
 from PIL import Image
-from torch import nn
+from standins import ConvStandIn, tiny_clip
 
 from diffdistill.backbone import load_backbone
 from diffdistill.config import ConfigError, build_config
@@ -40,66 +35,6 @@ TESTS = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------- stand-ins
-
-
-class ConvStandIn(nn.Module):
-    """A seeded random conv net as a detector: every process builds the same weights."""
-
-    resize_mode = "clean"
-
-    def __init__(self, name: str = "dd-test-conv", seed: int = 0, device=None,
-                 metric_name: str | None = None):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        self.name = name
-        self.feature_dim = 24
-        if metric_name:
-            self.metric_name = metric_name
-        self.eval()
-        if device is not None:
-            self.to(device)
-
-    @torch.no_grad()
-    def forward(self, images):
-        x = to_uint8_rgb(images).to(self.c1.weight.device, torch.float32) / 127.5 - 1
-        h = F.relu(self.c2(F.relu(self.c1(x))))
-        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
-
-
-TINY_CLIP = ('{"embed_dim":32,"vision_cfg":{"image_size":32,"layers":1,"width":32,'
-             '"head_width":16,"patch_size":8,"mlp_ratio":2.0},"text_cfg":{"context_length":77,'
-             '"vocab_size":49408,"width":32,"heads":2,"layers":1}}')
-TINY_CLIP_NAME = "dd-bench-tiny-clip"
-
-
-def tiny_clip(device=None) -> ClipDetector:
-    """A random tiny open_clip model (seeded) through the real ClipDetector."""
-    import open_clip
-
-    cfg = Path(tempfile.gettempdir()) / f"{TINY_CLIP_NAME}-{os.getpid()}" / f"{TINY_CLIP_NAME}.json"
-    cfg.parent.mkdir(exist_ok=True)
-    cfg.write_text(TINY_CLIP)
-    open_clip.add_model_config(str(cfg))
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=None)
-    return ClipDetector(TINY_CLIP_NAME, model=model.eval(), preprocess=preprocess,
-                        tokenizer=open_clip.get_tokenizer(TINY_CLIP_NAME), device=device)
-
-
-def register_standins() -> None:
-    register_detector("dd-test-conv", ConvStandIn, overwrite=True)
-    register_detector("dd-test-conv-b", lambda device=None: ConvStandIn(
-        "dd-test-conv-b", seed=1, device=device, metric_name="FID-TEST"), overwrite=True)
-    register_detector("dd-test-clip", tiny_clip, overwrite=True)
-
-
-register_standins()
 
 
 def stats_of(detector, images, **meta) -> FeatureStats:
@@ -340,7 +275,7 @@ def test_two_process_bench_equals_one_process(pixel_dir, tmp_path):
         "num_samples: 16\nbatch_size: 4\ngrid_samples: 6\nwarmup: false\nprogress: false\n"
         "reference: {kind: fashion_mnist_test, resolution: 16, max_images: 32}\n"
         "detectors: [dd-test-conv, dd-test-conv-b]\n"
-        "imports: [test_eval_harness]\ndevice: cpu\n")
+        "imports: [standins]\ndevice: cpu\n")
     two = tmp_path / "two"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}

@@ -20,7 +20,7 @@ from diffdistill.trainers.hypersd import (
     segment_jump,
 )
 from helpers import stock_sd_pipeline  # noqa: E402
-from test_rewards import TINY_CLIP, make_tiny_clip, make_tiny_imagereward
+from standins import TINY_CLIP, make_tiny_clip, make_tiny_imagereward
 from torch import nn
 
 from diffdistill.config import ConfigError, build_config, deep_merge, load_yaml

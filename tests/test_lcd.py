@@ -17,7 +17,7 @@ from diffdistill.trainers.lcd import (
     lcm_student_unet,
 )
 from helpers import stock_sd_pipeline  # noqa: E402
-from test_rewards import TINY_CLIP, make_tiny_clip
+from standins import TINY_CLIP, make_tiny_clip
 from torch import nn
 
 from diffdistill.config import build_config, deep_merge, load_yaml

@@ -25,7 +25,7 @@ import yaml
 from diffdistill.trainers.batches import ShardedBatchSampler
 from diffdistill.trainers.checkpointing import list_checkpoints
 from helpers import ALL_METHODS, LATENT_METHODS, method_run_data
-from test_rewards import TINY_CLIP, make_tiny_clip
+from standins import TINY_CLIP, make_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, LIMIT = 2, 16

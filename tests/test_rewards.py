@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from standins import TINY_CLIP, TINY_CLIP_CFG, make_tiny_clip, make_tiny_imagereward
 
 from diffdistill.rewards import (
     LatentRewardModel,
@@ -19,28 +20,7 @@ from diffdistill.rewards import (
     pickscore_reward,
 )
 
-TINY_CLIP = "diffdistill-test-clip"
-TINY_CLIP_CFG = {"embed_dim": 64,
-                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
-                                "patch_size": 4, "mlp_ratio": 2.0},
-                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64,
-                              "heads": 2, "layers": 2}}
 PROMPTS = ["a photo of a bag", "a photo of a sneaker", "a photo of a dress"]
-
-
-def make_tiny_clip(d):
-    """(config json, safetensors weights, the open_clip model) of a random tiny CLIP in ``d``."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    cfg = d / f"{TINY_CLIP}.json"
-    cfg.write_text(json.dumps(TINY_CLIP_CFG))
-    open_clip.add_model_config(str(cfg))
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_CLIP).eval()
-    weights = d / "tiny_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    return cfg, weights, model
 
 
 @pytest.fixture(scope="module")
@@ -241,42 +221,6 @@ def test_lrm_loss_decreases_on_fixed_preference_data():
 
 
 # ----------------------------------------------------------------------------- ImageReward
-
-IR_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "bag", "sneaker",
-            "dress", "coat", "shirt", "trouser", "[DEC]", "[ENC]"]
-
-
-def make_tiny_imagereward(d, *, mean=0.3, std=2.0):
-    """A random tiny ImageReward folder in ``d`` (BLIP ViT 48-d, image-grounded text encoder
-    32-d, as ImageReward's 1024-d ViT / 768-d BERT differ), with its modules."""
-    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
-
-    from diffdistill.rewards import AestheticHead, save_imagereward
-
-    (d / "vocab.txt").write_text("\n".join(IR_WORDS) + "\n")
-    tokenizer = BertTokenizer(str(d / "vocab.txt"))
-    cfg = BlipConfig(
-        text_config={"vocab_size": len(IR_WORDS), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "max_position_embeddings": 40, "pad_token_id": 0, "bos_token_id": 14,
-                     "sep_token_id": 3, "eos_token_id": 3},
-        vision_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
-                       "layer_norm_eps": 1e-6, "initializer_range": 0.02},
-        image_text_hidden_size=16)
-    torch.manual_seed(0)
-    blip = BlipForImageTextRetrieval(cfg).eval()
-    head = AestheticHead(32).eval()
-    # unit-gain random weights (transformers' 0.02 init barely lets the image reach [CLS])
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in [*blip.named_parameters(), *head.named_parameters()]:
-            if p.ndim >= 2:
-                scale = 0.5 if "embedding" in name else p[0].numel() ** -0.5
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    folder = save_imagereward(d / "imagereward", blip, tokenizer, head, mean=mean, std=std)
-    return folder, blip, tokenizer, head
-
 
 @pytest.fixture(scope="module")
 def tiny_imagereward(tmp_path_factory):
