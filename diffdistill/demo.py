@@ -301,7 +301,7 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
              train_steps: Optional[int] = None, num_samples: int = 1000, tiny: bool = False,
              jobs: int = 1, effnet: bool = False, teachers: bool = True,
              command: str = "diffdistill demo") -> DemoResult:
-    from diffdistill.world.build import teacher_grids, teacher_table
+    from diffdistill.world.info import teacher_grids, teacher_table
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def test_latent_teacher_stock_pipeline_matches_shared_sampler(world):
     the same image as the toolkit's sampler (DDIM, 2 steps, CFG 2, same seed)."""
     from diffusers import StableDiffusionPipeline
 
-    from diffdistill.world.build import sample_teacher
+    from diffdistill.world.info import sample_teacher
 
     out, _, _ = world
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "teacher_latent"))
@@ -114,7 +114,7 @@ def test_latent_teacher_stock_pipeline_matches_shared_sampler(world):
 
 def test_pixel_teacher_loads_through_backbone(world):
     from diffdistill.backbone import load_backbone
-    from diffdistill.world.build import sample_teacher
+    from diffdistill.world.info import sample_teacher
 
     out, _, info = world
     bb = load_backbone(out / "teacher_pixel")

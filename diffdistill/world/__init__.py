@@ -31,6 +31,8 @@ Importing this package registers the ``"fmnist-net"``, ``"world-clip"`` and
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -47,8 +49,6 @@ def world_dir() -> Path:
     """The world in use: ``$DIFFDISTILL_WORLD_DIR`` when set, else the shipped assets.
     ``world:NAME`` model paths, the ``fmnist-net`` / ``world-clip`` detectors and the
     shipped reference statistics all resolve through it."""
-    import os
-
     env = os.environ.get(WORLD_DIR_ENV)
     return Path(env) if env else ASSETS_DIR
 
@@ -102,8 +102,6 @@ def save_safetensors_fp16(state: dict, path: Union[str, Path],
                           metadata: Optional[dict] = None) -> Path:
     """Write ``state`` with floating tensors cast to fp16 (integer buffers kept), atomically
     and world-readable (safetensors itself creates files with mode 0600)."""
-    import os
-
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -116,6 +114,32 @@ def save_safetensors_fp16(state: dict, path: Union[str, Path],
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def fresh_tmp(final: Path) -> Path:
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def cast_safetensors_fp16(folder: Path) -> list[Path]:
+    """Rewrite every ``*.safetensors`` under ``folder`` with floating tensors in fp16."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    done = []
+    for f in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            meta = h.metadata() or {}
+        done.append(save_safetensors_fp16(load_file(str(f)), f, meta))
+    return done
 
 
 def fmnist_detector(weights_path=None, device=None):

@@ -54,7 +54,6 @@ import copy
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -65,7 +64,9 @@ import torch
 
 from diffdistill.export import drop_build_paths
 
-from . import ASSETS_DIR, REF_STATS
+from . import ASSETS_DIR, REF_STATS, fresh_tmp, replace_dir
+from .info import asset_sizes, format_info, sample_teacher, teacher_prompts
+from .teachers import finalize_teacher, init_teacher_latent, init_teacher_pixel, unet_gflops
 
 SIZE_BUDGET_BYTES = 25 * 1000 * 1000  # "≤ 25 MB" for everything shipped
 FORMAT_VERSION = 1
@@ -179,34 +180,6 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _fresh_tmp(final: Path) -> Path:
-    tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def cast_safetensors_fp16(folder: Path) -> list[Path]:
-    """Rewrite every ``*.safetensors`` under ``folder`` with floating tensors in fp16."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from . import save_safetensors_fp16
-
-    done = []
-    for f in sorted(folder.rglob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            meta = h.metadata() or {}
-        done.append(save_safetensors_fp16(load_file(str(f)), f, meta))
-    return done
-
-
 def _machine() -> dict:
     import diffusers
 
@@ -288,10 +261,10 @@ def run_clip(ctx: BuildContext) -> dict:
     from .clip import train_clip
 
     final = ctx.out / "clip"
-    tmp = _fresh_tmp(final)
+    tmp = fresh_tmp(final)
     metrics = train_clip(tmp, seed=ctx.stage_seed("clip"), root=ctx.root, log=ctx.log,
                          **ctx.recipe["clip"])
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     return metrics
 
 
@@ -303,11 +276,11 @@ def run_clip_judge(ctx: BuildContext) -> dict:
     r = dict(ctx.recipe["clip_judge"])
     config = {"judge": JUDGE_CONFIG, "judge-tiny": TINY_JUDGE}[r.pop("config")]
     final = ctx.out / "clip_judge"
-    tmp = _fresh_tmp(final)
+    tmp = fresh_tmp(final)
     metrics = train_clip(tmp, seed=ctx.stage_seed("clip_judge"), root=ctx.root, log=ctx.log,
                          config=config, name=JUDGE_MODEL_NAME, split="test",
                          eval_split="train", **r)
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     return metrics
 
 
@@ -360,10 +333,10 @@ def run_vae(ctx: BuildContext) -> dict:
     from .vae import train_vae
 
     final = ctx.work / "vae"
-    tmp = _fresh_tmp(final)
+    tmp = fresh_tmp(final)
     metrics = train_vae(tmp, seed=ctx.stage_seed("vae"), root=ctx.root, log=ctx.log,
                         **ctx.recipe["vae"])
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     # The floor under the latent teacher: FID-FMNIST of the test split's reconstructions.
     if stage_done("classifier", ctx) and (ctx.out / "ref_stats" / "fmnist-net.npz").exists():
         from diffusers import AutoencoderKL
@@ -392,58 +365,6 @@ def _latent_vae_dir(ctx: BuildContext) -> Path:
                             "--only vae` first")
 
 
-def init_teacher_pixel(folder: Path, seed: int, unet: dict) -> Path:
-    """A freshly initialised class-conditional ``DDPMPipeline`` folder (10 classes + null)."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-
-    from diffdistill.tiny import tiny_pixel_unet
-
-    model = tiny_pixel_unet(channels=unet["channels"], num_classes=10, sample_size=32,
-                            seed=seed, down_block_types=unet["down_block_types"],
-                            up_block_types=unet["up_block_types"],
-                            layers_per_block=unet["layers_per_block"],
-                            norm_groups=unet["norm_groups"])
-    # DDPM's CIFAR-10 schedule (Ho et al. 2020): 1000 steps, linear β 1e-4 → 0.02, ε target,
-    # x0̂ clipped to [-1, 1] when sampling (as google/ddpm-cifar10-32): the terminal SNR of
-    # this schedule is not 0, and a small ε-model's x0̂ at t ≈ T is far outside the data range.
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                          beta_end=0.02, prediction_type="epsilon", clip_sample=True)
-    tmp = _fresh_tmp(folder)
-    DDPMPipeline(unet=model, scheduler=sched).save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "diffdistill.json").write_text(json.dumps({"num_classes": 10, "null_class": 10}))
-    _replace_dir(tmp, folder)
-    return folder
-
-
-def init_teacher_latent(folder: Path, seed: int, vae_dir: Path, unet: dict,
-                        text_encoder: dict) -> Path:
-    """A freshly initialised ``StableDiffusionPipeline`` folder around the trained VAE."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-
-    from diffdistill.tiny import SD_SCHEDULER, tiny_cond_unet, tiny_text_encoder
-    from diffdistill.tokenizer import load_clip_tokenizer, write_clip_tokenizer
-
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    te = tiny_text_encoder(hidden=text_encoder["hidden"], layers=text_encoder["layers"],
-                           seed=seed)
-    model = tiny_cond_unet(channels=unet["channels"], cross_attention_dim=te.config.hidden_size,
-                           sample_size=32 // factor, seed=seed,
-                           down_block_types=unet["down_block_types"],
-                           up_block_types=unet["up_block_types"],
-                           layers_per_block=unet["layers_per_block"])
-    tmp = _fresh_tmp(folder)
-    tok = load_clip_tokenizer(write_clip_tokenizer(tmp.parent / f".{folder.name}.tokenizer"))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=te, tokenizer=tok, unet=model,
-        scheduler=DDIMScheduler(**SD_SCHEDULER, prediction_type="epsilon"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    shutil.rmtree(tmp.parent / f".{folder.name}.tokenizer", ignore_errors=True)
-    _replace_dir(tmp, folder)
-    return folder
-
-
 def _pretrain_config(ctx: BuildContext, stage: str, init_dir: Path):
     from diffdistill.config import build_config, deep_merge, load_yaml, packaged_config_dir
     from diffdistill.trainers.pretrain import PretrainConfig
@@ -462,61 +383,6 @@ def _pretrain_config(ctx: BuildContext, stage: str, init_dir: Path):
         over.setdefault("data", {})["cache_dir"] = str(ctx.work / "cache")
     data = deep_merge(deep_merge(data, over), copy.deepcopy(r.get("overrides", {})))
     return path, build_config(PretrainConfig, data)
-
-
-def _teacher_readme(stage: str, metrics: dict) -> str:
-    if stage == "teacher_latent":
-        body = (
-            "Teacher A of diffdistill's embedded world: a text-to-image StableDiffusionPipeline "
-            "trained on Fashion-MNIST captions (\"a photo of a sneaker\").\n\n"
-            "```python\nfrom diffusers import StableDiffusionPipeline\n"
-            "pipe = StableDiffusionPipeline.from_pretrained(PATH)\n"
-            "image = pipe(\"a photo of a sneaker\", height=32, width=32, num_inference_steps=25,\n"
-            "             guidance_scale=2.0).images[0]\n```\n\n"
-            "(`world.json` records FID-FMNIST per guidance scale and the best one.) "
-            "The text encoder is randomly initialised and frozen (only the UNet and the VAE "
-            "were trained).\n")
-    else:
-        body = (
-            "Teacher B of diffdistill's embedded world: a class-conditional pixel UNet2DModel "
-            "(32x32 px, 10 Fashion-MNIST classes + null class 10 for classifier-free "
-            "guidance) with a DDPM linear schedule. Stock DDPMPipeline passes no class "
-            "labels, so sample it with diffdistill (`diffdistill sample PATH --class-label 7 "
-            "--sampler ddim --steps 25`) or call the UNet with `class_labels=`.\n")
-    return (f"# {stage}\n\n{body}\nWeights are fp16 safetensors; load in fp32. Built by "
-            f"`diffdistill world build` (see world.json for seeds, steps and metrics).\n")
-
-
-def finalize_teacher(export_dir: Path, final: Path, stage: str, metrics: dict) -> Path:
-    """Copy a trainer export into the assets: fp16 weights, the compact tokenizer
-    (vocab.json + merges.txt instead of a 3.6 MB tokenizer.json), a short README."""
-    from diffdistill.tokenizer import write_clip_tokenizer
-
-    tmp = _fresh_tmp(final)
-    shutil.copytree(export_dir, tmp)
-    cast_safetensors_fp16(tmp)
-    if (tmp / "tokenizer").is_dir():
-        shutil.rmtree(tmp / "tokenizer")
-        write_clip_tokenizer(tmp / "tokenizer")
-    (tmp / "README.md").write_text(_teacher_readme(stage, metrics))
-    _replace_dir(tmp, final)
-    return final
-
-
-@torch.no_grad()
-def _unet_gflops(bb, unet) -> float:
-    """Forward GFLOPs of one UNet call on one sample (multiply-adds count 2), with the
-    conditioning the teacher uses: what every sampling step and training step pays."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    f = bb.vae_scale_factor
-    x = torch.zeros(1, bb.latent_channels, 32 // f, 32 // f)
-    cond = (bb.class_cond(torch.tensor([0]), guidance=False) if bb.kind == "pixel"
-            else bb.encode_prompts(["a photo of a coat"], with_uncond=False))
-    model = bb.denoiser(unet)
-    with FlopCounterMode(display=False) as counter:
-        model.raw(x, torch.tensor([500.0]), cond)
-    return round(counter.get_total_flops() / 1e9, 4)
 
 
 def _run_teacher(ctx: BuildContext, stage: str) -> dict:
@@ -539,7 +405,7 @@ def _run_teacher(ctx: BuildContext, stage: str) -> dict:
     last = trainer.fit(resume="latest")
     unet = trainer.generator_unet()
     params = sum(p.numel() for p in unet.parameters())
-    gflops = _unet_gflops(trainer.backbone, unet)
+    gflops = unet_gflops(trainer.backbone, unet)
     export = Path(cfg.output_dir) / "export"
     finalize_teacher(export, ctx.out / stage, stage, last)
     metrics = {"config": f"configs/pretrain/{cfg_path.name}",
@@ -566,34 +432,6 @@ def run_teacher_pixel(ctx: BuildContext) -> dict:
 
 def run_teacher_latent(ctx: BuildContext) -> dict:
     return _run_teacher(ctx, "teacher_latent")
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def teacher_prompts(n: int) -> tuple[list[int], list[str]]:
-    """Labels ``i % 10`` and the evaluation's captions of samples 0..n−1 ("a photo of a
-    t-shirt", ...)."""
-    from diffdistill.eval.prompts import EvalPrompts
-
-    prompts = EvalPrompts()
-    return [i % 10 for i in range(n)], [prompts.caption(i) for i in range(n)]
-
-
-@torch.no_grad()
-def sample_teacher(path, num: int, *, steps: int = 25, guidance_scale: float = 2.0,
-                   seed: int = 0, sampler: str = "ddim", batch_size: int = 250,
-                   backbone=None) -> torch.Tensor:
-    """uint8 samples ``[num, 3, 32, 32]`` of a world teacher through the shared sampler:
-    sample i has seed ``seed + i`` and class ``i % 10`` (its caption for the latent one) —
-    the evaluation's own sample i (:meth:`~diffdistill.eval.eval_model.EvalModel.sample`)."""
-    from diffdistill.backbone import load_backbone
-    from diffdistill.eval.eval_model import EvalModel
-
-    bb = backbone or load_backbone(path)
-    model = EvalModel("teacher", bb, bb.denoiser(), sampler, guidance_scale=float(guidance_scale))
-    return model.sample([seed + i for i in range(num)], steps, resolution=32,
-                        batch_size=batch_size)
 
 
 def run_report(ctx: BuildContext) -> dict:
@@ -775,81 +613,6 @@ def _merge_stages_from_disk(world_path: Path, world: dict) -> None:
 
 def _settings(recipe: dict, stage: str) -> dict:
     return json.loads(json.dumps(recipe.get(stage, {}), default=_json_default))
-
-
-# ----------------------------------------------------------------------------- info
-
-
-def asset_sizes(out=None) -> dict[str, int]:
-    out = Path(out or ASSETS_DIR)
-    return {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*"))
-            if f.is_file() and not f.name.startswith(".")}
-
-
-def teacher_table(world: dict) -> str:
-    """Markdown table of the report stage's quick teacher measurements."""
-    lines = ["| teacher | CFG | DDIM steps | samples | FID-FMNIST | CLIP score (reward CLIP) | "
-             "CLIP score (judge) | class acc. |", "|---|---|---|---|---|---|---|---|"]
-    for name, t in world.get("teachers", {}).items():
-        for row in t["rows"]:
-            star = " (best)" if row["guidance_scale"] == t["best_guidance_scale"] else ""
-            judge = (f"{row['clip_score_judge']:.4f}" if "clip_score_judge" in row
-                     else "not measured")
-            lines.append(f"| {name} | {row['guidance_scale']:g}{star} | {t['steps']} | "
-                         f"{t['num_samples']} | {row['fid_fmnist']:.2f} | "
-                         f"{row['clip_score']:.4f} | {judge} | {row['class_accuracy']:.3f} |")
-    return "\n".join(lines)
-
-
-def teacher_grids(out_dir, assets=None, *, num: int = 20, steps: int = 25,
-                  seed: int = 0) -> dict[str, Path]:
-    """Sample both shipped teachers (DDIM, ``steps``, the CFG scale the report found best,
-    else 2) and write ``OUT_DIR/<teacher>_grid.png`` — what ``make demo`` shows."""
-    from diffdistill.images import save_grid
-
-    from . import world_dir, world_info
-
-    assets = Path(assets or world_dir())
-    try:
-        teachers = world_info(assets).get("teachers", {})
-    except FileNotFoundError:
-        teachers = {}
-    paths = {}
-    for name in ("teacher_latent", "teacher_pixel"):
-        gs = float(teachers.get(name, {}).get("best_guidance_scale", 2.0))
-        imgs = sample_teacher(assets / name, num, steps=steps, guidance_scale=gs, seed=seed)
-        paths[name] = save_grid(imgs, Path(out_dir) / f"{name}_grid.png", nrow=10, scale=3)
-    return paths
-
-
-def format_info(out=None) -> str:
-    out = Path(out or ASSETS_DIR)
-    path = out / "world.json"
-    if not path.exists():
-        return (f"{out}: no world.json — the embedded world is not built. Build it with "
-                "`diffdistill world build` (about an hour on 2 CPU cores).")
-    world = json.loads(path.read_text())
-    lines = [f"embedded world in {out} (scale {world.get('scale')}, seed {world.get('seed')})",
-             f"rebuild: {world.get('command')}",
-             f"last invocation: {world.get('last_command', world.get('command'))}", "",
-             "| stage | wall s | CPU s | finished | built by |", "|---|---|---|---|---|"]
-    for name in STAGES:
-        s = world.get("stages", {}).get(name)
-        if s:
-            lines.append(f"| {name} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | {s['finished']} | "
-                         f"{s.get('command', '—')} |")
-        else:
-            lines.append(f"| {name} | — | — | not built | |")
-    lines.append("")
-    for k, v in world.get("accuracies", {}).items():
-        lines.append(f"{k}: {v:.4f}")
-    sizes = asset_sizes(out)
-    total = sum(sizes.values())
-    lines.append(f"shipped files: {len(sizes)}, {total / 1e6:.2f} MB "
-                 f"(budget {SIZE_BUDGET_BYTES / 1e6:.0f} MB)")
-    if world.get("teachers"):
-        lines += ["", teacher_table(world)]
-    return "\n".join(lines)
 
 
 def main_build(args) -> int:

@@ -1,0 +1,122 @@
+"""The world's teachers before and after pretraining: fresh pipeline folders to train
+(``init_teacher_pixel`` / ``init_teacher_latent``), the shipped fp16 folder with its README
+(``finalize_teacher``) and the UNet's GFLOPs per call."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import cast_safetensors_fp16, fresh_tmp, replace_dir
+
+
+def init_teacher_pixel(folder: Path, seed: int, unet: dict) -> Path:
+    """A freshly initialised class-conditional ``DDPMPipeline`` folder (10 classes + null)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffdistill.tiny import tiny_pixel_unet
+
+    model = tiny_pixel_unet(channels=unet["channels"], num_classes=10, sample_size=32,
+                            seed=seed, down_block_types=unet["down_block_types"],
+                            up_block_types=unet["up_block_types"],
+                            layers_per_block=unet["layers_per_block"],
+                            norm_groups=unet["norm_groups"])
+    # DDPM's CIFAR-10 schedule (Ho et al. 2020): 1000 steps, linear β 1e-4 → 0.02, ε target,
+    # x0̂ clipped to [-1, 1] when sampling (as google/ddpm-cifar10-32): the terminal SNR of
+    # this schedule is not 0, and a small ε-model's x0̂ at t ≈ T is far outside the data range.
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                          beta_end=0.02, prediction_type="epsilon", clip_sample=True)
+    tmp = fresh_tmp(folder)
+    DDPMPipeline(unet=model, scheduler=sched).save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "diffdistill.json").write_text(json.dumps({"num_classes": 10, "null_class": 10}))
+    replace_dir(tmp, folder)
+    return folder
+
+
+def init_teacher_latent(folder: Path, seed: int, vae_dir: Path, unet: dict,
+                        text_encoder: dict) -> Path:
+    """A freshly initialised ``StableDiffusionPipeline`` folder around the trained VAE."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    from diffdistill.tiny import SD_SCHEDULER, tiny_cond_unet, tiny_text_encoder
+    from diffdistill.tokenizer import load_clip_tokenizer, write_clip_tokenizer
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    te = tiny_text_encoder(hidden=text_encoder["hidden"], layers=text_encoder["layers"],
+                           seed=seed)
+    model = tiny_cond_unet(channels=unet["channels"], cross_attention_dim=te.config.hidden_size,
+                           sample_size=32 // factor, seed=seed,
+                           down_block_types=unet["down_block_types"],
+                           up_block_types=unet["up_block_types"],
+                           layers_per_block=unet["layers_per_block"])
+    tmp = fresh_tmp(folder)
+    tok = load_clip_tokenizer(write_clip_tokenizer(tmp.parent / f".{folder.name}.tokenizer"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=tok, unet=model,
+        scheduler=DDIMScheduler(**SD_SCHEDULER, prediction_type="epsilon"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(tmp.parent / f".{folder.name}.tokenizer", ignore_errors=True)
+    replace_dir(tmp, folder)
+    return folder
+
+
+def teacher_readme(stage: str, metrics: dict) -> str:
+    if stage == "teacher_latent":
+        body = (
+            "Teacher A of diffdistill's embedded world: a text-to-image StableDiffusionPipeline "
+            "trained on Fashion-MNIST captions (\"a photo of a sneaker\").\n\n"
+            "```python\nfrom diffusers import StableDiffusionPipeline\n"
+            "pipe = StableDiffusionPipeline.from_pretrained(PATH)\n"
+            "image = pipe(\"a photo of a sneaker\", height=32, width=32, num_inference_steps=25,\n"
+            "             guidance_scale=2.0).images[0]\n```\n\n"
+            "(`world.json` records FID-FMNIST per guidance scale and the best one.) "
+            "The text encoder is randomly initialised and frozen (only the UNet and the VAE "
+            "were trained).\n")
+    else:
+        body = (
+            "Teacher B of diffdistill's embedded world: a class-conditional pixel UNet2DModel "
+            "(32x32 px, 10 Fashion-MNIST classes + null class 10 for classifier-free "
+            "guidance) with a DDPM linear schedule. Stock DDPMPipeline passes no class "
+            "labels, so sample it with diffdistill (`diffdistill sample PATH --class-label 7 "
+            "--sampler ddim --steps 25`) or call the UNet with `class_labels=`.\n")
+    return (f"# {stage}\n\n{body}\nWeights are fp16 safetensors; load in fp32. Built by "
+            f"`diffdistill world build` (see world.json for seeds, steps and metrics).\n")
+
+
+def finalize_teacher(export_dir: Path, final: Path, stage: str, metrics: dict) -> Path:
+    """Copy a trainer export into the assets: fp16 weights, the compact tokenizer
+    (vocab.json + merges.txt instead of a 3.6 MB tokenizer.json), a short README."""
+    from diffdistill.tokenizer import write_clip_tokenizer
+
+    tmp = fresh_tmp(final)
+    shutil.copytree(export_dir, tmp)
+    cast_safetensors_fp16(tmp)
+    if (tmp / "tokenizer").is_dir():
+        shutil.rmtree(tmp / "tokenizer")
+        write_clip_tokenizer(tmp / "tokenizer")
+    (tmp / "README.md").write_text(teacher_readme(stage, metrics))
+    replace_dir(tmp, final)
+    return final
+
+
+@torch.no_grad()
+
+
+def unet_gflops(bb, unet) -> float:
+    """Forward GFLOPs of one UNet call on one sample (multiply-adds count 2), with the
+    conditioning the teacher uses: what every sampling step and training step pays."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f = bb.vae_scale_factor
+    x = torch.zeros(1, bb.latent_channels, 32 // f, 32 // f)
+    cond = (bb.class_cond(torch.tensor([0]), guidance=False) if bb.kind == "pixel"
+            else bb.encode_prompts(["a photo of a coat"], with_uncond=False))
+    model = bb.denoiser(unet)
+    with FlopCounterMode(display=False) as counter:
+        model.raw(x, torch.tensor([500.0]), cond)
+    return round(counter.get_total_flops() / 1e9, 4)
