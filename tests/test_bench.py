@@ -314,7 +314,8 @@ def test_report_table_grid_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["world", "world_teachers", "world_teacher_pixel",
-                                  "world_ict_scratch", "world_fdistill", "coco_sd15"])
+                                  "world_ict_scratch", "world_fdistill", "world_reward_clip",
+                                  "world_one_step", "coco_sd15"])
 def test_shipped_bench_configs_validate(name):
     from pathlib import Path
 
@@ -327,9 +328,13 @@ def test_shipped_bench_configs_validate(name):
         expected = {  # name -> (num_samples, detectors); 1000: the demo's protocol
             "world": (10000, ["fmnist-net", "effnet-lite0"]),
             "world_teachers": (10000, ["fmnist-net"]),
+            "world_one_step": (10000, ["fmnist-net"]),
         }.get(name, (1000, ["fmnist-net"]))
         assert (cfg.num_samples, cfg.detectors) == expected
         assert cfg.reference.kind == "fashion_mnist_test"
+        # CLIP is scored by the independent judge, except where the reward is the point
+        judge = "world-clip" if name == "world_reward_clip" else "world-clip-judge"
+        assert cfg.clip.detector == judge
 
 
 def test_a_row_judged_by_its_own_reward_network_is_marked(sd_dir, lora_dir, tmp_path):
