@@ -34,7 +34,7 @@ from .schedule import NoiseSchedule
 
 Tensor = torch.Tensor
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "cm")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "cm", "flow")
 
 
 class Prediction(NamedTuple):
@@ -211,6 +211,9 @@ class Denoiser(DenoiserBase):
             )
         if prediction_type == "cm" and schedule.kind != "ve":
             raise ValueError("prediction_type='cm' needs a VESchedule (time = sigma)")
+        if (prediction_type == "flow") != (schedule.kind == "flow"):
+            raise ValueError("a rectified-flow model (FlowSchedule) predicts the velocity: "
+                             "prediction_type='flow' goes with a FlowSchedule and only with it")
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type
@@ -231,12 +234,15 @@ class Denoiser(DenoiserBase):
     def target(self, x0: Tensor, noise: Tensor, t) -> Tensor:
         """What the network is trained to output at x_t = α x0 + σ ε, in float32: ε
         (``epsilon``), v = α ε − σ x0 (``v_prediction``, Salimans & Ho 2022) or x0
-        (``sample``). The one training target of every loss that fits a score network
-        (pretraining, DMD2's fake score, Hyper-SD's)."""
+        (``sample``), or the velocity v = ε − x0 of a rectified flow (``flow``, Liu et al. 2023;
+        the flow-matching loss of SD3, Esser et al. 2024, Eq. 1). The one training target of
+        every loss that fits a score network (pretraining, DMD2's fake score, Hyper-SD's)."""
         if self.prediction_type == "epsilon":
             return noise.float()
         if self.prediction_type == "sample":
             return x0.float()
+        if self.prediction_type == "flow":
+            return noise.float() - x0.float()
         if self.prediction_type != "v_prediction":
             raise ValueError(f"no denoising target for prediction_type="
                              f"{self.prediction_type!r}")
@@ -267,6 +273,8 @@ class Denoiser(DenoiserBase):
             return Prediction((xc - s * out) / a, out)
         if self.prediction_type == "v_prediction":
             return Prediction(a * xc - s * out, s * xc + a * out)
+        if self.prediction_type == "flow":  # v = ε − x0 and x = a x0 + s ε with a = 1 − s
+            return Prediction(xc - s * out, xc + a * out)
         # "sample": the network predicts x0 directly
         return Prediction(out, (xc - a * out) / s)
 

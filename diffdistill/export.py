@@ -479,6 +479,8 @@ SAMPLER_FOR_SCHEDULER = {
     "DDIMScheduler": "ddim",
     "DDPMScheduler": "ddim",
     "EulerDiscreteScheduler": "euler",
+    "FlowMatchEulerDiscreteScheduler": "flow_euler",
+    "FlowMatchLCMScheduler": "lcm",
 }
 
 

@@ -370,6 +370,10 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "euler": sample_euler,
     "heun": sample_heun,
+    # Euler on a rectified flow, x' = x + (s' − s) v (FlowMatchEulerDiscreteScheduler.step), is
+    # DDIM's α' x0̂ + σ' ε̂ with α = 1 − s, σ = s, since x = (1 − s) x0̂ + s ε̂ — the same
+    # step, named for the flow teachers' users. Its default grid is the scheduler's (below).
+    "flow_euler": sample_ddim,
 }
 
 
@@ -473,10 +477,33 @@ def cm_timesteps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80
     return torch.from_numpy((hi + ramp * (lo - hi)) ** rho).to(torch.float64)
 
 
+def flow_timesteps(schedule, num_steps: int, *, mu: Optional[float] = None,
+                   sigmas: Optional[Sequence[float]] = None) -> Tensor:
+    """``FlowMatchEulerDiscreteScheduler.set_timesteps``' grid as native times (float64 of
+    its float32 timesteps): ``num_steps`` points evenly between the (shifted) training sigmas'
+    ends, shifted (:meth:`~diffdistill.schedule.FlowSchedule.shift_sigmas`) — or the given
+    ``sigmas`` shifted (what the Flux pipeline passes: ``linspace(1, 1/n, n)``), times T."""
+    T = schedule.num_train_timesteps
+    if sigmas is None:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        # the scheduler's training sigmas (float32; shifted unless the shift is dynamic)
+        train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+        if not schedule.config.get("use_dynamic_shifting"):
+            train = schedule.shift_sigmas(train)
+        base = np.linspace(float(train[0]) * T, float(train[-1]) * T, num_steps) / T
+    else:
+        base = np.asarray(sigmas).astype(np.float32)  # as the scheduler casts given sigmas
+    shifted = torch.from_numpy(np.asarray(schedule.shift_sigmas(base, mu))).float()
+    return (shifted * T).double()
+
+
 def default_timesteps(sampler: str, schedule: NoiseSchedule, num_steps: int) -> Tensor:
     """The grid each sampler is normally run on, for this schedule ("onestep": [t_max])."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    if schedule.kind == "flow" and sampler not in ("onestep", "cm", "tcd"):
+        return flow_timesteps(schedule, num_steps)  # its scheduler's grid, for every sampler
     vp = schedule.kind == "vp"
     T = getattr(schedule, "num_train_timesteps", None)
     if sampler == "onestep":
@@ -503,9 +530,9 @@ def default_timesteps(sampler: str, schedule: NoiseSchedule, num_steps: int) -> 
 
 
 def initial_sample(schedule: NoiseSchedule, noise: Tensor, t0) -> Tensor:
-    """x at the first timestep: VP uses the noise itself (x_T ≈ N(0, I), diffusers'
-    ``init_noise_sigma = 1``); VE scales it by sigma(t0)."""
-    if schedule.kind == "vp":
+    """x at the first timestep: VP and flow use the noise itself (x_T ≈ N(0, I), diffusers'
+    ``init_noise_sigma = 1``; a flow's x at s = 1 is ε); VE scales it by sigma(t0)."""
+    if schedule.kind in ("vp", "flow"):
         return noise
     return noise * float(schedule.sigma_of_t(torch.as_tensor(t0, dtype=torch.float64).flatten()[0]))
 

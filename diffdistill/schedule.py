@@ -9,6 +9,11 @@ Every network in the toolkit sees data as ``x_t = alpha_t * x0 + sigma_t * eps``
   ``t -> sigma -> t`` round-trips.
 * :class:`VESchedule` — EDM / consistency-model pixel networks (Karras et al. 2022; Song
   et al. 2023): ``t`` *is* sigma, ``alpha_t = 1``.
+* :class:`FlowSchedule` — rectified-flow teachers (Liu et al. 2023; SD3, Esser et al. 2024,
+  Eq. 2 and sec. 3.1; Flux): ``x_t = (1 − s) x0 + s ε`` with ``s = t / T``, ``t`` in
+  ``[0, T]`` as diffusers' ``FlowMatchEulerDiscreteScheduler`` feeds it to the transformer.
+  The timestep shift (static ``shift``, or Flux's resolution-dependent ``mu``) shapes the
+  *sampling grid* (:meth:`FlowSchedule.shift_sigmas`), not the meaning of ``t``.
 
 Both expose the "VE-equivalent" sigma ``sigma_t / alpha_t`` (k-diffusion's convention),
 which is what Karras grids and the Euler/Heun samplers step in.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -201,12 +207,96 @@ class VESchedule(NoiseSchedule):
         return {"sigma_min": self.t_min, "sigma_max": self.t_max}
 
 
+class FlowSchedule(NoiseSchedule):
+    """Rectified flow: ``alpha_t = 1 − t/T``, ``sigma_t = t/T`` (the network predicts the
+    velocity ``v = ε − x0``, :class:`~diffdistill.denoiser.Denoiser` ``"flow"``).
+
+    ``config`` is the diffusers ``FlowMatchEulerDiscreteScheduler`` config: ``shift`` (SD3: 3),
+    or ``use_dynamic_shifting`` with ``base_shift`` / ``max_shift`` / ``base_image_seq_len``
+    / ``max_image_seq_len`` (Flux), ``time_shift_type`` (exponential | linear). ``mu``: the
+    resolution-dependent shift of a dynamic-shifting model (:func:`flow_shift_mu`), set by
+    whoever knows the image size (the backbone); None otherwise."""
+
+    kind = "flow"
+
+    def __init__(self, num_train_timesteps: int = 1000, config: Optional[Mapping] = None,
+                 mu: Optional[float] = None):
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.config = dict(config or {})
+        self.mu = mu
+        self.t_min = 0.0
+        self.t_max = float(self.num_train_timesteps)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FlowSchedule":
+        cfg = dict(config)
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                    "invert_sigmas", "shift_terminal", "stochastic_sampling"):
+            if cfg.get(key):
+                raise ValueError(f"FlowMatchEulerDiscreteScheduler with {key}={cfg[key]!r} is "
+                                 "not supported yet")
+        return cls(cfg.get("num_train_timesteps", 1000), config=cfg)
+
+    def alpha_sigma(self, t: Any) -> tuple[Tensor, Tensor]:
+        s = _as_tensor(t) / self.num_train_timesteps
+        return 1 - s, s
+
+    def sigma_of_t(self, t: Any) -> Tensor:
+        s = _as_tensor(t) / self.num_train_timesteps
+        return s / (1 - s)
+
+    def t_of_sigma(self, sigma: Any, quantize: bool = False) -> Tensor:
+        ve = _as_tensor(sigma)
+        t = ve / (1 + ve) * self.num_train_timesteps
+        return t.round() if quantize else t
+
+    def shift_sigmas(self, sigmas: Any, mu: Optional[float] = None) -> Any:
+        """The scheduler's timestep shift of flow sigmas in [0, 1]: static
+        ``shift·s / (1 + (shift − 1)·s)`` (SD3, Esser et al. 2024, Eq. 23), or with dynamic
+        shifting ``e^μ / (e^μ + (1/s − 1))`` (exponential; ``μ / (μ + (1/s − 1))`` linear).
+        Arithmetic in the input's own type and precision (a numpy float32 array stays float32,
+        as in the scheduler), so grids match the stock ones bit for bit."""
+        if isinstance(sigmas, (int, float)):
+            sigmas = np.float64(sigmas)
+        cfg = self.config
+        if cfg.get("use_dynamic_shifting"):
+            mu = self.mu if mu is None else mu
+            if mu is None:
+                raise ValueError("this flow model shifts its timesteps by resolution "
+                                 "(use_dynamic_shifting): give mu (flow_shift_mu(image_seq_len))")
+            if cfg.get("time_shift_type", "exponential") == "linear":
+                return mu / (mu + (1 / sigmas - 1))
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        shift = float(cfg.get("shift", 1.0))
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def to_config(self) -> dict:
+        return dict(self.config) or {"num_train_timesteps": self.num_train_timesteps}
+
+
+def flow_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                  base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift μ: linear in the number of latent tokens from
+    ``base_shift`` at ``base_seq_len`` to ``max_shift`` at ``max_seq_len`` (the pipelines'
+    ``calculate_shift``)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+#: diffusers scheduler classes whose teachers are rectified flows
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+                   "FlowMatchLCMScheduler")
+
+
 def schedule_from_scheduler_config(config: Mapping[str, Any]) -> NoiseSchedule:
-    """Pick VP or VE from a diffusers scheduler config (CMStochasticIterative → VE)."""
+    """Pick VP, VE or flow from a diffusers scheduler config (CMStochasticIterative → VE,
+    FlowMatch* → flow)."""
     cfg = dict(config)
     name = cfg.get("_class_name", "")
     if name in ("CMStochasticIterativeScheduler", "EDMEulerScheduler"):
         return VESchedule(cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0))
+    if name in FLOW_SCHEDULERS:
+        return FlowSchedule.from_config(cfg)
     return VPSchedule.from_config(cfg)
 
 
