@@ -52,8 +52,13 @@ def test_refused_under_fsdp_with_the_reason(fsdp, sd_dir, tmp_path, cls, over, k
 
 
 def test_the_same_configs_are_accepted_without_fsdp(sd_dir, tmp_path):
-    _trainer(LCDTrainer, sd_dir, tmp_path / "a")
-    _trainer(DMD2Trainer, sd_dir, tmp_path / "b", train={"ema_decay": 0.99})
+    lcd = _trainer(LCDTrainer, sd_dir, tmp_path / "a")
+    dmd2 = _trainer(DMD2Trainer, sd_dir, tmp_path / "b", train={"ema_decay": 0.99})
+    for tr, run in ((lcd, "a"), (dmd2, "b")):
+        assert not tr._is_fsdp()
+        assert tr._check_fsdp() is None  # nothing refused ...
+        tr.setup()  # ... and the networks build
+        assert tr.networks and (tmp_path / run / "config.yaml").is_file()
 
 
 def test_unsharded_rebuild_is_an_exact_plain_copy(sd_dir):
