@@ -151,9 +151,10 @@ def table_parts(results: BenchResults) -> tuple[str, list[str], list[list[str]],
     if any(r.judge_is_reward for r in results.rows):
         notes.append(f"{JUDGE_IS_REWARD}: the model was trained against the very network that "
                      "gives its CLIP score (same weights); that score is not evidence.")
-    for key in ("precision_recall", "class_agreement"):
+    for key, label in (("precision_recall", "precision / recall"),
+                       ("class_agreement", "class agreement")):
         if p.get(key):
-            notes.append(f"{key.replace('_', ' ')}: {p[key]}.")
+            notes.append(f"{label}: {p[key]}.")
     notes.append(f"s/img: {p.get('sec_per_image')}.")
     notes.append(f"peak mem ({', '.join(kinds)}): {p.get('peak_memory')}.")
     m = results.machine

@@ -315,7 +315,7 @@ def test_report_table_grid_and_plot(tmp_path):
 
 @pytest.mark.parametrize("name", ["world", "world_teachers", "world_teacher_pixel",
                                   "world_ict_scratch", "world_fdistill", "world_reward_clip",
-                                  "world_one_step", "coco_sd15"])
+                                  "world_one_step", "world_hypersd_seeds", "coco_sd15"])
 def test_shipped_bench_configs_validate(name):
     from pathlib import Path
 
@@ -329,6 +329,7 @@ def test_shipped_bench_configs_validate(name):
             "world": (10000, ["fmnist-net", "effnet-lite0"]),
             "world_teachers": (10000, ["fmnist-net"]),
             "world_one_step": (10000, ["fmnist-net"]),
+            "world_hypersd_seeds": (10000, ["fmnist-net"]),
         }.get(name, (1000, ["fmnist-net"]))
         assert (cfg.num_samples, cfg.detectors) == expected
         assert cfg.reference.kind == "fashion_mnist_test"
