@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .denoiser import PREDICTION_TYPES, Cond, Denoiser
-from .schedule import NoiseSchedule, schedule_from_scheduler_config
+from .schedule import FLOW_SCHEDULERS, NoiseSchedule, schedule_from_scheduler_config
 
 Tensor = torch.Tensor
 
@@ -257,13 +257,16 @@ def load_backbone(
         # a latent pipeline with the CM scheduler (an iCT latent export) is a CM as well
         prediction_type = "cm"
         sched_cfg.setdefault("_class_name", "CMStochasticIterativeScheduler")
+    elif sched_cfg.get("_class_name") in FLOW_SCHEDULERS:
+        prediction_type = "flow"  # a rectified flow's network predicts the velocity
     else:
         prediction_type = prediction_type or sched_cfg.get("prediction_type", "epsilon")
-        if prediction_type not in PREDICTION_TYPES:
+        if prediction_type not in PREDICTION_TYPES or prediction_type in ("cm", "flow"):
             raise ValueError(
-                f"{str(path)!r}: the scheduler's prediction_type={prediction_type!r} is unknown; "
-                f"supported: {', '.join(t for t in PREDICTION_TYPES if t != 'cm')} (set "
-                "model.prediction_type to override a mislabelled folder)")
+                f"{str(path)!r}: the scheduler's prediction_type={prediction_type!r} is unknown "
+                f"for its {sched_cfg.get('_class_name', 'DDPM-family')} scheduler; supported: "
+                "epsilon, v_prediction, sample (set model.prediction_type to override a "
+                "mislabelled folder)")
     schedule = schedule_from_scheduler_config(sched_cfg)
 
     if kind == "pixel":

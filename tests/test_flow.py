@@ -165,3 +165,24 @@ def test_consistency_sampler_renoises_along_the_flow_path():
                 x = (1 - s2) * x0 + s2 * torch.randn(x.shape, generator=g)
     assert torch.allclose(ours, x0, atol=1e-5)
     assert math.isclose(float(ts[0]), 1000.0)
+
+
+def test_a_diffusers_folder_with_a_flow_scheduler_loads_as_a_flow_teacher(pixel_dir, tmp_path):
+    """A UNet folder whose scheduler is FlowMatchEulerDiscreteScheduler: the backbone reads a
+    velocity model on the flow schedule, and the shared sampler draws from it end to end."""
+    import json
+    import shutil
+
+    from diffdistill.backbone import load_backbone
+
+    folder = tmp_path / "flow_unet"
+    shutil.copytree(pixel_dir, folder)
+    conf = folder / "scheduler" / "scheduler_config.json"
+    conf.write_text(json.dumps({**SD3, "_diffusers_version": "0.42.1"}))
+    bb = load_backbone(str(folder))
+    assert bb.prediction_type == "flow" and bb.schedule.kind == "flow"
+    den = bb.denoiser()
+    imgs = generate(den, seeds=[0, 1], shape=(3, 16, 16), sampler="flow_euler", num_steps=2,
+                    cond_fn=lambda sl: bb.class_cond([0, 1][sl], guidance=False),
+                    output="uint8", progress=False)
+    assert imgs.shape == (2, 3, 16, 16) and imgs.dtype == torch.uint8
