@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffdistill.eval.features import FrozenModule  # stays in eval mode
+
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
 
@@ -94,7 +96,7 @@ class RewardModel(Protocol):
 # ----------------------------------------------------------------------------- CLIP-style
 
 
-class ClipStyleReward(nn.Module):
+class ClipStyleReward(FrozenModule):
     """``scale · cos(E_img(preprocess(images)), E_txt(prompts))`` with tensor preprocessing.
 
     Preprocessing mirrors CLIP's evaluation transform with differentiable ops: map [-1, 1] to
@@ -117,10 +119,6 @@ class ClipStyleReward(nn.Module):
         self.name = name
         self._text_cache: "OrderedDict[str, Tensor]" = OrderedDict()
         self._text_cache_size = text_cache_size
-
-    # frozen: stays in eval mode whatever the caller's .train() says
-    def train(self, mode: bool = True):
-        return super().train(False)
 
     @property
     def device(self) -> torch.device:

@@ -337,8 +337,9 @@ def bench_command(config: str, overrides: Sequence[str] = ()) -> int:
 # ----------------------------------------------------------------------------- trainer
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+def _metric_key(metric: str) -> str:
+    """A metric's name as a log key: "FID-FMNIST" → "fid_fmnist"."""
+    return re.sub(r"[^a-z0-9]+", "_", metric.lower()).strip("_")
 
 
 def _quick_reference(spec: str, detector_name: str, resolution: int) -> BenchReference:
@@ -371,7 +372,7 @@ def quick_eval(trainer, spec: EvalModel) -> dict[str, float]:
         cache.update(detector=det, reference=stats)
     det, ref_stats = cache["detector"], cache["reference"]
     seeds = list(range(e.num_samples))
-    label = _slug(metric_name(det))
+    label = _metric_key(metric_name(det))
     out = {}
     for steps in e.steps:
         gen = generate_for_eval(spec, seeds, num_steps=steps, detectors=[det],

@@ -29,7 +29,7 @@ from itertools import combinations
 from pathlib import Path
 
 import torch
-from diffdistill.eval.features import load_state_dict_file, to_uint8_rgb
+from diffdistill.eval.features import FrozenModule, load_state_dict_file, to_uint8_rgb
 from torch import nn
 
 __all__ = ["LPIPS_BACKBONE_ENV", "LPIPSMetric", "backbone_state_to_lpips"]
@@ -65,7 +65,7 @@ def _to_lpips_range(images) -> torch.Tensor:
     return to_uint8_rgb(images).to(torch.float32) / 127.5 - 1.0
 
 
-class LPIPSMetric(nn.Module):
+class LPIPSMetric(FrozenModule):
     """LPIPS with a locally loaded backbone. ``metric(a, b)`` -> per-pair distances ``[N]``."""
 
     def __init__(self, net: str = "alex", weights_path: str | os.PathLike | None = None,
@@ -102,13 +102,6 @@ class LPIPSMetric(nn.Module):
         self.model.eval()
         if device is not None:
             self.to(device)
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def forward(self, images_a, images_b, batch_size: int = 32) -> torch.Tensor:
