@@ -315,7 +315,8 @@ def test_report_table_grid_and_plot(tmp_path):
 
 @pytest.mark.parametrize("name", ["world", "world_teachers", "world_teacher_pixel",
                                   "world_ict_scratch", "world_fdistill", "world_reward_clip",
-                                  "world_one_step", "world_hypersd_seeds", "coco_sd15"])
+                                  "world_one_step", "world_hypersd_seeds", "world_lcd_onestep_t",
+                                  "coco_sd15"])
 def test_shipped_bench_configs_validate(name):
     from pathlib import Path
 
