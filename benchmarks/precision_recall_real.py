@@ -14,11 +14,11 @@ import time
 
 def main(argv=None) -> int:
     import torch
+    from diffdistill.eval.features import get_detector, iter_feature_batches
+    from diffdistill.eval.precision_recall import precision_recall
 
     import diffdistill.world  # noqa: F401  (registers fmnist-net)
     from diffdistill.data import fashion_mnist_uint8
-    from diffdistill.eval.features import get_detector, iter_feature_batches
-    from diffdistill.eval.precision_recall import precision_recall
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 10000])
