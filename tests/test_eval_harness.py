@@ -196,6 +196,25 @@ def test_cpu_peak_memory_is_each_blocks_own_despite_a_reused_heap():
     assert all(r > 45 * 2**20 for r in readings), [r / 2**20 for r in readings]
 
 
+def test_peak_memory_reads_not_measured_where_the_heap_cannot_be_trimmed(pixel_dir,
+                                                                          monkeypatch):
+    """No glibc trim: the number would mean nothing, so the row carries None and the
+    table prints n/a."""
+    from diffdistill.eval import memory
+    from diffdistill.eval.report import BenchResults, BenchRow, markdown_table
+
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: False)
+    _, model = _pixel_model(pixel_dir)
+    gen = generate_for_eval(model, [0, 1], num_steps=1, batch_size=2)
+    assert gen.peak_memory_bytes is None
+    row = BenchRow(model="m", steps=1, sampler="ddim", guidance_scale=1.0, timesteps=[999.0],
+                   num_samples=2, metrics={}, sec_per_image=gen.sec_per_image,
+                   peak_memory_mb=None, peak_memory_kind=gen.peak_memory_kind)
+    md = markdown_table(BenchResults(rows=[row], metrics=[], protocol={}, machine={},
+                                     command="x"))
+    assert [line for line in md.splitlines() if line.startswith("| m ")][0].endswith("| n/a |")
+
+
 # ----------------------------------------------------------------------------- reference
 
 
