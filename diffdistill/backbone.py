@@ -82,8 +82,9 @@ def _supported() -> str:
     return ", ".join(sorted(PIPELINE_KINDS))
 
 
-def _validate_path(path) -> tuple[Path, Optional[dict]]:
-    """Return (folder, model_index or None for a bare UNet2DModel folder) or raise."""
+def validate_model_folder(path) -> tuple[Path, Optional[dict]]:
+    """(folder, model_index or None for a bare UNet2DModel folder), or raise one line saying
+    what to pass instead (FileNotFoundError / NotADirectoryError / ValueError)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_backbone expects a folder path, got {type(path).__name__}")
     p = Path(path).expanduser()
@@ -116,6 +117,11 @@ def _validate_path(path) -> tuple[Path, Optional[dict]]:
                 f"or scheduler/scheduler_config.json): the noise schedule cannot be known"
             )
         return p, None
+    if (p / "pytorch_lora_weights.safetensors").is_file():  # export.LORA_WEIGHT_NAME
+        raise ValueError(
+            f"{str(p)!r} is a LoRA export, not a model: load its base model (named in its "
+            f"README.md) and the LoRA from this folder (bench: path: BASE, lora: {str(p)})"
+        )
     raise ValueError(
         f"{str(p)!r} is not a diffusers pipeline folder (no model_index.json, and not a "
         f"UNet2DModel folder with config.json + scheduler_config.json)"
@@ -203,7 +209,7 @@ def load_backbone(
     from .quiet import apply_to_loaded_libraries
 
     apply_to_loaded_libraries()
-    folder, index = _validate_path(path)
+    folder, index = validate_model_folder(path)
     sidecar = _read_json(folder / SIDECAR) if (folder / SIDECAR).is_file() else {}
 
     if index is None:  # bare UNet2DModel + scheduler config

@@ -206,13 +206,19 @@ def _protocol(cfg: BenchConfig, prompts: EvalPrompts, ref_count: int, detectors,
 
 
 def _check_model_paths(cfg: BenchConfig) -> None:
-    """Every model folder and LoRA folder exists (one line naming the entry, else)."""
+    """Every model folder is a model and every LoRA folder exists (one line naming the
+    entry, else), before any model or reference is loaded."""
+    from diffdistill.backbone import validate_model_folder
     from diffdistill.world import resolve_model_path
 
     for i, m in enumerate(cfg.models):
         for key, value in (("path", m.path), ("lora", m.lora)):
             if value and not Path(resolve_model_path(value)).exists():
                 raise ConfigError(f"models[{i}].{key}={value!r} ({m.name}) does not exist")
+        try:
+            validate_model_folder(resolve_model_path(m.path))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"models[{i}].path ({m.name}): {e}") from None
 
 
 def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None):

@@ -364,6 +364,16 @@ def test_bench_refuses_a_missing_model_before_reference_features(tmp_path, monke
         "num_samples": 8, "out": str(tmp_path / "b")})
     with pytest.raises(ConfigError, match=r"models\[1\]\.path=.*nope.*\(student\) does not exist"):
         harness.run_bench(cfg)
+    lora = tmp_path / "lora"  # a LoRA export passed as the model: say how to load it
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    cfg.models[1].path = str(lora)
+    with pytest.raises(ConfigError, match=r"models\[1\]\.path \(student\): .*lora.* is a LoRA "
+                                          r"export, not a model: .*lora: "):
+        harness.run_bench(cfg)
+    cfg.models[1].path = str(tmp_path)  # a folder, but no model in it
+    with pytest.raises(ConfigError, match=r"models\[1\]\.path \(student\): .* is not a diffusers"):
+        harness.run_bench(cfg)
 
 
 ROOT = Path(__file__).resolve().parents[1]

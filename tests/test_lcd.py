@@ -388,6 +388,49 @@ def test_lora_export_loads_in_a_stock_pipeline_with_lcm_scheduler(sd_dir, tmp_pa
     assert (kohya - _ours(tr, unet, 2, 1.0)).abs().max() <= 1e-4
 
 
+def test_one_step_timestep_samples_exports_and_reloads(sd_dir, tmp_path):
+    """lcd.onestep_timestep = 759: one step starts there (more steps keep LCM's grid), the
+    export records it, the bench reads it back, the card says it, and a stock LCM pipeline
+    called with timesteps=[759] reproduces the trainer's one-step sampler."""
+    from diffusers import LCMScheduler
+
+    from diffdistill.eval.bench_config import BenchModel
+    from diffdistill.eval.eval_model import load_eval_model
+    from diffdistill.export import LORA_WEIGHT_NAME
+
+    tr = LCDTrainer(make_cfg(sd_dir, tmp_path / "run", adapter="lora", lr=1e-2,
+                             lcd={"onestep_timestep": 759, "time_cond_proj_dim": 32}))
+    tr.fit()
+    assert tr.lcm_timesteps(1).tolist() == [759]
+    assert tr.lcm_timesteps(4).tolist() == [999, 759, 499, 259]
+    assert tr.eval_spec().grid_for(1).tolist() == [759.0]
+    out = tmp_path / "run" / "export"
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert info["timesteps_by_steps"] == {"1": [759]} and info["timesteps"] == [999, 759, 499, 259]
+    model = load_eval_model(BenchModel(name="l", path=str(sd_dir), lora=str(out)))
+    assert model.grid_for(1).tolist() == [759.0] and model.grid_for(4).tolist() == [
+        999.0, 759.0, 499.0, 259.0]
+    assert "| 1-step timestep (pass timesteps=[t] for one step) | 759 |" in (
+        out / "README.md").read_text()
+    pipe = stock_sd_pipeline(sd_dir, LCMScheduler, out, LORA_WEIGHT_NAME)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        stock = pipe(PROMPTS, timesteps=[759], guidance_scale=1.0, generator=gens,
+                     output_type="pt", height=32, width=32).images
+    ours = _ours(tr, tr.unwrap(tr.unet), 1, 1.0)
+    assert (stock - ours).abs().max() <= 1e-4
+    assert (_stock(pipe, 1, 1.0) - ours).abs().max() > 1e-3  # 759 is not the default 999
+
+
+def test_one_step_timestep_off_the_solver_grid_is_refused(sd_dir, tmp_path):
+    from diffdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lcd.onestep_timestep=760 is not on the solver grid"):
+        ready(make_cfg(sd_dir, tmp_path, lcd={"onestep_timestep": 760}))
+    with pytest.raises(ConfigError, match="lcd.onestep_timestep must be >= 0"):
+        make_cfg(sd_dir, tmp_path, lcd={"onestep_timestep": -1})
+
+
 # ----------------------------------------------------------------------------- RG-LCD
 
 

@@ -78,6 +78,10 @@ class LCDSection:
     # 8.5, its default); LoRA: classifier-free guidance on top (None: 1.0 = off, LCM-LoRA's).
     guidance_scale: Optional[float] = None
     export_steps: int = 4  # LCM steps recorded in the export (LCM: 1–8)
+    # Where ONE-step sampling starts (a solver-grid timestep; None: T − 1, LCMScheduler's own).
+    # The single step maps x_t → x0̂ with σ_t/α_t magnifying the output's error (14.6 at 999
+    # on SD's schedule): the world's toy students sample best from 759 (docs/one_step.md).
+    onestep_timestep: Optional[int] = None
 
 
 @dataclass
@@ -103,6 +107,8 @@ class LCDConfig(BaseConfig):
         if not 1 <= p.export_steps <= p.num_ddim_timesteps:
             raise ConfigError(f"lcd.export_steps must be in [1, lcd.num_ddim_timesteps="
                               f"{p.num_ddim_timesteps}], got {p.export_steps}")
+        if p.onestep_timestep is not None and p.onestep_timestep < 0:
+            raise ConfigError(f"lcd.onestep_timestep must be >= 0, got {p.onestep_timestep}")
 
 
 @dataclass
@@ -230,6 +236,11 @@ class LCDTrainer(BackboneMixin, Trainer):
         self.skip = T // p.num_ddim_timesteps  # k
         # t = (i+1)k − 1, i < N: the solver grid, which is also LCMScheduler's training grid
         self.solver_grid = lcm_timesteps(p.num_ddim_timesteps, p.num_ddim_timesteps, T).double()
+        if p.onestep_timestep is not None and p.onestep_timestep not in self.solver_grid:
+            grid = self.solver_grid.long().flip(0).tolist()
+            raise ConfigError(f"lcd.onestep_timestep={p.onestep_timestep} is not on the solver "
+                              f"grid the student trains at ({grid[0]}, {grid[1]}, … "
+                              f"{grid[-1]}: (i+1)·{self.skip} − 1)")
         self.distance: Callable[[Tensor, Tensor], Tensor] = (
             functools.partial(elementwise_huber, c=p.huber_c) if p.loss == "huber" else l2)
         gs = p.guidance_scale
@@ -326,10 +337,20 @@ class LCDTrainer(BackboneMixin, Trainer):
         return self.ema_or_online("unet", self.unet)
 
     def lcm_timesteps(self, num_steps: int) -> Tensor:
+        """LCMScheduler's grid for ``num_steps``; one step starts at ``lcd.onestep_timestep``."""
         from diffdistill.sampling import lcm_timesteps
 
-        return lcm_timesteps(num_steps, self.cfg.lcd.num_ddim_timesteps,
+        p = self.cfg.lcd
+        if num_steps == 1 and p.onestep_timestep is not None:
+            return torch.tensor([p.onestep_timestep], dtype=torch.int64)
+        return lcm_timesteps(num_steps, p.num_ddim_timesteps,
                              self.backbone.schedule.num_train_timesteps)
+
+    @property
+    def onestep_grid(self) -> dict:
+        """``timesteps_by_steps`` of the export: the one-step start, when configured."""
+        t = self.cfg.lcd.onestep_timestep
+        return {} if t is None else {"1": [int(t)]}
 
     def eval_spec(self):
         from diffdistill.eval.eval_model import EvalModel
@@ -358,11 +379,14 @@ class LCDTrainer(BackboneMixin, Trainer):
             self.cfg.model.path), steps=p.export_steps, guidance_scale=gs, scheduler="lcm",
             lora=lora, kind=bb.kind, scheduler_kwargs=sched_kwargs if lora else None,
             extra={"adapter": self.cfg.adapter.type, "w range": f"[{p.w_min}, {p.w_max}]",
-                   "DDIM solver timesteps": p.num_ddim_timesteps})
+                   "DDIM solver timesteps": p.num_ddim_timesteps,
+                   "1-step timestep (pass timesteps=[t] for one step)":
+                       int(self.lcm_timesteps(1)[0])})
         # guidance_embedding True: the UNet embeds w = guidance_scale − 1 (no CFG pass)
         write_export_info(out_dir, sampler="lcm", steps=p.export_steps, guidance_scale=gs,
                           timesteps=self.lcm_timesteps(p.export_steps).tolist(),
                           original_inference_steps=p.num_ddim_timesteps,
+                          timesteps_by_steps=self.onestep_grid,
                           guidance_embedding=self.w_dim is not None, method=self.method,
                           reward_networks=self.reward_networks())
         return out_dir
