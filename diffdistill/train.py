@@ -2,7 +2,7 @@
 
 import sys
 
-from diffdistill.cli import main
+from diffdistill.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

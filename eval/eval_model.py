@@ -46,6 +46,21 @@ class EvalModel:
                              f"step(s), but {steps} were asked for")
         return ts.to(torch.float64)
 
+    def export_info(self, steps: int, more_steps: Sequence[int] = ()) -> dict:
+        """How an export of this generator is sampled (``diffdistill_export.json``, read back by
+        :func:`load_eval_model`): the sampler, guidance and options this spec samples with,
+        the grid for ``steps`` and, as ``timesteps_by_steps``, for each of ``more_steps``. One
+        spec gives the trainer's grids, its periodic evaluation and its export record."""
+        info = {"sampler": self.sampler, "steps": int(steps),
+                "guidance_scale": float(self.guidance_scale),
+                "timesteps": self.grid_for(steps).tolist(),
+                "timesteps_by_steps": {str(n): self.grid_for(n).tolist()
+                                       for n in more_steps if n != steps},
+                "guidance_embedding": self.guidance_embedding is not None}
+        if self.sampler_opts:
+            info["sampler_opts"] = dict(self.sampler_opts)
+        return info
+
     @property
     def cfg_active(self) -> bool:
         return self.guidance_scale != 1.0 and self.guidance_embedding is None
@@ -133,7 +148,7 @@ def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torc
     guidance = (spec.guidance_scale if spec.guidance_scale is not None
                 else float(info.get("guidance_scale", 1.0)))
     opts = bb.sampler_options(sampler)
-    if sampler == "tcd" and "gamma" in info:
+    if sampler == "tcd" and "gamma" in info:  # exports before sampler_opts recorded it
         opts["gamma"] = float(info["gamma"])
     opts.update(info.get("sampler_opts", {}))
     opts.update(spec.sampler_opts)

@@ -70,7 +70,7 @@ def pixel_dir(tmp_path_factory):
 def tiny_world(tmp_path_factory):
     """The world recipe at ``--scale tiny`` run once: (assets folder, work folder, world.json).
     Tests that run code reading ``world:NAME`` point ``$DIFFDISTILL_WORLD_DIR`` at it."""
-    from diffdistill.world.build import build_world
+    from diffdistill.app.world_build import build_world
 
     out = tmp_path_factory.mktemp("world") / "assets"
     work = out.parent / "work"

@@ -10,8 +10,8 @@ from diffdistill.world import WORLD_DIR_ENV
 
 
 def test_hypersd_stages_scale_with_the_demo_budget():
+    from diffdistill.app.demo import _hypersd_stage_override
     from diffdistill.config import packaged_config_dir, parse_overrides
-    from diffdistill.demo import _hypersd_stage_override
 
     stages = parse_overrides([_hypersd_stage_override(
         packaged_config_dir() / "hypersd/toy.yaml", 500)])
@@ -40,7 +40,7 @@ def test_demo_rejects_unknown_method(tiny_world, tmp_path, monkeypatch, capsys):
 
 
 def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, capfd):
-    from diffdistill.demo import MAIN_METHODS, METHODS, run_demo, train_method
+    from diffdistill.app.demo import MAIN_METHODS, METHODS, run_demo, train_method
 
     monkeypatch.setenv(WORLD_DIR_ENV, str(tiny_world[0]))
     out = tmp_path / "demo"
@@ -110,8 +110,8 @@ def test_demo_ablations_change_one_thing_of_their_main_method():
     """Each ablation loads as its main method's demo config with exactly the stated change."""
     from diffdistill.trainers import load_run_config
 
+    from diffdistill.app.demo import MAIN_METHODS, METHODS
     from diffdistill.config import packaged_config_dir
-    from diffdistill.demo import MAIN_METHODS, METHODS
 
     assert MAIN_METHODS == ("lcd", "lcd-lora", "rglcd", "dmd2", "fdistill", "hypersd", "ict")
 
@@ -139,7 +139,7 @@ def test_demo_ablations_change_one_thing_of_their_main_method():
 
 
 def test_no_teachers_benches_only_the_students():
-    from diffdistill.demo import bench_models
+    from diffdistill.app.demo import bench_models
 
     trained = {"dmd2-pixel": {"lora": False, "export": "runs/x/export"},
                "lcd-lora": {"lora": True, "export": "runs/y/export"}}

@@ -537,7 +537,7 @@ def test_unified_lora_loads_in_a_stock_pipeline_with_tcd_at_1_2_4_8_steps(kind, 
         out, base = root / "export", sdxl_dir
     assert a.backbone.kind == kind
     info = json.loads((out / EXPORT_INFO).read_text())
-    assert info["sampler"] == "tcd" and info["gamma"] == 0.5
+    assert info["sampler"] == "tcd" and info["sampler_opts"] == {"gamma": 0.5}
     assert info["served_steps"] == [1, 2, 4, 8] and info["timesteps"] == [999, 759, 499, 259]
     card = (out / "README.md").read_text()
     assert (out / KOHYA_WEIGHT_NAME).is_file() and "eta=0.5" in card
@@ -695,7 +695,7 @@ def test_config_runs_on_a_tiny_model_of_its_structure(name, kind, every_stage, s
     assert all(("loss_dm" in m) == bool(st.get("score_distill"))
                for m, st in zip(metrics, stages))
     info = json.loads((tmp_path / "export" / EXPORT_INFO).read_text())
-    assert info["sampler"] == "tcd" and info["gamma"] == raw["hypersd"]["gamma"]
+    assert info["sampler"] == "tcd" and info["sampler_opts"] == {"gamma": raw["hypersd"]["gamma"]}
     # every config has a reward stage: the export names that network by content
     from diffdistill.fingerprint import file_sha256
 

@@ -392,10 +392,10 @@ def test_one_step_timestep_samples_exports_and_reloads(sd_dir, tmp_path):
     """lcd.onestep_timestep = 759: one step starts there (more steps keep LCM's grid), the
     export records it, the bench reads it back, the card says it, and a stock LCM pipeline
     called with timesteps=[759] reproduces the trainer's one-step sampler."""
-    from diffusers import LCMScheduler
-
     from diffdistill.eval.bench_config import BenchModel
     from diffdistill.eval.eval_model import load_eval_model
+    from diffusers import LCMScheduler
+
     from diffdistill.export import LORA_WEIGHT_NAME
 
     tr = LCDTrainer(make_cfg(sd_dir, tmp_path / "run", adapter="lora", lr=1e-2,

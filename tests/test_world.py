@@ -41,7 +41,7 @@ def _safetensors_dtypes(folder: Path) -> set:
 
 
 def test_world_json_records_every_stage(world):
-    from diffdistill.world.build import STAGE_SEED_OFFSET, STAGES
+    from diffdistill.app.world_build import STAGE_SEED_OFFSET, STAGES
 
     out, _, info = world
     on_disk = json.loads((out / "world.json").read_text())
@@ -236,7 +236,7 @@ def test_ref_stats_metadata_and_values(world):
 def test_rebuild_skips_done_stages_and_force_is_deterministic(world):
     from safetensors.torch import load_file
 
-    from diffdistill.world.build import STAGES, build_world
+    from diffdistill.app.world_build import STAGES, build_world
 
     out, work, info = world
     before = json.loads((out / "world.json").read_text())
@@ -270,7 +270,7 @@ def test_cli_world_info(world, capsys):
 
 
 def test_build_refuses_unknown_stage(tmp_path):
-    from diffdistill.world.build import build_world
+    from diffdistill.app.world_build import build_world
 
     with pytest.raises(ValueError, match="unknown stage"):
         build_world(scale="tiny", out=tmp_path / "o", only=["teachers"])
@@ -281,7 +281,7 @@ def test_build_refuses_unknown_stage(tmp_path):
 
 def _require_shipped(*stages: str) -> dict:
     """world.json of the shipped world; fails (never skips) when it or a stage is missing."""
-    from diffdistill.world.build import STAGES
+    from diffdistill.app.world_build import STAGES
 
     path = ASSETS_DIR / "world.json"
     hint = ("run `diffdistill world build` (about an hour on 2 idle CPU cores), or deselect "
@@ -297,7 +297,7 @@ def _require_shipped(*stages: str) -> dict:
 
 @pytest.mark.world_assets
 def test_shipped_world_sizes_and_formats():
-    from diffdistill.world.build import SIZE_BUDGET_BYTES, STAGES
+    from diffdistill.app.world_build import SIZE_BUDGET_BYTES, STAGES
 
     info = _require_shipped()
     assert info["scale"] == "full" and set(info["stages"]) == set(STAGES)

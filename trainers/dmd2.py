@@ -467,9 +467,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
         lora = self.lora and bb.kind != "pixel"
         save_generator(bb, unet, out, lora=lora, scheduler="lcm", scheduler_kwargs=sched_kwargs,
                        adapter_name="generator")
-        write_export_info(out, sampler="lcm", steps=steps, guidance_scale=1.0,
-                          timesteps=list(self.timesteps), method=self.method,
-                          guidance_embedding=False)
+        write_export_info(out, **self.eval_spec().export_info(steps), method=self.method)
         if lora:
             write_model_card(out, prompt=self.card_prompt(),
                              method=self.method, base_model=base_model,

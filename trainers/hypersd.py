@@ -680,13 +680,9 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                    "teacher CFG w range": f"[{p.w_min}, {p.w_max}]",
                    "1-step timestep (pass timesteps=[t] for one step)": self.onestep_timestep,
                    "DDIM solver timesteps": N})
-        write_export_info(out_dir, sampler="tcd", steps=p.export_steps,
-                          guidance_scale=p.guidance_scale,
-                          timesteps=self.tcd_timesteps(p.export_steps).tolist(), gamma=p.gamma,
+        more = [1] if p.score_distill.timestep is not None else []  # its own one-step start
+        write_export_info(out_dir, **self.eval_spec().export_info(p.export_steps, more),
                           served_steps=list(p.served_steps), original_inference_steps=N,
-                          timesteps_by_steps=({"1": [self.onestep_timestep]}
-                                              if p.score_distill.timestep is not None else {}),
-                          guidance_embedding=False, method=self.method,
-                          adapter=self.cfg.adapter.type,
+                          method=self.method, adapter=self.cfg.adapter.type,
                           reward_networks=self.reward_networks())
         return out_dir

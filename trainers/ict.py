@@ -349,7 +349,7 @@ class ICTTrainer(BackboneMixin, Trainer):
         from diffdistill.eval.eval_model import EvalModel
 
         bb = self.backbone
-        return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "lcm",
+        return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "cm",
                          timesteps=lambda n: self.two_step_sigmas() if n == 2 else None,
                          sampler_opts={"clip_denoised": bb.kind == "pixel"})
 
@@ -365,9 +365,7 @@ class ICTTrainer(BackboneMixin, Trainer):
         two = [float(s) for s in self.two_step_sigmas()]
         sigma_mid = two[1]
         # what `diffdistill sample` / `bench` read: 1 step from σ_max, the trained 2-step grid
-        write_export_info(out_dir, sampler="cm", steps=1, guidance_scale=1.0,
-                          timesteps=[float(c.sigma_max)], timesteps_by_steps={"2": two},
-                          sampler_opts={"clip_denoised": bb.kind == "pixel"})
+        write_export_info(out_dir, **self.eval_spec().export_info(1, [2]), method=self.method)
         same = " = `num_inference_steps=2`" if j == CM_GRID_POINTS // 2 else ""
         extra = {
             "two-step sampling": f"`pipe(..., num_inference_steps=None, timesteps=[{j}, 0])`"

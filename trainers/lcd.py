@@ -346,12 +346,6 @@ class LCDTrainer(BackboneMixin, Trainer):
         return lcm_timesteps(num_steps, p.num_ddim_timesteps,
                              self.backbone.schedule.num_train_timesteps)
 
-    @property
-    def onestep_grid(self) -> dict:
-        """``timesteps_by_steps`` of the export: the one-step start, when configured."""
-        t = self.cfg.lcd.onestep_timestep
-        return {} if t is None else {"1": [int(t)]}
-
     def eval_spec(self):
         from diffdistill.eval.eval_model import EvalModel
 
@@ -383,11 +377,9 @@ class LCDTrainer(BackboneMixin, Trainer):
                    "1-step timestep (pass timesteps=[t] for one step)":
                        int(self.lcm_timesteps(1)[0])})
         # guidance_embedding True: the UNet embeds w = guidance_scale − 1 (no CFG pass)
-        write_export_info(out_dir, sampler="lcm", steps=p.export_steps, guidance_scale=gs,
-                          timesteps=self.lcm_timesteps(p.export_steps).tolist(),
-                          original_inference_steps=p.num_ddim_timesteps,
-                          timesteps_by_steps=self.onestep_grid,
-                          guidance_embedding=self.w_dim is not None, method=self.method,
+        more = [1] if p.onestep_timestep is not None else []  # its own one-step start
+        write_export_info(out_dir, **self.eval_spec().export_info(p.export_steps, more),
+                          original_inference_steps=p.num_ddim_timesteps, method=self.method,
                           reward_networks=self.reward_networks())
         return out_dir
 

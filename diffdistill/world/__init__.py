@@ -22,7 +22,7 @@ two CPU cores, shipped as fp16 safetensors in ``diffdistill/world/assets/``:
 ``world.json``                 what was built: command, seeds, CPU time per stage, metrics.
 =============================  ===========================================================
 
-Everything is produced by ``diffdistill world build`` (:mod:`diffdistill.world.build`).
+Everything is produced by ``diffdistill world build`` (:mod:`diffdistill.app.world_build`).
 Importing this package registers the ``"fmnist-net"``, ``"world-clip"`` and
 ``"world-clip-judge"`` detectors in
 ``diffdistill.eval.features`` (lazily: the networks load on first use).
@@ -43,6 +43,10 @@ WORLD_DIR_ENV = "DIFFDISTILL_WORLD_DIR"
 TEACHERS = ("teacher_latent", "teacher_pixel")
 #: ref_stats file stem -> detector registry name
 REF_STATS = {"fmnist-net": "fmnist-net", "clip": "world-clip"}
+#: the build's stages, in order (:mod:`diffdistill.app.world_build` runs them)
+STAGES = ("classifier", "clip", "ref_stats", "vae", "teacher_pixel", "teacher_latent",
+          "clip_judge", "report")
+SIZE_BUDGET_BYTES = 25 * 1000 * 1000  # "≤ 25 MB" for everything shipped
 
 
 def world_dir() -> Path:

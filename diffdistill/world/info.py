@@ -81,7 +81,7 @@ def teacher_grids(out_dir, assets=None, *, num: int = 20, steps: int = 25,
 
 def format_info(out=None) -> str:
     """What ``diffdistill world info`` prints: stages, accuracies, sizes, the teacher table."""
-    from .build import SIZE_BUDGET_BYTES, STAGES
+    from . import SIZE_BUDGET_BYTES, STAGES
 
     out = Path(out or ASSETS_DIR)
     path = out / "world.json"

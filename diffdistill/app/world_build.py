@@ -63,16 +63,24 @@ from typing import Callable, Optional
 import torch
 
 from diffdistill.export import drop_build_paths
+from diffdistill.world import (
+    ASSETS_DIR,
+    REF_STATS,
+    SIZE_BUDGET_BYTES,
+    STAGES,
+    fresh_tmp,
+    replace_dir,
+)
+from diffdistill.world.info import asset_sizes, format_info, sample_teacher, teacher_prompts
+from diffdistill.world.teachers import (
+    finalize_teacher,
+    init_teacher_latent,
+    init_teacher_pixel,
+    unet_gflops,
+)
 
-from . import ASSETS_DIR, REF_STATS, fresh_tmp, replace_dir
-from .info import asset_sizes, format_info, sample_teacher, teacher_prompts
-from .teachers import finalize_teacher, init_teacher_latent, init_teacher_pixel, unet_gflops
-
-SIZE_BUDGET_BYTES = 25 * 1000 * 1000  # "≤ 25 MB" for everything shipped
 FORMAT_VERSION = 1
 
-STAGES = ("classifier", "clip", "ref_stats", "vae", "teacher_pixel", "teacher_latent",
-          "clip_judge", "report")
 # fixed per stage (not the position in STAGES), so adding a stage changes no other's seed
 STAGE_SEED_OFFSET = {"classifier": 1, "clip": 2, "ref_stats": 3, "vae": 4, "teacher_pixel": 5,
                      "teacher_latent": 6, "report": 7, "clip_judge": 8}
@@ -198,11 +206,11 @@ def stage_outputs(stage: str, ctx: BuildContext) -> list[Path]:
     if stage == "classifier":
         return [out / "fmnist_net.safetensors"]
     if stage == "clip":
-        from .clip import MODEL_NAME, WEIGHTS_FILE
+        from diffdistill.world.clip import MODEL_NAME, WEIGHTS_FILE
 
         return [out / "clip" / WEIGHTS_FILE, out / "clip" / f"{MODEL_NAME}.json"]
     if stage == "clip_judge":
-        from .clip import JUDGE_MODEL_NAME, WEIGHTS_FILE
+        from diffdistill.world.clip import JUDGE_MODEL_NAME, WEIGHTS_FILE
 
         return [out / "clip_judge" / WEIGHTS_FILE, out / "clip_judge" / f"{JUDGE_MODEL_NAME}.json"]
     if stage == "ref_stats":
@@ -250,7 +258,7 @@ def _require(ctx: BuildContext, stage: str, needed_by: str) -> None:
 
 
 def run_classifier(ctx: BuildContext) -> dict:
-    from .classifier import train_fmnist_net
+    from diffdistill.world.classifier import train_fmnist_net
 
     r = dict(ctx.recipe["classifier"])
     return train_fmnist_net(ctx.out / "fmnist_net.safetensors", seed=ctx.stage_seed("classifier"),
@@ -258,7 +266,7 @@ def run_classifier(ctx: BuildContext) -> dict:
 
 
 def run_clip(ctx: BuildContext) -> dict:
-    from .clip import train_clip
+    from diffdistill.world.clip import train_clip
 
     final = ctx.out / "clip"
     tmp = fresh_tmp(final)
@@ -271,7 +279,7 @@ def run_clip(ctx: BuildContext) -> dict:
 def run_clip_judge(ctx: BuildContext) -> dict:
     """The independent CLIP judge (:data:`~diffdistill.world.clip.JUDGE_CONFIG`): trained on
     the test split, its zero-shot accuracy measured on training images."""
-    from .clip import JUDGE_CONFIG, JUDGE_MODEL_NAME, train_clip
+    from diffdistill.world.clip import JUDGE_CONFIG, JUDGE_MODEL_NAME, train_clip
 
     r = dict(ctx.recipe["clip_judge"])
     config = {"judge": JUDGE_CONFIG, "judge-tiny": TINY_JUDGE}[r.pop("config")]
@@ -286,11 +294,11 @@ def run_clip_judge(ctx: BuildContext) -> dict:
 
 def _detector(key: str, ctx: BuildContext):
     if key == "fmnist-net":
-        from .classifier import FMNISTDetector
+        from diffdistill.world.classifier import FMNISTDetector
 
         return FMNISTDetector(weights_path=ctx.out / "fmnist_net.safetensors")
     if key in ("clip", "clip_judge"):
-        from .clip import clip_detector
+        from diffdistill.world.clip import clip_detector
 
         return clip_detector(ctx.out / key)
     raise KeyError(f"unknown world extractor {key!r}; choose from {sorted(REF_STATS)}")
@@ -330,7 +338,7 @@ def run_ref_stats(ctx: BuildContext) -> dict:
 
 
 def run_vae(ctx: BuildContext) -> dict:
-    from .vae import train_vae
+    from diffdistill.world.vae import train_vae
 
     final = ctx.work / "vae"
     tmp = fresh_tmp(final)
@@ -343,9 +351,8 @@ def run_vae(ctx: BuildContext) -> dict:
 
         from diffdistill.eval.fid import fid_from_stats
         from diffdistill.fmnist import fashion_mnist_uint8
-
-        from . import load_ref_stats
-        from .vae import reconstruct
+        from diffdistill.world import load_ref_stats
+        from diffdistill.world.vae import reconstruct
 
         vae = AutoencoderKL.from_pretrained(str(final)).eval()
         limit = ctx.recipe["ref_stats"]["test_limit"]
@@ -439,8 +446,7 @@ def run_report(ctx: BuildContext) -> dict:
     from diffdistill.eval.clip_score import clip_score
     from diffdistill.eval.fid import fid_from_stats
     from diffdistill.images import save_grid
-
-    from . import load_ref_stats
+    from diffdistill.world import load_ref_stats
 
     for s in ("classifier", "clip", "ref_stats", "teacher_pixel", "teacher_latent", "clip_judge"):
         _require(ctx, s, "report")
