@@ -1,6 +1,6 @@
-"""What the trainers do under FSDP that can be checked on CPU (accelerate refuses FSDP without
-an accelerator, so ``Trainer._is_fsdp`` is patched to say yes; the GPU check's
-``fsdp_launch`` stage runs the real thing):
+"""What the trainers do under FSDP, checked in one process with ``Trainer._is_fsdp`` patched to
+say yes (tests/test_fsdp2_cpu.py launches real FSDP2 on two CPU processes; the GPU check's
+``fsdp_launch`` stage runs it on a GPU):
 
 * configurations that read a trained network outside its FSDP wrapper are refused before
   any model loads, each with a message naming the key;

@@ -233,12 +233,19 @@ def test_ref_stats_metadata_and_values(world):
             FeatureStats.load(out / "ref_stats" / f"{key}.npz", resolution=64)
 
 
-def test_rebuild_skips_done_stages_and_force_is_deterministic(world):
+def test_rebuild_skips_done_stages_and_force_is_deterministic(world, tmp_path):
+    import shutil
+
     from safetensors.torch import load_file
 
     from diffdistill.app.world_build import STAGES, build_world
 
-    out, work, info = world
+    # on a copy: the session's tiny world is read by other tests and must stay as built
+    # (the copy's work folder keeps the same relative place to its assets)
+    shared_out, shared_work, _ = world
+    out, work = tmp_path / "assets", tmp_path / "work"
+    shutil.copytree(shared_out, out)
+    shutil.copytree(shared_work, work)
     before = json.loads((out / "world.json").read_text())
     old = load_file(str(out / "fmnist_net.safetensors"))
     logs: list[str] = []

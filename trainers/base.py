@@ -80,6 +80,7 @@ class Trainer(ShardingMixin, CheckpointMixin):
             project_config=ProjectConfiguration(project_dir=str(self.out)),
         )
         acc = self.accelerator
+        self._enable_cpu_fsdp()
         self._configure_deepspeed()
         self._check_fsdp()
         self.device = acc.device
@@ -124,11 +125,12 @@ class Trainer(ShardingMixin, CheckpointMixin):
         """Write the final generator (LoRA or full) into ``out_dir``; None if nothing to do."""
         return None
 
-    def eval_spec(self):
+    def eval_spec(self, unet: Optional[nn.Module] = None):
         """The generator as the evaluation harness samples it — sampler, step grid, guidance:
         a :class:`diffdistill.eval.eval_model.EvalModel`, or None (nothing to sample). The
         periodic metric, the sample grid (:meth:`sample_images`) and the export's sampling
-        record all describe this one generator."""
+        record all describe this one generator. ``unet``: the generator network when the
+        caller already holds it (an export: under FSDP a rebuild gathers full weights)."""
         return None
 
     def grid_step_counts(self) -> list[int]:
@@ -215,7 +217,9 @@ class Trainer(ShardingMixin, CheckpointMixin):
         self.networks[name] = module
         self.optimizers[name] = opt
         self.lr_schedulers[name] = sched
-        self.trainable[name] = params
+        # the optimizer's own parameters: FSDP2 replaces the module's with sharded DTensors
+        # (and accelerate moves the optimizer onto them); elsewhere these are ``params``
+        self.trainable[name] = [p for group in opt.param_groups for p in group["params"]]
         return module
 
     def add_ema(self, name: str, module: nn.Module, decay: float) -> EMA:

@@ -424,11 +424,11 @@ class DMD2Trainer(BackboneMixin, Trainer):
         return logs
 
     # -- sampling and export ----------------------------------------------------------
-    def eval_spec(self):
+    def eval_spec(self, unet: Optional[nn.Module] = None):
         from diffdistill.eval.eval_model import EvalModel
 
         trained = list(self.timesteps)
-        return EvalModel(self.method, self.backbone, self.generator_denoiser(self.generator_unet()),
+        return EvalModel(self.method, self.backbone, self.generator_denoiser(unet if unet is not None else self.generator_unet()),
                          "lcm",
                          timesteps=lambda n: trained if n == len(trained) else None)
 
@@ -467,7 +467,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
         lora = self.lora and bb.kind != "pixel"
         save_generator(bb, unet, out, lora=lora, scheduler="lcm", scheduler_kwargs=sched_kwargs,
                        adapter_name="generator")
-        write_export_info(out, **self.eval_spec().export_info(steps), method=self.method)
+        write_export_info(out, **self.eval_spec(unet).export_info(steps), method=self.method)
         if lora:
             write_model_card(out, prompt=self.card_prompt(),
                              method=self.method, base_model=base_model,

@@ -641,11 +641,11 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         return tcd_timesteps(num_steps, self.cfg.hypersd.num_ddim_timesteps,
                              num_train_timesteps=self.T)
 
-    def eval_spec(self):
+    def eval_spec(self, unet: Optional[nn.Module] = None):
         from diffdistill.eval.eval_model import EvalModel
 
         p, bb = self.cfg.hypersd, self.backbone
-        return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "tcd",
+        return EvalModel(self.method, bb, bb.denoiser(unet if unet is not None else self.generator_unet()), "tcd",
                          guidance_scale=p.guidance_scale, timesteps=self.tcd_timesteps,
                          sampler_opts={"gamma": p.gamma})
 
@@ -664,7 +664,8 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         out_dir = Path(out_dir)
         N = p.num_ddim_timesteps
         sched_kwargs = {} if N == 50 else {"original_inference_steps": N}
-        save_generator(bb, self.generator_unet(), out_dir, lora=self.lora, scheduler="tcd",
+        unet = self.generator_unet()
+        save_generator(bb, unet, out_dir, lora=self.lora, scheduler="tcd",
                        scheduler_kwargs=sched_kwargs)
         stages = [f"{st.segments}{' +DM' if st.score_distill else ''}"
                   f"{' +reward' if st.reward else ''} ({st.steps or 'rest'})" for st in p.stages]
@@ -681,7 +682,7 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                    "1-step timestep (pass timesteps=[t] for one step)": self.onestep_timestep,
                    "DDIM solver timesteps": N})
         more = [1] if p.score_distill.timestep is not None else []  # its own one-step start
-        write_export_info(out_dir, **self.eval_spec().export_info(p.export_steps, more),
+        write_export_info(out_dir, **self.eval_spec(unet).export_info(p.export_steps, more),
                           served_steps=list(p.served_steps), original_inference_steps=N,
                           method=self.method, adapter=self.cfg.adapter.type,
                           reward_networks=self.reward_networks())

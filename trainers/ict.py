@@ -76,6 +76,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from diffdistill.config import BaseConfig, ConfigError
 from diffdistill.denoiser import Cond
@@ -345,11 +346,11 @@ class ICTTrainer(BackboneMixin, Trainer):
         j = c.two_step_index if c.two_step_index is not None else CM_GRID_POINTS // 2
         return cm_grid_sigmas([0, j], c.sigma_min, c.sigma_max, c.rho)
 
-    def eval_spec(self):
+    def eval_spec(self, unet: nn.Module | None = None):
         from diffdistill.eval.eval_model import EvalModel
 
         bb = self.backbone
-        return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "cm",
+        return EvalModel(self.method, bb, bb.denoiser(unet if unet is not None else self.generator_unet()), "cm",
                          timesteps=lambda n: self.two_step_sigmas() if n == 2 else None,
                          sampler_opts={"clip_denoised": bb.kind == "pixel"})
 
@@ -360,12 +361,13 @@ class ICTTrainer(BackboneMixin, Trainer):
         from diffdistill.export import save_full_pipeline, write_export_info, write_model_card
 
         c, bb = self.cfg.ict, self.backbone
-        save_full_pipeline(bb, self.generator_unet(), out_dir, scheduler="cm")
+        unet = self.generator_unet()
+        save_full_pipeline(bb, unet, out_dir, scheduler="cm")
         j = c.two_step_index if c.two_step_index is not None else CM_GRID_POINTS // 2
         two = [float(s) for s in self.two_step_sigmas()]
         sigma_mid = two[1]
         # what `diffdistill sample` / `bench` read: 1 step from σ_max, the trained 2-step grid
-        write_export_info(out_dir, **self.eval_spec().export_info(1, [2]), method=self.method)
+        write_export_info(out_dir, **self.eval_spec(unet).export_info(1, [2]), method=self.method)
         same = " = `num_inference_steps=2`" if j == CM_GRID_POINTS // 2 else ""
         extra = {
             "two-step sampling": f"`pipe(..., num_inference_steps=None, timesteps=[{j}, 0])`"

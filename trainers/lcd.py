@@ -346,13 +346,13 @@ class LCDTrainer(BackboneMixin, Trainer):
         return lcm_timesteps(num_steps, p.num_ddim_timesteps,
                              self.backbone.schedule.num_train_timesteps)
 
-    def eval_spec(self):
+    def eval_spec(self, unet: Optional[nn.Module] = None):
         from diffdistill.eval.eval_model import EvalModel
 
         from diffdistill.denoiser import LCMConsistency
 
         bb = self.backbone
-        return EvalModel(self.method, bb, LCMConsistency(bb.denoiser(self.generator_unet())),
+        return EvalModel(self.method, bb, LCMConsistency(bb.denoiser(unet if unet is not None else self.generator_unet())),
                          "lcm", guidance_scale=self.export_guidance_scale,
                          guidance_embedding=self.w_dim, timesteps=self.lcm_timesteps)
 
@@ -365,7 +365,8 @@ class LCDTrainer(BackboneMixin, Trainer):
         lora = self.cfg.adapter.type == "lora"
         sched_kwargs = ({} if p.num_ddim_timesteps == 50
                         else {"original_inference_steps": p.num_ddim_timesteps})
-        save_generator(bb, self.generator_unet(), out_dir, lora=lora, scheduler="lcm",
+        unet = self.generator_unet()
+        save_generator(bb, unet, out_dir, lora=lora, scheduler="lcm",
                        scheduler_kwargs=sched_kwargs)
         gs = self.export_guidance_scale
         write_model_card(out_dir, prompt=self.card_prompt(),
@@ -378,7 +379,7 @@ class LCDTrainer(BackboneMixin, Trainer):
                        int(self.lcm_timesteps(1)[0])})
         # guidance_embedding True: the UNet embeds w = guidance_scale − 1 (no CFG pass)
         more = [1] if p.onestep_timestep is not None else []  # its own one-step start
-        write_export_info(out_dir, **self.eval_spec().export_info(p.export_steps, more),
+        write_export_info(out_dir, **self.eval_spec(unet).export_info(p.export_steps, more),
                           original_inference_steps=p.num_ddim_timesteps, method=self.method,
                           reward_networks=self.reward_networks())
         return out_dir

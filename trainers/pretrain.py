@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from diffdistill.config import BaseConfig, ConfigError
 
@@ -104,11 +105,12 @@ class PretrainTrainer(BackboneMixin, Trainer):
         """The network to sample from / export: the EMA copy when EMA is on."""
         return self.ema_or_online("unet", self.unet)
 
-    def eval_spec(self):
+    def eval_spec(self, unet: Optional[nn.Module] = None):
         from diffdistill.eval.eval_model import EvalModel
 
         bb = self.backbone
-        return EvalModel(self.method, bb, bb.denoiser(self.generator_unet()), "ddim",
+        unet = unet if unet is not None else self.generator_unet()
+        return EvalModel(self.method, bb, bb.denoiser(unet), "ddim",
                          guidance_scale=self.cfg.eval.guidance_scale)
 
     def grid_step_counts(self) -> list[int]:

@@ -20,6 +20,32 @@ class ShardingMixin:
 
         return getattr(self.accelerator, "distributed_type", None) == DistributedType.FSDP
 
+    def _enable_cpu_fsdp(self) -> None:
+        """FSDP2 on CPU processes. accelerate (1.15) shards only on accelerators: launched with an
+        FSDP config on CPU it silently runs plain data parallelism. PyTorch's FSDP2
+        (``fully_shard``) itself runs on CPU over gloo, so when ``accelerate launch`` asked for
+        FSDP (``ACCELERATE_USE_FSDP``) and the processes are CPU ones, accelerate's shared state
+        is switched to FSDP with the launch's plugin — what makes sharded training testable
+        without a GPU (``configs/accelerate/cpu_fsdp2.yaml``). FSDP1 needs CUDA: refused."""
+        import os
+
+        from accelerate import FullyShardedDataParallelPlugin
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DistributedType
+
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+            return
+        if getattr(self.accelerator, "distributed_type", None) != DistributedType.MULTI_CPU:
+            return
+        plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables
+        if plugin.fsdp_version != 2:
+            raise ConfigError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate "
+                              "config (FSDP1 is CUDA-only); see configs/accelerate/cpu_fsdp2.yaml")
+        PartialState().distributed_type = DistributedType.FSDP
+        state = AcceleratorState()
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+
     def fsdp_unsupported(self) -> Optional[str]:
         """Why this method's configuration cannot run under FSDP (None: it can). Methods
         that build a module-level copy of a trained network (a θ⁻ target) override this."""
