@@ -64,10 +64,17 @@ PIPELINE_KINDS = {
     "StableDiffusionPipeline": "sd",
     "LatentConsistencyModelPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
     "DDPMPipeline": "pixel",
     "DDIMPipeline": "pixel",
     "ConsistencyModelPipeline": "pixel",
 }
+#: the denoising network's component name per kind (``Backbone.unet`` holds it either way)
+NETWORK_COMPONENT = {"sd3": "transformer"}
+#: the text components each latent kind needs (SD3's T5, text_encoder_3, is optional)
+TEXT_COMPONENTS = {"sd": ("text_encoder", "tokenizer"),
+                   "sdxl": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+                   "sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
 #: the side file in which exported folders record facts their configs cannot hold
 SIDECAR = "diffdistill.json"
 
@@ -126,6 +133,13 @@ def validate_model_folder(path) -> tuple[Path, Optional[dict]]:
         f"{str(p)!r} is not a diffusers pipeline folder (no model_index.json, and not a "
         f"UNet2DModel folder with config.json + scheduler_config.json)"
     )
+
+
+def folder_kind(path) -> str:
+    """The backbone kind a model folder holds (``sd``, ``sdxl``, ``sd3``, ``pixel``) from its
+    model_index.json alone, without loading anything."""
+    _, index = validate_model_folder(path)
+    return "pixel" if index is None else PIPELINE_KINDS.get(index.get("_class_name", ""), "")
 
 
 def _bare_scheduler_config_path(p: Path) -> Optional[Path]:
@@ -227,14 +241,15 @@ def load_backbone(
                 f"toolkit does not support; supported pipeline classes: {_supported()}"
             )
         kind = PIPELINE_KINDS[pipeline_class]
-        required_parts = ("unet", "scheduler") + (("vae",) if kind != "pixel" else ())
+        net = NETWORK_COMPONENT.get(kind, "unet")
+        required_parts = (net, "scheduler") + (("vae",) if kind != "pixel" else ())
         for required in required_parts:
             if not index.get(required) or index[required][0] is None:
                 raise ValueError(f"{str(folder)!r}: model_index.json lists no {required!r}")
-        unet = _load_model(folder, index["unet"], "unet", dtype, device, variant)
+        unet = _load_model(folder, index[net], net, dtype, device, variant)
         sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
         parts = {}
-        if kind in ("sd", "sdxl"):
+        if kind != "pixel":
             vae_entry = index.get("vae")
             if load_vae:
                 vae = _load_model(folder, vae_entry, "vae", dtype, device, variant)
@@ -243,8 +258,9 @@ def load_backbone(
                     vae = vae.to(torch.float32)
                 parts["vae"] = vae
             parts["vae_config"] = _read_json(folder / "vae" / "config.json")
-            names = ["text_encoder", "tokenizer"] + (
-                ["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
+            names = list(TEXT_COMPONENTS[kind])
+            if kind == "sd3" and (index.get("text_encoder_3") or [None])[0] is not None:
+                names += ["text_encoder_3", "tokenizer_3"]  # T5: optional in SD3
             if load_text:
                 for name in names:
                     entry = index.get(name)
@@ -310,6 +326,8 @@ def load_backbone(
         text_encoder_2=parts.get("text_encoder_2"),
         tokenizer=parts.get("tokenizer"),
         tokenizer_2=parts.get("tokenizer_2"),
+        text_encoder_3=parts.get("text_encoder_3"),
+        tokenizer_3=parts.get("tokenizer_3"),
         scheduler_config=sched_cfg,
         schedule=schedule,
         prediction_type=prediction_type,
@@ -329,9 +347,9 @@ def load_backbone(
 class Backbone:
     """A loaded teacher and its frozen surroundings (see the module docstring)."""
 
-    kind: str  # "sd" | "sdxl" | "pixel"
+    kind: str  # "sd" | "sdxl" | "sd3" | "pixel"
     path: Path
-    unet: nn.Module
+    unet: nn.Module  # the denoising network: a UNet, or SD3's transformer
     scheduler_config: dict
     schedule: NoiseSchedule
     prediction_type: str  # "epsilon" | "v_prediction" | "sample" | "cm"
@@ -345,6 +363,8 @@ class Backbone:
     text_encoder_2: Optional[nn.Module] = None
     tokenizer: Any = None
     tokenizer_2: Any = None
+    text_encoder_3: Optional[nn.Module] = None  # SD3's T5 (optional: zeros without it)
+    tokenizer_3: Any = None
     num_classes: Optional[int] = None
     null_class: Optional[int] = None
     force_zeros_for_empty_prompt: bool = False
@@ -384,9 +404,7 @@ class Backbone:
     def _require_text(self):
         if self.kind == "pixel":
             raise ValueError("a pixel backbone has no text encoder: use class_cond(labels)")
-        if self.text_encoder is None or self.tokenizer is None or (
-            self.kind == "sdxl" and (self.text_encoder_2 is None or self.tokenizer_2 is None)
-        ):
+        if any(getattr(self, name) is None for name in TEXT_COMPONENTS[self.kind]):
             raise ValueError(
                 "this backbone was loaded with load_text=False: reload with load_text=True "
                 "to encode prompts")
@@ -403,6 +421,11 @@ class Backbone:
                 mask = inputs.attention_mask.to(te.device)
             hidden = te(inputs.input_ids.to(te.device), attention_mask=mask)[0].to(te.dtype)
             return [(h.clone(), None) for h in hidden]  # clones: entries own their memory
+        if self.kind == "sd3":
+            from .text_sd3 import encode_sd3
+
+            hidden, pooled = encode_sd3(self, prompts)
+            return [(h.clone(), p.clone()) for h, p in zip(hidden, pooled)]
         hiddens, pooled = [], None
         for te, tok in ((self.text_encoder, self.tokenizer),
                         (self.text_encoder_2, self.tokenizer_2)):
@@ -472,6 +495,13 @@ class Backbone:
             raise ValueError("encode_prompts needs at least one prompt")
         hidden, pooled = self._embed(prompts)
         dev = self.device
+        if self.kind == "sd3":  # SD3's negative is the encoded empty prompt
+            cond = Cond(encoder_hidden_states=hidden.to(dev), pooled_projections=pooled.to(dev))
+            if with_uncond:
+                uh, up = self._embed([""])
+                cond.uncond = Cond(encoder_hidden_states=uh.repeat(len(prompts), 1, 1).to(dev),
+                                   pooled_projections=up.repeat(len(prompts), 1).to(dev))
+            return cond
         if self.kind == "sd":
             cond = Cond(encoder_hidden_states=hidden.to(dev))
             if with_uncond:
@@ -513,7 +543,8 @@ class Backbone:
             if hidden is None:
                 still.append(p)
                 continue
-            pooled = self.prompt_disk_cache.get(key + ".p") if self.kind == "sdxl" else None
+            pooled = (self.prompt_disk_cache.get(key + ".p") if self.kind in ("sdxl", "sd3")
+                      else None)
             dt = (self.text_encoder_2 or self.text_encoder).dtype
             self._prompt_cache[p] = (hidden.to(self.device, dt),
                                      None if pooled is None else pooled.to(self.device, dt))

@@ -54,6 +54,7 @@ class Cond:
     added_cond_kwargs: Optional[dict] = None  # SDXL: {"text_embeds", "time_ids"}
     class_labels: Optional[Tensor] = None
     timestep_cond: Optional[Tensor] = None  # LCM guidance-scale (w) embedding
+    pooled_projections: Optional[Tensor] = None  # SD3: both CLIPs' pooled projections
     uncond: Optional["Cond"] = field(default=None, repr=False)
 
     # -- construction helpers -------------------------------------------------------
@@ -72,6 +73,7 @@ class Cond:
             added_cond_kwargs=f(self.added_cond_kwargs),
             class_labels=f(self.class_labels),
             timestep_cond=f(self.timestep_cond),
+            pooled_projections=f(self.pooled_projections),
             uncond=self.uncond.map(fn) if (with_uncond and self.uncond is not None) else None,
         )
 
@@ -95,7 +97,8 @@ class Cond:
 
     @property
     def batch_size(self) -> Optional[int]:
-        for v in (self.encoder_hidden_states, self.class_labels, self.timestep_cond):
+        for v in (self.encoder_hidden_states, self.class_labels, self.timestep_cond,
+                  self.pooled_projections):
             if v is not None:
                 return v.shape[0]
         if self.added_cond_kwargs:
@@ -117,7 +120,7 @@ class Cond:
 
         return Cond(**{n: cat_field(n) for n in
                        ("encoder_hidden_states", "added_cond_kwargs", "class_labels",
-                        "timestep_cond")})
+                        "timestep_cond", "pooled_projections")})
 
     def unet_kwargs(self) -> dict:
         kw = {}
@@ -129,7 +132,23 @@ class Cond:
             kw["class_labels"] = self.class_labels
         if self.timestep_cond is not None:
             kw["timestep_cond"] = self.timestep_cond
+        if self.pooled_projections is not None:
+            kw["pooled_projections"] = self.pooled_projections
         return kw
+
+
+def is_transformer(net: nn.Module) -> bool:
+    """Whether ``net`` (or the module a DDP / FSDP / peft wrapper holds) is a diffusers
+    transformer denoiser (SD3's MMDiT), not a UNet."""
+    for _ in range(4):
+        config = getattr(net, "config", None)
+        if config is not None and hasattr(config, "joint_attention_dim"):
+            return True
+        inner = getattr(net, "module", None) or getattr(net, "base_model", None)
+        if inner is None or inner is net:
+            return False
+        net = inner
+    return False
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -215,6 +234,8 @@ class Denoiser(DenoiserBase):
             raise ValueError("a rectified-flow model (FlowSchedule) predicts the velocity: "
                              "prediction_type='flow' goes with a FlowSchedule and only with it")
         self.unet = unet
+        # an MMDiT (SD3Transformer2DModel) takes the timestep as a keyword, after the text
+        self.timestep_keyword = is_transformer(unet)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.sigma_data = sigma_data
@@ -228,7 +249,11 @@ class Denoiser(DenoiserBase):
         """The bare UNet call (inputs cast to the UNet's dtype)."""
         dt = self.model_dtype
         kwargs = (cond.to(dtype=dt) if cond is not None else Cond()).unet_kwargs()
-        out = self.unet(x.to(dt), timestep.to(x.device, torch.float32), **kwargs)
+        timestep = timestep.to(x.device, torch.float32)
+        if self.timestep_keyword:
+            out = self.unet(x.to(dt), timestep=timestep, **kwargs)
+        else:
+            out = self.unet(x.to(dt), timestep, **kwargs)
         return out.sample if hasattr(out, "sample") else out[0]
 
     def target(self, x0: Tensor, noise: Tensor, t) -> Tensor:

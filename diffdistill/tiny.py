@@ -164,3 +164,41 @@ def tiny_pixel_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_
                           prediction_type=prediction_type, clip_sample=False)
     return DDPMPipeline(unet=tiny_pixel_unet(seed=seed, sample_size=sample_size,
                                              num_classes=num_classes), scheduler=sched)
+
+
+#: SD3's FlowMatchEulerDiscreteScheduler config (shift 3: Esser et al. 2024, Sec. 5.3.2)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+
+def tiny_sd3_transformer(sample_size: int = 16, joint_attention_dim: int = 64,
+                         pooled_projection_dim: int = 64, seed: int = 0, num_layers: int = 2):
+    """SD3-structured ``SD3Transformer2DModel`` (MMDiT, patch 2, joint text-image attention)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4,
+        num_layers=num_layers, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=joint_attention_dim, caption_projection_dim=32,
+        pooled_projection_dim=pooled_projection_dim, pos_embed_max_size=sample_size,
+    ).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16):
+    """A real ``StableDiffusion3Pipeline`` structure without T5 (``text_encoder_3`` None, as
+    SD3 runs with it dropped): two CLIP encoders with projections, an MMDiT, a VAE with SD3's
+    scaling and shift factors, the flow-matching Euler scheduler with shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from .tokenizer import load_clip_tokenizer
+
+    tok = load_clip_tokenizer(clip_tokenizer_dir())
+    vae = tiny_vae(seed=seed, scaling_factor=1.5305)
+    vae.register_to_config(shift_factor=0.0609)
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(sample_size=sample_size, seed=seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=vae,
+        text_encoder=tiny_text_encoder(seed=seed, with_projection=True), tokenizer=tok,
+        text_encoder_2=tiny_text_encoder(seed=seed + 1, with_projection=True), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None,
+    )

@@ -72,9 +72,13 @@ class BackboneMixin:
 
     def load_backbone(self):
         from diffdistill.adapters import set_attention_backend
-        from diffdistill.backbone import load_backbone
+        from diffdistill.backbone import folder_kind, load_backbone
 
         m = self.cfg.model
+        if folder_kind(resolve_model_path(m.path)) == "sd3":
+            raise ConfigError(
+                f"model.path={m.path!r} holds an SD3-class flow-matching transformer: it loads "
+                "and samples (diffdistill sample / bench), but no trainer runs on one yet")
         bb = load_backbone(resolve_model_path(m.path), dtype=torch.float32, device=self.device,
                            prediction_type=m.prediction_type)
         if m.kind != "auto" and m.kind != bb.kind:

@@ -1,0 +1,108 @@
+"""SD3-class teachers (rectified-flow MMDiT, two CLIP encoders, no T5) on a tiny stock
+``StableDiffusion3Pipeline``: loading, prompt conditioning bit-equal to the stock pipeline's
+``encode_prompt``, the flow Euler sampler equal to the stock pipeline's images, and trainers
+refusing them in one line until they are wired."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffdistill.backbone import folder_kind, load_backbone
+from diffdistill.denoiser import is_transformer
+from diffdistill.sampling import generate
+
+PROMPTS = ["a photo of a bag", "a photo of a coat"]
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from diffdistill.tiny import tiny_sd3_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3_pipeline().save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stock(sd3_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    # a folder without T5 loads in stock diffusers with the T5 parts passed as None
+    return StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), text_encoder_3=None,
+                                                    tokenizer_3=None)
+
+
+def test_loads_as_a_flow_transformer_without_t5(sd3_dir):
+    bb = load_backbone(str(sd3_dir))
+    assert folder_kind(sd3_dir) == bb.kind == "sd3"
+    assert bb.prediction_type == "flow" and bb.schedule.kind == "flow"
+    assert type(bb.unet).__name__ == "SD3Transformer2DModel" and is_transformer(bb.unet)
+    assert bb.text_encoder_3 is None and bb.latent_channels == 4 and bb.resolution == 32
+    assert bb.vae.config.shift_factor == pytest.approx(0.0609)
+
+
+def test_prompt_conditioning_is_bit_equal_to_the_stock_pipeline(sd3_dir, stock):
+    bb = load_backbone(str(sd3_dir))
+    with torch.no_grad():
+        pe, ne, pp, npp = stock.encode_prompt(PROMPTS, PROMPTS, PROMPTS,
+                                              do_classifier_free_guidance=True)
+    cond = bb.encode_prompts(PROMPTS)
+    # 77 CLIP tokens, then 256 rows of zeros standing in for T5
+    assert cond.encoder_hidden_states.shape == (2, 77 + 256, 64)
+    assert torch.equal(cond.encoder_hidden_states, pe)
+    assert torch.equal(cond.pooled_projections, pp)
+    assert torch.equal(cond.uncond.encoder_hidden_states, ne)
+    # the empty prompt is encoded once and repeated, the stock pipeline encodes it once per
+    # sample: the pooled projection (a Linear) then runs as a matrix-vector rather than a
+    # matrix-matrix product, whose rounding differs; the hidden states above are bit-equal
+    torch.testing.assert_close(cond.uncond.pooled_projections, npp, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        _, ne1, _, npp1 = stock.encode_prompt(PROMPTS[:1], None, None,
+                                              do_classifier_free_guidance=True)
+    assert torch.equal(cond.uncond.pooled_projections[:1], npp1)  # batch 1: bit-equal
+    assert cond.encoder_hidden_states[:, 77:].abs().max() == 0
+
+
+@pytest.mark.parametrize("steps, guidance", [(1, 1.0), (4, 2.0), (8, 4.5)])
+def test_flow_euler_reproduces_the_stock_pipeline(sd3_dir, stock, steps, guidance):
+    bb = load_backbone(str(sd3_dir))
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        ref = stock(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                    output_type="pt", height=32, width=32).images
+    ours = generate(bb.denoiser(), seeds=[3, 4], shape=(4, 16, 16),
+                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl],
+                                                         with_uncond=guidance != 1.0),
+                    sampler="flow_euler", num_steps=steps, guidance_scale=guidance,
+                    decode=bb.decode_latents, output="float", progress=False)
+    assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    other = generate(bb.denoiser(), seeds=[5, 6], shape=(4, 16, 16),
+                     cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl], with_uncond=False),
+                     sampler="flow_euler", num_steps=steps, decode=bb.decode_latents,
+                     output="float", progress=False)
+    assert (ours - other).abs().max() > 1e-3  # other seeds, other images: the check can fail
+
+
+def test_trainers_refuse_an_sd3_teacher_in_one_line(sd3_dir, tmp_path):
+    from diffdistill.trainers.dmd2 import DMD2Trainer
+    from helpers import tiny_run_data
+
+    from diffdistill.config import ConfigError, build_config
+
+    tr = DMD2Trainer(build_config(DMD2Trainer.config_class,
+                                  tiny_run_data("dmd2", sd3_dir, tmp_path / "run", 32)))
+    with pytest.raises(ConfigError, match="SD3-class flow-matching transformer: it loads and "
+                                          "samples .* but no trainer runs on one yet"):
+        tr.setup()
+
+
+def test_diffdistill_sample_runs_an_sd3_folder(sd3_dir, tmp_path):
+    from PIL import Image
+
+    from diffdistill.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(sd3_dir), "--prompt", "a bag", "--steps", "4",
+                 "--guidance-scale", "3", "--num", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= 64  # two 32-px images side by side
