@@ -128,6 +128,13 @@ def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:
         raise ValueError(f"attention backend {backend!r} is unknown; use auto, sdpa or xformers")
     device = next(unet.parameters()).device
     has_xformers = importlib.util.find_spec("xformers") is not None
+    from .denoiser import is_transformer
+
+    if is_transformer(unet):  # SD3's joint attention: its own processors are already SDPA
+        if backend == "xformers":
+            raise ValueError("attention backend 'xformers' is for UNets; SD3-class transformers "
+                             "run PyTorch SDPA (model.attention: sdpa or auto)")
+        return "sdpa"
     if backend == "auto":
         backend = "xformers" if (device.type == "cuda" and has_xformers) else "sdpa"
     if backend == "xformers":

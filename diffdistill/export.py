@@ -342,12 +342,16 @@ def save_full_pipeline(
         else:
             pipe = diffusers.DDPMPipeline(unet=student, scheduler=sched)
     else:
+        from .backbone import TEXT_COMPONENTS
+
         parts = {}
-        names = ["vae", "text_encoder", "tokenizer"] + (
-            ["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
-        for name in names:
+        for name in ("vae", *TEXT_COMPONENTS[kind]):
             parts[name] = getattr(backbone, name) or _load_missing(backbone, name)
-        if kind == "sdxl":
+        if kind == "sd3":  # T5 only where the teacher has one (None: SD3 without T5)
+            pipe = diffusers.StableDiffusion3Pipeline(
+                transformer=student, scheduler=sched, text_encoder_3=backbone.text_encoder_3,
+                tokenizer_3=backbone.tokenizer_3, **parts)
+        elif kind == "sdxl":
             pipe = diffusers.StableDiffusionXLPipeline(
                 unet=student, scheduler=sched,
                 force_zeros_for_empty_prompt=backbone.force_zeros_for_empty_prompt, **parts)

@@ -75,10 +75,12 @@ class BackboneMixin:
         from diffdistill.backbone import folder_kind, load_backbone
 
         m = self.cfg.model
-        if folder_kind(resolve_model_path(m.path)) == "sd3":
+        if folder_kind(resolve_model_path(m.path)) == "sd3" and not getattr(
+                self, "trains_flow_transformers", False):
             raise ConfigError(
                 f"model.path={m.path!r} holds an SD3-class flow-matching transformer: it loads "
-                "and samples (diffdistill sample / bench), but no trainer runs on one yet")
+                f"and samples (diffdistill sample / bench) and pretrains, but {self.method} "
+                "does not run on one yet")
         bb = load_backbone(resolve_model_path(m.path), dtype=torch.float32, device=self.device,
                            prediction_type=m.prediction_type)
         if m.kind != "auto" and m.kind != bb.kind:

@@ -5,6 +5,11 @@ class-conditional ``UNet2DModel``) with the ε, v or x0 objective (the folder's 
 type, :meth:`~diffdistill.denoiser.Denoiser.target`), t ~ U{0..T−1}, condition dropout for
 classifier-free guidance (Ho & Salimans 2022) and optional min-SNR-γ loss weighting (Hang et
 al. 2023: :func:`min_snr_weight`).
+
+A rectified-flow teacher (an SD3 folder) trains with the flow-matching loss
+‖v̂ − (ε − x0)‖² at x_t = (1 − σ) x0 + σ ε, σ drawn from the logit-normal density
+σ = sigmoid(m + s·n), n ~ N(0, 1) (SD3, Esser et al. 2024, Sec. 3.1, Eq. 19; m = 0, s = 1 is
+their best), continuous σ (native time t = 1000 σ, the MMDiT's timestep input).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class PretrainSection:
     min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023)
     sample_steps: int = 25  # DDIM steps for the periodic sample grid
     guidance_scale: float = 3.0  # CFG for the sample grid
+    logit_mean: float = 0.0  # flow teachers: σ = sigmoid(m + s n) (SD3: m = 0, s = 1)
+    logit_std: float = 1.0
 
 
 @dataclass
@@ -44,6 +51,8 @@ class PretrainConfig(BaseConfig):
             raise ConfigError("pretrain.min_snr_gamma must be > 0 (or null to disable)")
         if self.adapter.type != "full":
             raise ConfigError("pretraining trains full weights: set adapter.type=full")
+        if self.pretrain.logit_std <= 0:
+            raise ConfigError("pretrain.logit_std must be > 0")
 
 
 def min_snr_weight(schedule, t: torch.Tensor, gamma: float, prediction_type: str
@@ -60,14 +69,26 @@ def min_snr_weight(schedule, t: torch.Tensor, gamma: float, prediction_type: str
     return clipped / snr
 
 
+def logit_normal_sigmas(normal: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """σ = sigmoid(mean + std·n) for standard normal draws ``n``: SD3's logit-normal
+    timestep density (Esser et al. 2024, Eq. 19), float64."""
+    return torch.sigmoid(mean + std * normal.double())
+
+
 class PretrainTrainer(BackboneMixin, Trainer):
     method = "pretrain"
     config_class = PretrainConfig
     eval_uses_guidance = True
+    trains_flow_transformers = True
 
     def build(self) -> None:
         cfg = self.cfg
         bb = self.load_backbone()
+        if bb.schedule.kind == "flow" and (cfg.pretrain.target is not None
+                                           or cfg.pretrain.min_snr_gamma is not None):
+            key = "target" if cfg.pretrain.target is not None else "min_snr_gamma"
+            raise ConfigError(f"pretrain.{key}: a rectified-flow teacher trains its velocity "
+                              "with the flow-matching loss; remove the key")
         if cfg.pretrain.target is not None and cfg.pretrain.target != bb.prediction_type:
             # The trained network's meaning changes: record it in the exported scheduler.
             bb.prediction_type = cfg.pretrain.target
@@ -87,7 +108,12 @@ class PretrainTrainer(BackboneMixin, Trainer):
         cond = self.cond_for_batch(batch, drop_prob=p.cond_dropout)
         n = x0.shape[0]
         sched = self.backbone.schedule
-        t = self.randint(0, sched.num_train_timesteps, (n,)).double()
+        if sched.kind == "flow":  # continuous σ, logit-normal (Esser et al. 2024)
+            sigma = logit_normal_sigmas(self.randn(n, dtype=torch.float64).cpu(),
+                                        p.logit_mean, p.logit_std)
+            t = sigma * sched.num_train_timesteps
+        else:
+            t = self.randint(0, sched.num_train_timesteps, (n,)).double()
         noise = self.randn(*x0.shape)
         xt = sched.add_noise(x0, noise, t.cpu())
         den = self.backbone.denoiser(self.unet)
@@ -110,7 +136,8 @@ class PretrainTrainer(BackboneMixin, Trainer):
 
         bb = self.backbone
         unet = unet if unet is not None else self.generator_unet()
-        return EvalModel(self.method, bb, bb.denoiser(unet), "ddim",
+        sampler = "flow_euler" if bb.schedule.kind == "flow" else "ddim"
+        return EvalModel(self.method, bb, bb.denoiser(unet), sampler,
                          guidance_scale=self.cfg.eval.guidance_scale)
 
     def grid_step_counts(self) -> list[int]:
