@@ -109,9 +109,8 @@ def test_diffdistill_sample_runs_an_sd3_folder(sd3_dir, tmp_path):
 
 
 def test_logit_normal_density_matches_its_formula():
-    from scipy import stats
-
     from diffdistill.trainers.pretrain import logit_normal_sigmas
+    from scipy import stats
 
     normal = torch.randn(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sigma = logit_normal_sigmas(normal, 0.5, 0.8)
@@ -125,11 +124,11 @@ def test_flow_pretraining_trains_exports_and_loads_in_stock_diffusers(sd3_dir, t
     """Two flow-matching steps on the tiny SD3: the loss is the velocity MSE at the
     logit-normal σ, the transformer changes, and the export is a stock SD3 pipeline folder
     whose images equal the trainer's own sampler."""
+    from diffdistill.trainers.pretrain import PretrainTrainer
     from diffusers import StableDiffusion3Pipeline
     from helpers import tiny_run_data
 
     from diffdistill.config import build_config
-    from diffdistill.trainers.pretrain import PretrainTrainer
 
     cfg = build_config(PretrainTrainer.config_class, tiny_run_data(
         "pretrain", sd3_dir, tmp_path / "run", 32, train={"lr": 1e-2},
