@@ -21,6 +21,9 @@ CONV_TARGETS = (
     "proj_in", "proj_out", "time_emb_proj",
 )
 FF_TARGETS = ("ff.net.0.proj", "ff.net.2")
+# An MMDiT's text stream (SD3 joint attention): its projections, as diffusers' SD3 LoRA
+# script adapts them beside the image stream's to_q / to_k / to_v / to_out.0.
+JOINT_ATTENTION_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 def _has_adapters(unet: nn.Module) -> bool:
@@ -30,8 +33,12 @@ def _has_adapters(unet: nn.Module) -> bool:
 
 
 def lora_target_modules(targets: Iterable[str] = ATTENTION_TARGETS, *, conv: bool = False,
-                        ff: bool = False) -> list[str]:
+                        ff: bool = False, joint: bool = False) -> list[str]:
+    """``targets`` plus :data:`CONV_TARGETS` (``conv``), :data:`FF_TARGETS` (``ff``) and the
+    text stream of joint attention, :data:`JOINT_ATTENTION_TARGETS` (``joint``: an MMDiT)."""
     out = list(dict.fromkeys(targets))
+    if joint:
+        out += [t for t in JOINT_ATTENTION_TARGETS if t not in out]
     if conv:
         out += [t for t in CONV_TARGETS if t not in out]
     if ff:
@@ -74,7 +81,10 @@ def make_trainable(
         unet.requires_grad_(False)
         if frozen_dtype is not None:
             unet.to(frozen_dtype)
-        targets = lora_target_modules(target_modules, conv=conv, ff=ff)
+        from .denoiser import is_transformer
+
+        targets = lora_target_modules(target_modules, conv=conv, ff=ff,
+                                      joint=is_transformer(unet))
         config = LoraConfig(
             r=rank,
             lora_alpha=rank if alpha is None else alpha,

@@ -84,8 +84,10 @@ def _peft_lora_weights(unet: nn.Module, adapter_name: str) -> dict[str, tuple]:
 
 
 def lora_state_dict(unet: nn.Module, adapter_name: str = "default",
-                    dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers' format, with the peft scale folded into the up weights."""
+                    dtype: Optional[torch.dtype] = None, *, peft_keys: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers' format, with the peft scale folded into the up weights
+    (``peft_keys``: keep peft's ``lora_A`` / ``lora_B`` names, what SD3's loader reads)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -97,6 +99,8 @@ def lora_state_dict(unet: nn.Module, adapter_name: str = "default",
             sd[key] = sd[key] * scale
     sd = {k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous()
           for k, v in sd.items()}
+    if peft_keys:
+        return sd
     sd = convert_state_dict_to_diffusers(sd)
     # convert_state_dict_to_diffusers renames only attention keys (to_q.lora_A -> to_q.lora.down);
     # conv/ff keys keep peft's lora_A/lora_B. diffusers' loader (0.42) decides the format from
@@ -107,7 +111,11 @@ def lora_state_dict(unet: nn.Module, adapter_name: str = "default",
 
 def unet_kind(unet: nn.Module) -> str:
     """'sdxl' for a UNet with SDXL's text-time added conditioning, 'sd' for other
-    ``UNet2DConditionModel``s, 'pixel' otherwise."""
+    ``UNet2DConditionModel``s, 'sd3' for an MMDiT, 'pixel' otherwise."""
+    from .denoiser import is_transformer
+
+    if is_transformer(unet):
+        return "sd3"
     cfg = unet.config
     if getattr(cfg, "cross_attention_dim", None) is None:
         return "pixel"
@@ -121,6 +129,8 @@ def _pipeline_class(kind: str):
         return diffusers.StableDiffusionPipeline
     if kind == "sdxl":
         return diffusers.StableDiffusionXLPipeline
+    if kind == "sd3":
+        return diffusers.StableDiffusion3Pipeline
     raise ValueError(
         f"LoRA files are for latent text-to-image pipelines (kind 'sd' or 'sdxl'), not "
         f"{kind!r}: stock pixel pipelines have no LoRA loader; use save_full_pipeline")
@@ -132,11 +142,14 @@ def save_lora(unet: nn.Module, out_dir, kind: Optional[str] = None, *,
 
     ``kind`` ("sd" / "sdxl") picks the pipeline class that writes it; default: from the UNet.
     """
-    cls = _pipeline_class(kind or unet_kind(unet))
+    kind = kind or unet_kind(unet)
+    cls = _pipeline_class(kind)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cls.save_lora_weights(save_directory=str(out),
-                          unet_lora_layers=lora_state_dict(unet, adapter_name, dtype),
+    layers = lora_state_dict(unet, adapter_name, dtype, peft_keys=kind == "sd3")
+    # SD3's loader reads peft-format keys under "transformer."; the UNet pipelines "unet."
+    key = "transformer_lora_layers" if kind == "sd3" else "unet_lora_layers"
+    cls.save_lora_weights(save_directory=str(out), **{key: layers},
                           weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
     return out / LORA_WEIGHT_NAME
 
@@ -468,7 +481,8 @@ def save_generator(backbone, unet: nn.Module, out_dir, *, lora: bool, scheduler:
     out = Path(out_dir)
     if lora:
         save_lora(unet, out, kind=backbone.kind, adapter_name=adapter_name)
-        save_lora_kohya(unet, out, kind=backbone.kind, adapter_name=adapter_name)
+        if backbone.kind != "sd3":  # kohya's names are for UNets
+            save_lora_kohya(unet, out, kind=backbone.kind, adapter_name=adapter_name)
     else:
         save_full_pipeline(backbone, unet, out, scheduler=scheduler,
                            scheduler_kwargs=scheduler_kwargs)
@@ -508,8 +522,9 @@ def load_lora_into(unet, lora_dir: Path) -> None:
 
     if not (lora_dir / LORA_WEIGHT_NAME).exists():
         raise FileNotFoundError(f"--lora {lora_dir}: no {LORA_WEIGHT_NAME} in that folder")
+    prefix = "transformer" if unet_kind(unet) == "sd3" else "unet"
     try:
-        unet.load_lora_adapter(str(lora_dir), weight_name=LORA_WEIGHT_NAME, prefix="unet",
+        unet.load_lora_adapter(str(lora_dir), weight_name=LORA_WEIGHT_NAME, prefix=prefix,
                                adapter_name="default")
     except (RuntimeError, ValueError, KeyError) as e:
         raise ConfigError(f"--lora {lora_dir} does not fit this base model (shape or key "

@@ -172,3 +172,54 @@ def test_flow_pretraining_trains_exports_and_loads_in_stock_diffusers(sd3_dir, t
                     num_steps=4, guidance_scale=2.0, decode=bb.decode_latents,
                     output="float", progress=False)
     assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+
+
+def test_lora_on_the_mmdit_exports_for_stock_load_lora_weights(sd3_dir, tmp_path):
+    """LoRA on both attention streams of the MMDiT; the export loads with the stock
+    ``StableDiffusion3Pipeline.load_lora_weights`` and with ``diffdistill sample --lora``
+    (load_lora_into), giving the images of the LoRA-carrying transformer."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.tuners.lora import LoraLayer
+
+    from diffdistill.adapters import make_trainable
+    from diffdistill.export import LORA_WEIGHT_NAME, load_lora_into, save_lora
+
+    bb = load_backbone(str(sd3_dir))
+    make_trainable(bb.unet, adapter="lora", rank=4, alpha=8)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in bb.unet.named_modules()
+               if isinstance(m, LoraLayer)}
+    assert adapted == {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                       "to_add_out"} | {"0"}  # to_out.0
+    with torch.no_grad():  # LoRA B starts at zero: give it values so the export matters
+        for m in bb.unet.modules():
+            if isinstance(m, LoraLayer):
+                m.lora_B["default"].weight.normal_(0, 0.2, generator=torch.Generator()
+                                                   .manual_seed(1))
+    bb.unet.eval()
+    save_lora(bb.unet, tmp_path / "lora")
+    assert not (tmp_path / "lora" / "lora_kohya.safetensors").exists()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    base = _images(pipe)
+    pipe.load_lora_weights(str(tmp_path / "lora"), weight_name=LORA_WEIGHT_NAME)
+    ref = _images(pipe)
+    ours = _ours(bb, bb.unet)
+    assert (ref - ours).abs().max() <= 1e-4 and (ref - base).abs().max() > 1e-3
+    other = load_backbone(str(sd3_dir))
+    load_lora_into(other.unet, tmp_path / "lora")
+    assert (_ours(other, other.unet) - ref).abs().max() <= 1e-4
+
+
+def _images(pipe):
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        return pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.0, generator=gens,
+                    output_type="pt", height=32, width=32).images
+
+
+def _ours(bb, net):
+    out = generate(bb.denoiser(net), seeds=[3, 4], shape=(4, 16, 16),
+                   cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl], with_uncond=False),
+                   sampler="flow_euler", num_steps=2, decode=bb.decode_latents,
+                   output="float", progress=False)
+    return ((out + 1) / 2).clamp(0, 1)
