@@ -46,7 +46,7 @@ from .backbone import SIDECAR, Backbone
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
-SCHEDULERS = ("lcm", "tcd", "ddim", "euler", "cm", "teacher")
+SCHEDULERS = ("lcm", "tcd", "ddim", "euler", "cm", "teacher", "flow_stochastic")
 
 _SCHEDULER_CLASSES = {
     "lcm": "LCMScheduler",
@@ -292,6 +292,13 @@ def make_scheduler(name: str, teacher_config: Mapping[str, Any], **kwargs):
     if name == "teacher":
         cls = getattr(diffusers, cfg.get("_class_name", "DDPMScheduler"))
         return cls.from_config(cfg, **kwargs)
+    if name == "flow_stochastic":
+        # a flow student's multistep sampler: x0̂ = x − σ v̂, re-noised as (1 − σ') x0̂ + σ' ε
+        # (stochastic_sampling); shift 1 so the sigmas passed by the caller are used as given
+        drop = ("use_dynamic_shifting", "shift", "stochastic_sampling", "_class_name")
+        base = {k: v for k, v in cfg.items() if k not in drop}
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+            base, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True, **kwargs)
     if name == "cm":
         base = dict(CM_SCHEDULER_DEFAULTS)
         if cfg.get("_class_name") == "CMStochasticIterativeScheduler":

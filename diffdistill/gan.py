@@ -124,7 +124,7 @@ class UNetWithHead(nn.Module):
         return self.unet.config
 
     def forward(self, sample: Tensor, timestep: Tensor, **kwargs) -> UNetWithHeadOutput:
-        out = self.unet(sample, timestep, **kwargs)
+        out = self.unet(sample, timestep=timestep, **kwargs)  # keyword: UNets and MMDiTs
         out = out.sample if hasattr(out, "sample") else out[0]
         self.logits = self.head(self.tap.pop()) if self.head is not None else None
         return UNetWithHeadOutput(sample=out, logits=self.logits)

@@ -141,8 +141,8 @@ def load_eval_model(spec: BenchModel, *, device="cpu", dtype: torch.dtype = torc
     sampler, info = choose_sampler(spec.sampler, path, lora_dir,
                                    bb.scheduler_config.get("_class_name", ""))
     model = bb.denoiser()
-    if sampler in ("lcm", "onestep") and bb.prediction_type != "cm":
-        model = LCMConsistency(model)
+    if sampler in ("lcm", "onestep") and bb.prediction_type not in ("cm", "flow"):
+        model = LCMConsistency(model)  # VP students: LCM's boundary, as LCMScheduler applies
     w_dim = getattr(bb.unet.config, "time_cond_proj_dim", None)
     embed = w_dim if (bb.kind != "pixel" and w_dim is not None) else None
     guidance = (spec.guidance_scale if spec.guidance_scale is not None

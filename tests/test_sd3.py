@@ -84,16 +84,17 @@ def test_flow_euler_reproduces_the_stock_pipeline(sd3_dir, stock, steps, guidanc
     assert (ours - other).abs().max() > 1e-3  # other seeds, other images: the check can fail
 
 
-def test_trainers_refuse_an_sd3_teacher_in_one_line(sd3_dir, tmp_path):
-    from diffdistill.trainers.dmd2 import DMD2Trainer
+def test_trainers_without_flow_support_refuse_an_sd3_teacher_in_one_line(sd3_dir, tmp_path):
+    from diffdistill.trainers.lcd import LCDTrainer
     from helpers import tiny_run_data
 
     from diffdistill.config import ConfigError, build_config
 
-    tr = DMD2Trainer(build_config(DMD2Trainer.config_class,
-                                  tiny_run_data("dmd2", sd3_dir, tmp_path / "run", 32)))
+    tr = LCDTrainer(build_config(LCDTrainer.config_class,
+                                 tiny_run_data("lcd", sd3_dir, tmp_path / "run", 32)))
     with pytest.raises(ConfigError, match="SD3-class flow-matching transformer: it loads and "
-                                          "samples .* and pretrains, but dmd2 does not run"):
+                                          "samples .* pretrain and dmd2 methods; lcd does "
+                                          "not run on one yet"):
         tr.setup()
 
 
@@ -223,3 +224,128 @@ def _ours(bb, net):
                    sampler="flow_euler", num_steps=2, decode=bb.decode_latents,
                    output="float", progress=False)
     return ((out + 1) / 2).clamp(0, 1)
+
+
+def _dmd2(sd3_dir, out, timesteps, adapter="full"):
+    from diffdistill.trainers.dmd2 import DMD2Trainer
+    from helpers import tiny_run_data
+
+    from diffdistill.config import build_config
+
+    data = tiny_run_data("dmd2", sd3_dir, out, 32, adapter={"type": adapter, "rank": 4},
+                         train={"lr": 1e-3, "max_steps": 2},
+                         dmd2={"timesteps": timesteps, "gan_generator_weight": 0.0,
+                               "gan_discriminator_weight": 0.0,
+                               "fake_updates_per_generator_update": 1})
+    return DMD2Trainer(build_config(DMD2Trainer.config_class, data))
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_dmd2_one_step_on_a_flow_teacher_exports_for_the_stock_pipeline(sd3_dir, tmp_path,
+                                                                       adapter):
+    """One-step DMD2 (distribution matching, no GAN) on the tiny SD3: it trains, and the export
+    — a pipeline folder or a LoRA, with FlowMatchEuler at shift 1 and the trained sigma —
+    gives the trainer's own one-step samples in the stock StableDiffusion3Pipeline."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tr = _dmd2(sd3_dir, tmp_path / "run", [999], adapter)
+    tr.fit()
+    out = tmp_path / "run" / "export"
+    info = json.loads((out / "diffdistill_export.json").read_text())
+    assert info["sampler"] == "lcm" and info["timesteps"] == [999]
+    if adapter == "lora":
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), text_encoder_3=None,
+                                                        tokenizer_3=None)
+        pipe.load_lora_weights(str(out))
+    else:
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(out), text_encoder_3=None,
+                                                        tokenizer_3=None)
+        assert pipe.scheduler.config.shift == 1.0 and pipe.scheduler.config.stochastic_sampling
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        ref = pipe(PROMPTS, sigmas=[0.999], guidance_scale=1.0, generator=gens,
+                   output_type="pt", height=32, width=32).images
+    bb = tr.backbone
+    ours = tr.sample_latents([3, 4], bb.encode_prompts(PROMPTS, with_uncond=False))
+    ours = ((bb.decode_latents(ours) + 1) / 2).clamp(0, 1)
+    assert (ref - ours).abs().max() <= 1e-4
+    teacher = load_backbone(str(sd3_dir))
+    with torch.no_grad():
+        before = generate(teacher.denoiser(), seeds=[3, 4], shape=(4, 16, 16),
+                          cond_fn=lambda sl: teacher.encode_prompts(PROMPTS[sl],
+                                                                    with_uncond=False),
+                          sampler="lcm", num_steps=1, timesteps=torch.tensor([999]),
+                          decode=teacher.decode_latents, output="float", progress=False)
+    assert (((before + 1) / 2).clamp(0, 1) - ref).abs().max() > 1e-3  # the generator trained
+    code = (out / "README.md").read_text()
+    assert "stochastic_sampling=True" in code and "sigmas=[0.999]" in code
+
+
+def test_dmd2_multistep_on_a_flow_teacher_renoises_along_the_flow_path(sd3_dir, tmp_path):
+    """Two-step DMD2 with backward simulation trains on the flow teacher; the stock scheduler
+    its export names takes the same multistep step as the trainer's sampler (x0̂ = x − σ v̂,
+    then (1 − σ') x0̂ + σ' ε) given the same ε."""
+    from diffdistill.export import make_scheduler
+
+    tr = _dmd2(sd3_dir, tmp_path / "run", [999, 499])
+    tr.fit()
+    assert (tmp_path / "run" / "export" / "model_index.json").is_file()
+    sched = make_scheduler("flow_stochastic", tr.backbone.scheduler_config)
+    sched.set_timesteps(sigmas=[0.999, 0.499])
+    assert sched.timesteps.tolist() == pytest.approx([999.0, 499.0])
+    g = torch.Generator().manual_seed(0)
+    x, v, eps = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    import diffusers.schedulers.scheduling_flow_match_euler_discrete as stock
+
+    real = stock.randn_tensor
+    stock.randn_tensor = lambda *a, **k: eps
+    try:
+        nxt = sched.step(v, sched.timesteps[0], x).prev_sample
+    finally:
+        stock.randn_tensor = real
+    x0 = x - 0.999 * v
+    torch.testing.assert_close(nxt, 0.501 * x0 + 0.499 * eps, rtol=1e-5, atol=1e-5)
+
+
+def test_fdistill_and_gan_refuse_a_flow_teacher_before_training(sd3_dir, tmp_path):
+    from diffdistill.trainers.dmd2 import DMD2Trainer
+    from diffdistill.trainers.fdistill import FDistillTrainer
+    from helpers import tiny_run_data
+
+    from diffdistill.config import ConfigError, build_config
+
+    gan = DMD2Trainer(build_config(DMD2Trainer.config_class, tiny_run_data(
+        "dmd2", sd3_dir, tmp_path / "a", 32, dmd2={"gan_discriminator_weight": 0.1})))
+    with pytest.raises(ConfigError, match="dmd2.gan_generator_weight=0"):
+        gan.setup()
+    fd = FDistillTrainer(build_config(FDistillTrainer.config_class, tiny_run_data(
+        "fdistill", sd3_dir, tmp_path / "b", 32)))
+    with pytest.raises(ConfigError, match="f-distill's density ratio needs the head"):
+        fd.setup()
+
+
+def test_the_sd3_dmd2_config_runs_one_cycle_on_a_tiny_sd3(sd3_dir, tmp_path):
+    import json
+    from pathlib import Path
+
+    from diffdistill.trainers.dmd2 import DMD2Trainer
+
+    from diffdistill.config import build_config, deep_merge, load_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    data = deep_merge(load_yaml(root / "configs" / "dmd2" / "sd3.yaml"), {
+        "output_dir": str(tmp_path / "run"), "model": {"path": str(sd3_dir),
+                                                      "frozen_dtype": "fp32"},
+        "data": {"kind": "fashion_mnist", "path": "", "resolution": 32, "limit": 8},
+        "train": {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "cpu": True,
+                  "mixed_precision": "no"},
+        "log": {"progress": False, "tensorboard": False, "grid_every": 0}})
+    logs = DMD2Trainer(build_config(DMD2Trainer.config_class, data)).fit()
+    assert {"loss_dm", "loss_fake"} <= set(logs)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    info = json.loads((tmp_path / "run" / "export" / "diffdistill_export.json").read_text())
+    assert info["timesteps"] == [999, 900, 750, 500]

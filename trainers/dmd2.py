@@ -205,6 +205,7 @@ def pixel_usage_code(model_id: str, timesteps: list[int], ois: Optional[int],
 class DMD2Trainer(BackboneMixin, Trainer):
     method = "dmd2"
     config_class = DMD2Config
+    trains_flow_transformers = True  # SD3-class teachers: distribution matching alone
 
     # -- hooks for methods built on DMD2 ----------------------------------------------
     def dm_weight(self, x_t: Tensor, t: Tensor, logits: Optional[Tensor]) -> Optional[Tensor]:
@@ -231,10 +232,21 @@ class DMD2Trainer(BackboneMixin, Trainer):
         cfg, d = self.cfg, self.cfg.dmd2
         bb = self.load_backbone()
         sched = bb.schedule
-        if sched.kind != "vp" or bb.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        flow = sched.kind == "flow"
+        if not flow and (sched.kind != "vp" or bb.prediction_type not in (
+                "epsilon", "v_prediction", "sample")):
             raise ConfigError(f"model.path: DMD2 needs a discrete-time (VP) teacher predicting "
-                              f"epsilon, v_prediction or sample; {cfg.model.path} is "
-                              f"{sched.kind}/{bb.prediction_type}")
+                              f"epsilon, v_prediction or sample, or a rectified flow; "
+                              f"{cfg.model.path} is {sched.kind}/{bb.prediction_type}")
+        if flow and self.needs_discriminator():
+            raise ConfigError(
+                f"{self.method} on an SD3-class flow transformer: its discriminator head hooks "
+                "a UNet's bottleneck, which the transformer has not. DMD2 runs there with "
+                "distribution matching alone (dmd2.gan_generator_weight=0, "
+                "dmd2.gan_discriminator_weight=0); f-distill's density ratio needs the head")
+        if flow and d.generator_prediction:
+            raise ConfigError("dmd2.generator_prediction: a flow student predicts the velocity "
+                              "as its teacher does; remove the key")
         T = sched.num_train_timesteps
         if max(d.timesteps) >= T:
             raise ConfigError(f"dmd2.timesteps: {max(d.timesteps)} is not below the teacher's "
@@ -277,6 +289,10 @@ class DMD2Trainer(BackboneMixin, Trainer):
             weight_fn=self.dm_weight, penalty_fn=self.discriminator_penalty,
             fake_t_range=(0, T - 1) if d.fake_timesteps == "all" else None)
         self._lpips = None
+
+    def needs_discriminator(self) -> bool:
+        """Whether the method runs a discriminator head (DMD2: its GAN term)."""
+        return self.gan
 
     # -- networks as denoisers --------------------------------------------------------
     def denoiser(self, net: nn.Module):
@@ -446,12 +462,45 @@ class DMD2Trainer(BackboneMixin, Trainer):
             cond.index(sl) if cond is not None else None), sampler="lcm",
             timesteps=torch.tensor(self.timesteps), output="latents", progress=False)
 
+    def _export_flow(self, unet: nn.Module, out: Path, base_model: str) -> Path:
+        """A flow student: FlowMatchEulerDiscreteScheduler with shift 1 and stochastic
+        sampling (x0̂ = x − σ v̂, re-noised along the flow path: the trainer's sampler), called
+        with the trained sigmas t / T."""
+        from diffdistill.export import save_generator, write_export_info, write_model_card
+
+        bb = self.backbone
+        sigmas = [t / self.T for t in self.timesteps]
+        save_generator(bb, unet, out, lora=self.lora, scheduler="flow_stochastic",
+                       adapter_name="generator")
+        write_export_info(out, **self.eval_spec(unet).export_info(len(sigmas)),
+                          method=self.method)
+        load = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model!r})\n"
+                f"pipe.load_lora_weights({str(out)!r})\n" if self.lora else
+                f"pipe = StableDiffusion3Pipeline.from_pretrained({str(out)!r})\n")
+        code = ("import torch\n"
+                "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline\n"
+                + load +
+                "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(\n"
+                "    pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False,\n"
+                "    stochastic_sampling=True)\n"
+                f"image = pipe({self.card_prompt()!r}, sigmas={sigmas}, "
+                "guidance_scale=1.0).images[0]")
+        write_model_card(out, prompt=self.card_prompt(), method=self.method,
+                         base_model=base_model, steps=len(sigmas), guidance_scale=1.0,
+                         scheduler="flow_stochastic", lora=self.lora, kind=bb.kind,
+                         extra={"training timesteps": self.timesteps, "sigmas": sigmas,
+                                "real-score guidance": self.cfg.dmd2.guidance_scale},
+                         code=code)
+        return out
+
     def export(self, out_dir: Path) -> Optional[Path]:
         from diffdistill.export import save_generator, write_export_info, write_model_card
 
         bb, out = self.backbone, Path(out_dir)
         base_model = resolve_model_path(self.cfg.model.path)  # world:NAME -> its folder
         unet = self.generator_unet()
+        if bb.schedule.kind == "flow":
+            return self._export_flow(unet, out, base_model)
         ois = lcm_original_steps(self.timesteps, self.T)
         sched_kwargs = {"original_inference_steps": ois} if ois is not None else {}
         if self.cfg.dmd2.generator_prediction:  # the stock LCMScheduler reads the output so

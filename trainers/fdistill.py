@@ -138,6 +138,9 @@ class FDistillTrainer(DMD2Trainer):
                     "set fdistill.r1_gamma=0 or use configs/accelerate/multi_gpu.yaml")
         return super().fsdp_unsupported()
 
+    def needs_discriminator(self) -> bool:
+        return True  # the density ratio r = D / (1 − D) comes from the head
+
     def build(self) -> None:
         super().build()
         f = self.cfg.fdistill
