@@ -21,6 +21,8 @@ sidecars, class folders, prompt files and webdataset tar shards (read with :mod:
 so the optional ``webdataset`` package is not needed for local shards).
 
 Neighbouring modules hold the rest, and their public names are re-exported here:
+:mod:`diffdistill.items` (per-item randomness, the transform, :func:`collate`),
+:mod:`diffdistill.shards` (:class:`WebDatasetShards`),
 :mod:`diffdistill.fmnist` (the IDX format, Fashion-MNIST's class names, captions and image
 tensors), :mod:`diffdistill.image_folder` (listing and decoding image files) and
 :mod:`diffdistill.embedding_cache` (:class:`EmbeddingCache`, :func:`hash_key`).
@@ -39,22 +41,12 @@ Design notes (where this module departs from the obvious):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import random
-import re
-import subprocess
-import tarfile
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
 from diffdistill.embedding_cache import EmbeddingCache, hash_key
 from diffdistill.fmnist import (
@@ -71,6 +63,8 @@ from diffdistill.fmnist import (
     write_idx,
 )
 from diffdistill.image_folder import IMAGE_EXTENSIONS, list_images, load_image_rgb, read_metadata
+from diffdistill.items import SkipLog, _ImageTransform, _stable_int, _to_minus1_1, collate
+from diffdistill.shards import WebDatasetShards
 
 logger = logging.getLogger("diffdistill.data")
 
@@ -99,88 +93,6 @@ __all__ = [
     "read_idx",
     "write_idx",
 ]
-
-
-# --------------------------------------------------------------------------------------
-# Small shared helpers
-# --------------------------------------------------------------------------------------
-
-
-def _stable_int(*parts: object) -> int:
-    """A 64-bit integer from ``parts`` that is the same in every process and run.
-
-    Python's ``hash`` is salted per process (PYTHONHASHSEED), so it cannot decide captions,
-    crops or flips that must agree across ranks and resumes.
-    """
-    text = "\x1f".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
-
-
-class SkipLog:
-    """Counts unreadable inputs and logs each bad path once (per process).
-
-    ``count`` is the number of times an input was skipped, ``paths`` maps each bad path to
-    the reason. ``int(skip_log)`` gives ``count``; ``len(skip_log)`` the distinct paths.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.paths: dict[str, str] = {}
-
-    def add(self, path: object, reason: object) -> None:
-        self.count += 1
-        key = str(path)
-        if key not in self.paths:
-            self.paths[key] = str(reason)
-            logger.warning("skipping unreadable input %s: %s", key, reason)
-
-    def __int__(self) -> int:
-        return self.count
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __contains__(self, path: object) -> bool:
-        return str(path) in self.paths
-
-    def __repr__(self) -> str:
-        return f"SkipLog(count={self.count}, paths={len(self.paths)})"
-
-
-def _to_minus1_1(image_uint8: torch.Tensor) -> torch.Tensor:
-    return image_uint8.to(torch.float32) / 127.5 - 1.0
-
-
-def collate(items: Sequence[dict]) -> dict:
-    """Batch dataset items: tensors are stacked, ints and int tuples become LongTensors,
-    strings (and anything else) stay Python lists."""
-    if not items:
-        raise ValueError("collate() got an empty list of items")
-    keys = list(items[0].keys())
-    for item in items[1:]:
-        if set(item.keys()) != set(keys):
-            raise ValueError(
-                f"collate(): items have different keys: {sorted(keys)} vs {sorted(item.keys())}"
-            )
-    batch: dict = {}
-    for key in keys:
-        values = [item[key] for item in items]
-        first = values[0]
-        if isinstance(first, torch.Tensor):
-            batch[key] = torch.stack(values)
-        elif isinstance(first, (bool, np.bool_)):
-            batch[key] = torch.tensor(values, dtype=torch.bool)
-        elif isinstance(first, (int, np.integer)):
-            batch[key] = torch.tensor([int(v) for v in values], dtype=torch.long)
-        elif isinstance(first, float):
-            batch[key] = torch.tensor(values, dtype=torch.float32)
-        elif isinstance(first, (tuple, list)) and all(
-            isinstance(x, (int, np.integer)) for v in values for x in v
-        ):
-            batch[key] = torch.tensor([[int(x) for x in v] for v in values], dtype=torch.long)
-        else:
-            batch[key] = values
-    return batch
 
 
 class FashionMNISTDataset(Dataset):
@@ -234,48 +146,6 @@ class FashionMNISTDataset(Dataset):
 # --------------------------------------------------------------------------------------
 # Image-file datasets and the SDXL-style resize / crop / flip
 # --------------------------------------------------------------------------------------
-
-
-class _ImageTransform:
-    """Resize the shorter side to ``resolution``, crop a square, maybe flip (SDXL recipe).
-
-    ``crop_top_left`` is in the resized image's coordinates and, after a flip, is measured
-    in the flipped image (as SDXL's ``add_time_ids`` expect). Random decisions come from
-    ``(seed, key, epoch)`` so they replay identically on resume and across ranks.
-    """
-
-    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = False,
-                 seed: int = 0, resample: int = Image.Resampling.BICUBIC):
-        if int(resolution) < 1:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        self.resolution, self.center_crop, self.random_flip = int(resolution), center_crop, random_flip
-        self.seed, self.resample = int(seed), resample
-
-    def __call__(self, image: Image.Image, key: object, epoch: int) -> dict:
-        width, height = image.size
-        res = self.resolution
-        scale = res / min(width, height)
-        new_w = max(res, round(width * scale))
-        new_h = max(res, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), resample=self.resample)
-        rng = random.Random(_stable_int("crop-flip", self.seed, key, epoch))
-        if self.center_crop:
-            top, left = round((new_h - res) / 2.0), round((new_w - res) / 2.0)
-        else:
-            top, left = rng.randint(0, new_h - res), rng.randint(0, new_w - res)
-        image = image.crop((left, top, left + res, top + res))
-        flip = self.random_flip and rng.random() < 0.5
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = new_w - left - res
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        return {
-            "pixel_values": _to_minus1_1(pixels),
-            "original_size": (height, width),
-            "crop_top_left": (top, left),
-            "flipped": flip,
-        }
 
 
 class _ImageFileDataset(Dataset):
@@ -464,192 +334,6 @@ class PromptFile(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} prompts")
         index %= len(self)
         return {"caption": self.prompts[index], "index": index}
-
-
-# --------------------------------------------------------------------------------------
-# Webdataset shards, read with tarfile
-# --------------------------------------------------------------------------------------
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """Expand webdataset-style ranges: ``shard-{000..009}.tar`` -> 10 names."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not match:
-        return [pattern]
-    start, end = match.group(1), match.group(2)
-    width = len(start) if start.startswith("0") else 0
-    names = []
-    for i in range(int(start), int(end) + 1):
-        names.extend(_expand_braces(pattern[:match.start()] + str(i).zfill(width)
-                                    + pattern[match.end():]))
-    return names
-
-
-def _split_key(member_name: str) -> tuple[str, str]:
-    # webdataset's convention: the key is the path up to the first dot of the basename,
-    # the field is everything after it ("a/b/0001.seg.png" -> "a/b/0001", "seg.png").
-    directory, _, base = member_name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), (ext.lower() if dot else "")
-
-
-def _distributed_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-class WebDatasetShards(IterableDataset):
-    """Iterate over webdataset tar shards (``0001.jpg`` + ``0001.txt`` ...) with :mod:`tarfile`.
-
-    ``urls_or_paths``: a list, a brace pattern (``data/shard-{0000..0099}.tar``), a folder
-    (all ``*.tar`` in it), or http(s)/file URLs and ``pipe:command`` streams. Samples are
-    split so that no two (process, DataLoader worker) pairs see the same sample: by shard
-    when there are at least as many shards as readers, else by sample position within each
-    shard (every reader then scans every shard but keeps only its own samples).
-
-    Items are the usual dict plus ``key`` (``"<shard>/<sample key>"``); ``index`` is the
-    sample's position within its shard, since a stream has no global index.
-    Corrupt samples and unreadable shards are skipped and counted in ``self.skipped``.
-    """
-
-    def __init__(self, urls_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
-                 resolution: int,
-                 caption_keys: Sequence[str] = ("txt", "caption", "json:caption"),
-                 image_keys: Sequence[str] = ("jpg", "png", "webp", "jpeg"),
-                 center_crop: bool = True, random_flip: bool = False, seed: int = 0,
-                 shuffle_shards: bool = False, process_index: int | None = None,
-                 num_processes: int | None = None):
-        self.shards = self._resolve(urls_or_paths)
-        if not self.shards:
-            raise ValueError(f"no webdataset shards found for {urls_or_paths!r}")
-        self.caption_keys = tuple(k.lower() for k in caption_keys)
-        self.image_keys = tuple(k.lower() for k in image_keys)
-        self.transform = _ImageTransform(resolution, center_crop, random_flip, seed)
-        self.seed, self.epoch, self.shuffle_shards = int(seed), 0, shuffle_shards
-        self.process_index, self.num_processes = process_index, num_processes
-        self.skipped = SkipLog()
-        self.empty_captions = 0
-
-    @staticmethod
-    def _resolve(spec) -> list[str]:
-        if isinstance(spec, (str, os.PathLike)):
-            spec = [spec]
-        shards: list[str] = []
-        for entry in spec:
-            entry = os.fspath(entry)
-            if os.path.isdir(entry):
-                shards.extend(sorted(str(p) for p in Path(entry).glob("*.tar")))
-            else:
-                shards.extend(_expand_braces(entry))
-        return shards
-
-    def set_epoch(self, epoch: int) -> None:
-        """Shard order (with ``shuffle_shards``) and random flips/crops depend on the epoch."""
-        self.epoch = int(epoch)
-
-    def _reader_slot(self) -> tuple[int, int]:
-        rank, world = _distributed_rank_world()
-        rank = rank if self.process_index is None else int(self.process_index)
-        world = world if self.num_processes is None else int(self.num_processes)
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * workers + worker, world * workers
-
-    def _open(self, shard: str):
-        if shard.startswith("pipe:"):
-            process = subprocess.Popen(shard[5:], shell=True, stdout=subprocess.PIPE)
-            return tarfile.open(fileobj=process.stdout, mode="r|*"), process
-        if re.match(r"^(https?|file)://", shard):
-            return tarfile.open(fileobj=urllib.request.urlopen(shard), mode="r|*"), None
-        return tarfile.open(shard, mode="r|*"), None
-
-    def _samples(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Group consecutive tar members by key (tar streams keep a sample's files together)."""
-        process = None
-        key, fields = None, {}
-        try:
-            archive, process = self._open(shard)
-            with archive:
-                for member in archive:
-                    if not member.isfile():
-                        continue
-                    member_key, field = _split_key(member.name)
-                    if key is not None and member_key != key:
-                        yield key, fields
-                        fields = {}
-                    key = member_key
-                    extracted = archive.extractfile(member)
-                    fields[field] = extracted.read() if extracted is not None else b""
-        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
-            self.skipped.add(shard, f"unreadable shard ({type(error).__name__}: {error})")
-            # A truncated shard: the partial last sample is dropped rather than guessed.
-            return
-        finally:
-            if process is not None:
-                # Closing the pipe first stops a writer that is blocked on a full pipe when
-                # the reader stops early; waiting then reaps it.
-                process.stdout.close()
-                process.wait()
-        if key is not None:
-            yield key, fields
-
-    def _caption(self, fields: dict[str, bytes]) -> str:
-        for name in self.caption_keys:
-            if name.startswith("json:"):
-                blob = fields.get("json")
-                if blob is None:
-                    continue
-                value = json.loads(blob.decode("utf-8")).get(name[5:])
-                if value is not None:
-                    return str(value).strip()
-            elif name in fields:
-                return fields[name].decode("utf-8", errors="replace").strip()
-        return ""
-
-    def _decode(self, shard: str, key: str, position: int, fields: dict[str, bytes]) -> dict:
-        image_field = next((k for k in self.image_keys if k in fields), None)
-        if image_field is None:
-            raise ValueError(f"no image field among {self.image_keys} (has {sorted(fields)})")
-        image = load_image_rgb(fields[image_field])
-        caption = self._caption(fields)
-        label = int(fields["cls"].decode().strip()) if "cls" in fields else -1
-        sample_id = f"{shard}/{key}"
-        item = self.transform(image, sample_id, self.epoch)
-        return {
-            "pixel_values": item["pixel_values"],
-            "caption": caption,
-            "class_label": label,
-            "original_size": item["original_size"],
-            "crop_top_left": item["crop_top_left"],
-            "index": position,
-            "key": sample_id,
-        }
-
-    def __iter__(self) -> Iterator[dict]:
-        slot, slots = self._reader_slot()
-        shards = list(self.shards)
-        if self.shuffle_shards:
-            # Same permutation on every reader (seed, epoch), so the split stays disjoint.
-            random.Random(_stable_int("shards", self.seed, self.epoch)).shuffle(shards)
-        by_shard = len(shards) >= slots
-        if by_shard:
-            shards = shards[slot::slots]
-        elif slots > 1:
-            logger.info("%d shards for %d readers: splitting by sample inside each shard",
-                        len(shards), slots)
-        for shard in shards:
-            for position, (key, fields) in enumerate(self._samples(shard)):
-                if not by_shard and position % slots != slot:
-                    continue
-                try:
-                    item = self._decode(shard, key, position, fields)
-                except Exception as error:  # noqa: BLE001 - corrupt sample: skip, never stop
-                    self.skipped.add(f"{shard}/{key}", f"{type(error).__name__}: {error}")
-                    continue
-                if not item["caption"]:
-                    self.empty_captions += 1
-                yield item
 
 
 # --------------------------------------------------------------------------------------
