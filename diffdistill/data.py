@@ -63,7 +63,14 @@ from diffdistill.fmnist import (
     write_idx,
 )
 from diffdistill.image_folder import IMAGE_EXTENSIONS, list_images, load_image_rgb, read_metadata
-from diffdistill.items import SkipLog, _ImageTransform, _stable_int, _to_minus1_1, collate
+from diffdistill.items import (
+    SkipLog,
+    _ImageTransform,
+    _stable_int,
+    _to_minus1_1,
+    collate,
+    image_item,
+)
 from diffdistill.shards import WebDatasetShards
 
 logger = logging.getLogger("diffdistill.data")
@@ -197,16 +204,8 @@ class _ImageFileDataset(Dataset):
                 self._bad.add(current)
                 self.skipped.add(path, f"{type(error).__name__}: {error}")
                 continue
-            item = self.transform(image, current, self.epoch)
-            item.pop("flipped")
-            return {
-                "pixel_values": item["pixel_values"],
-                "caption": caption,
-                "class_label": label,
-                "original_size": item["original_size"],
-                "crop_top_left": item["crop_top_left"],
-                "index": current,
-            }
+            return image_item(self.transform(image, current, self.epoch), caption, label,
+                              current)
         raise RuntimeError(f"none of the {n} images in {self.root} could be read "
                            "(the reasons are logged by 'diffdistill.data')")
 

@@ -133,3 +133,11 @@ class _ImageTransform:
             "crop_top_left": (top, left),
             "flipped": flip,
         }
+
+
+def image_item(transformed: dict, caption: str, label: int, index: int, **extra) -> dict:
+    """One image dataset item (the module docstring of :mod:`diffdistill.data`) from the
+    output of :class:`_ImageTransform` and the item's caption, class label and index."""
+    return {"pixel_values": transformed["pixel_values"], "caption": caption,
+            "class_label": label, "original_size": transformed["original_size"],
+            "crop_top_left": transformed["crop_top_left"], "index": index, **extra}

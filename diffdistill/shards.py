@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from diffdistill.image_folder import load_image_rgb
-from diffdistill.items import SkipLog, _ImageTransform, _stable_int
+from diffdistill.items import SkipLog, _ImageTransform, _stable_int, image_item
 
 logger = logging.getLogger("diffdistill.data")
 
@@ -167,16 +167,8 @@ class WebDatasetShards(IterableDataset):
         caption = self._caption(fields)
         label = int(fields["cls"].decode().strip()) if "cls" in fields else -1
         sample_id = f"{shard}/{key}"
-        item = self.transform(image, sample_id, self.epoch)
-        return {
-            "pixel_values": item["pixel_values"],
-            "caption": caption,
-            "class_label": label,
-            "original_size": item["original_size"],
-            "crop_top_left": item["crop_top_left"],
-            "index": position,
-            "key": sample_id,
-        }
+        return image_item(self.transform(image, sample_id, self.epoch), caption, label,
+                          position, key=sample_id)
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = self._reader_slot()

@@ -85,16 +85,16 @@ def test_flow_euler_reproduces_the_stock_pipeline(sd3_dir, stock, steps, guidanc
 
 
 def test_trainers_without_flow_support_refuse_an_sd3_teacher_in_one_line(sd3_dir, tmp_path):
-    from diffdistill.trainers.lcd import LCDTrainer
+    from diffdistill.trainers.ict import ICTTrainer
     from helpers import tiny_run_data
 
     from diffdistill.config import ConfigError, build_config
 
-    tr = LCDTrainer(build_config(LCDTrainer.config_class,
-                                 tiny_run_data("lcd", sd3_dir, tmp_path / "run", 32)))
+    tr = ICTTrainer(build_config(ICTTrainer.config_class,
+                                 tiny_run_data("ict", sd3_dir, tmp_path / "run", 32)))
     with pytest.raises(ConfigError, match="SD3-class flow-matching transformer: it loads and "
-                                          "samples .* pretrain and dmd2 methods; lcd does "
-                                          "not run on one yet"):
+                                          "samples .* pretrain, dmd2 and lcd methods; ict "
+                                          "does not run on one yet"):
         tr.setup()
 
 
@@ -248,7 +248,7 @@ def test_dmd2_one_step_on_a_flow_teacher_exports_for_the_stock_pipeline(sd3_dir,
     gives the trainer's own one-step samples in the stock StableDiffusion3Pipeline."""
     import json
 
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
     tr = _dmd2(sd3_dir, tmp_path / "run", [999], adapter)
     tr.fit()
@@ -263,12 +263,7 @@ def test_dmd2_one_step_on_a_flow_teacher_exports_for_the_stock_pipeline(sd3_dir,
         pipe = StableDiffusion3Pipeline.from_pretrained(str(out), text_encoder_3=None,
                                                         tokenizer_3=None)
         assert pipe.scheduler.config.shift == 1.0 and pipe.scheduler.config.stochastic_sampling
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
-    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    with torch.no_grad():
-        ref = pipe(PROMPTS, sigmas=[0.999], guidance_scale=1.0, generator=gens,
-                   output_type="pt", height=32, width=32).images
+    ref = _stock_one_step(pipe)
     bb = tr.backbone
     ours = tr.sample_latents([3, 4], bb.encode_prompts(PROMPTS, with_uncond=False))
     ours = ((bb.decode_latents(ours) + 1) / 2).clamp(0, 1)
@@ -349,3 +344,93 @@ def test_the_sd3_dmd2_config_runs_one_cycle_on_a_tiny_sd3(sd3_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     info = json.loads((tmp_path / "run" / "export" / "diffdistill_export.json").read_text())
     assert info["timesteps"] == [999, 900, 750, 500]
+
+
+def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tmp_path):
+    """LCD (LCM-LoRA) on the tiny SD3: the solver step is Euler along the flow ODE with the
+    guided teacher velocity (x_end = x_start + (σ_end − σ_start) v̂_w), the consistency
+    function is x0̂ = x − σ v̂ itself, and the LoRA export samples one step in the stock
+    StableDiffusion3Pipeline exactly as the trainer does."""
+    from diffdistill.trainers.lcd import LCDTrainer
+    from diffusers import StableDiffusion3Pipeline
+    from helpers import tiny_run_data
+
+    from diffdistill.config import ConfigError, build_config
+
+    def cfg(adapter, out):
+        return build_config(LCDTrainer.config_class, tiny_run_data(
+            "lcd", sd3_dir, out, 32, adapter={"type": adapter, "rank": 4},
+            train={"lr": 1e-2}, lcd={"w_min": 1.0, "w_max": 3.0}))
+
+    with pytest.raises(ConfigError, match="use adapter.type=lora"):
+        LCDTrainer(cfg("full", tmp_path / "full")).setup()
+    tr = LCDTrainer(cfg("lora", tmp_path / "run"))
+    tr.setup()
+    batch = next(tr._batches())
+    state = tr.generator.get_state()
+    terms = tr.consistency_terms(batch)
+    tr.generator.set_state(state)
+    bb, raw = tr.backbone, tr.unwrap(tr.unet)
+    from diffdistill.adapters import adapters_disabled
+
+    with torch.no_grad(), adapters_disabled(raw):
+        s0, s1 = terms.t_start / 1000, terms.t_end.clamp(min=0) / 1000
+        kw = {"timestep": terms.t_start.float()}
+        c, u = terms.cond, terms.cond.uncond
+        v_c = raw(terms.x_start, encoder_hidden_states=c.encoder_hidden_states,
+                  pooled_projections=c.pooled_projections, **kw)[0]
+        v_u = raw(terms.x_start, encoder_hidden_states=u.encoder_hidden_states,
+                  pooled_projections=u.pooled_projections, **kw)[0]
+        w = (1 + terms.w).view(-1, 1, 1, 1)
+        v = v_u + w * (v_c - v_u)
+        expected = terms.x_start + (s1 - s0).float().view(-1, 1, 1, 1) * v
+    torch.testing.assert_close(terms.x_end, expected, rtol=1e-4, atol=1e-5)
+    tr.fit()
+    out = tmp_path / "run" / "export"
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    pipe.load_lora_weights(str(out))
+    ref = _stock_one_step(pipe)
+    spec = tr.eval_spec()
+    assert spec.grid_for(1).tolist() == [999.0] and spec.grid_for(4).tolist() == [
+        999.0, 759.0, 499.0, 259.0]
+    ours = generate(spec.denoiser, seeds=[3, 4], shape=(4, 16, 16),
+                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl], with_uncond=False),
+                    sampler="lcm", num_steps=1, timesteps=spec.grid_for(1),
+                    decode=bb.decode_latents, output="float", progress=False)
+    assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    assert "sigmas=[0.999, 0.759, 0.499, 0.259]" in (out / "README.md").read_text()
+
+
+def test_the_sd3_lcm_lora_config_runs_one_step_on_a_tiny_sd3(sd3_dir, tmp_path):
+    from pathlib import Path
+
+    from diffdistill.trainers.lcd import LCDTrainer
+
+    from diffdistill.config import build_config, deep_merge, load_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    data = deep_merge(load_yaml(root / "configs" / "lcd" / "sd3_lora.yaml"), {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(sd3_dir), "frozen_dtype": "fp32"},
+        "data": {"kind": "fashion_mnist", "path": "", "resolution": 32, "limit": 8,
+                 "num_workers": 0},
+        "train": {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "cpu": True,
+                  "mixed_precision": "no"},
+        "adapter": {"rank": 4, "alpha": 4},
+        "log": {"progress": False, "tensorboard": False, "grid_every": 0}})
+    logs = LCDTrainer(build_config(LCDTrainer.config_class, data)).fit()
+    assert torch.isfinite(torch.tensor(logs["loss"]))
+    assert (tmp_path / "run" / "export" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _stock_one_step(pipe):
+    """One step from σ = 0.999 with the scheduler a flow student's card names."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        return pipe(PROMPTS, sigmas=[0.999], guidance_scale=1.0, generator=gens,
+                    output_type="pt", height=32, width=32).images

@@ -466,7 +466,12 @@ class DMD2Trainer(BackboneMixin, Trainer):
         """A flow student: FlowMatchEulerDiscreteScheduler with shift 1 and stochastic
         sampling (x0̂ = x − σ v̂, re-noised along the flow path: the trainer's sampler), called
         with the trained sigmas t / T."""
-        from diffdistill.export import save_generator, write_export_info, write_model_card
+        from diffdistill.export import (
+            flow_usage_code,
+            save_generator,
+            write_export_info,
+            write_model_card,
+        )
 
         bb = self.backbone
         sigmas = [t / self.T for t in self.timesteps]
@@ -474,17 +479,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
                        adapter_name="generator")
         write_export_info(out, **self.eval_spec(unet).export_info(len(sigmas)),
                           method=self.method)
-        load = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model!r})\n"
-                f"pipe.load_lora_weights({str(out)!r})\n" if self.lora else
-                f"pipe = StableDiffusion3Pipeline.from_pretrained({str(out)!r})\n")
-        code = ("import torch\n"
-                "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline\n"
-                + load +
-                "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(\n"
-                "    pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False,\n"
-                "    stochastic_sampling=True)\n"
-                f"image = pipe({self.card_prompt()!r}, sigmas={sigmas}, "
-                "guidance_scale=1.0).images[0]")
+        code = flow_usage_code(model_id=str(out), base_model=base_model, lora=self.lora,
+                               sigmas=sigmas, prompt=self.card_prompt())
         write_model_card(out, prompt=self.card_prompt(), method=self.method,
                          base_model=base_model, steps=len(sigmas), guidance_scale=1.0,
                          scheduler="flow_stochastic", lora=self.lora, kind=bb.kind,

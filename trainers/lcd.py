@@ -218,6 +218,7 @@ class LCDTerms:
 class LCDTrainer(BackboneMixin, Trainer):
     method = "lcd"
     config_class = LCDConfig
+    trains_flow_transformers = True  # SD3-class teachers: LCM-LoRA along the flow ODE
 
     # -- build ----------------------------------------------------------------------
     def build(self) -> None:
@@ -226,6 +227,11 @@ class LCDTrainer(BackboneMixin, Trainer):
         if bb.kind == "pixel":
             raise ConfigError(f"model.path={cfg.model.path!r} holds a pixel model; LCD distils "
                               "latent text-to-image teachers (SD / SDXL structure)")
+        self.flow = bb.schedule.kind == "flow"
+        if self.flow and cfg.adapter.type != "lora":
+            raise ConfigError("adapter.type=full: full-weight LCD adds a guidance (w) embedding "
+                              "to a UNet; on an SD3-class flow teacher use adapter.type=lora "
+                              "(LCM-LoRA: the teacher's CFG distilled, no w input)")
         bb.scheduler_config["prediction_type"] = bb.prediction_type  # the export's scheduler
         T = bb.schedule.num_train_timesteps
         if p.num_ddim_timesteps > T:
@@ -248,7 +254,7 @@ class LCDTrainer(BackboneMixin, Trainer):
             self._build_full(8.5 if gs is None else gs)
         else:
             self._build_lora(1.0 if gs is None else gs)
-        self.student = LCMConsistency(bb.denoiser(self.unet))
+        self.student = self.consistency(bb.denoiser(self.unet))
         if cfg.train.ema_decay > 0:
             self.add_ema("unet", self.unet, cfg.train.ema_decay)
 
@@ -271,7 +277,7 @@ class LCDTrainer(BackboneMixin, Trainer):
         ema = self.add_ema("target", self.unet, p.target_ema_decay)
         self.teacher = bb.denoiser()
         self.teacher_context = contextlib.nullcontext
-        self.target = LCMConsistency(bb.denoiser(ema_backed_copy(self.unwrap(self.unet), ema)))
+        self.target = self.consistency(bb.denoiser(ema_backed_copy(self.unwrap(self.unet), ema)))
         self.w_dim: Optional[int] = p.time_cond_proj_dim
         # the LCM pipeline embeds w = guidance_scale − 1 and runs no CFG
         self.export_guidance_scale = guidance_scale
@@ -286,9 +292,15 @@ class LCDTrainer(BackboneMixin, Trainer):
         raw = self.unwrap(self.unet)
         self.teacher = bb.denoiser(raw)  # the same UNet, run with its LoRA disabled
         self.teacher_context = functools.partial(adapters_disabled, raw)
-        self.target = LCMConsistency(bb.denoiser(raw))  # online weights, used under no_grad
+        self.target = self.consistency(bb.denoiser(raw))  # online weights, under no_grad
         self.w_dim = None
         self.export_guidance_scale = guidance_scale
+
+    def consistency(self, denoiser):
+        """The consistency function f(x, t) over a denoiser: LCM's boundary scalings on a VP
+        teacher (Luo et al. 2023, Eq. 9); on a rectified flow x0̂ = x − σ v̂ itself, which
+        already meets the boundary condition f(x, 0) = x."""
+        return denoiser if self.flow else LCMConsistency(denoiser)
 
     def w_embedding(self, w) -> Optional[Tensor]:
         """The student's guidance input (None for LCM-LoRA, which has none)."""
@@ -349,16 +361,19 @@ class LCDTrainer(BackboneMixin, Trainer):
     def eval_spec(self, unet: Optional[nn.Module] = None):
         from diffdistill.eval.eval_model import EvalModel
 
-        from diffdistill.denoiser import LCMConsistency
-
         bb = self.backbone
-        return EvalModel(self.method, bb, LCMConsistency(bb.denoiser(unet if unet is not None else self.generator_unet())),
+        net = unet if unet is not None else self.generator_unet()
+        return EvalModel(self.method, bb, self.consistency(bb.denoiser(net)),
                          "lcm", guidance_scale=self.export_guidance_scale,
                          guidance_embedding=self.w_dim, timesteps=self.lcm_timesteps)
 
-
     def export(self, out_dir: Path) -> Optional[Path]:
-        from diffdistill.export import save_generator, write_export_info, write_model_card
+        from diffdistill.export import (
+            flow_usage_code,
+            save_generator,
+            write_export_info,
+            write_model_card,
+        )
 
         p, bb = self.cfg.lcd, self.backbone
         out_dir = Path(out_dir)
@@ -366,6 +381,22 @@ class LCDTrainer(BackboneMixin, Trainer):
         sched_kwargs = ({} if p.num_ddim_timesteps == 50
                         else {"original_inference_steps": p.num_ddim_timesteps})
         unet = self.generator_unet()
+        more = [1] if p.onestep_timestep is not None else []  # its own one-step start
+        base_model = resolve_model_path(self.cfg.model.path)
+        if self.flow:  # LoRA only: FlowMatchEuler with stochastic sampling at its sigmas
+            sigmas = (self.lcm_timesteps(p.export_steps).double() / bb.schedule.t_max).tolist()
+            save_generator(bb, unet, out_dir, lora=True, scheduler="flow_stochastic")
+            write_model_card(out_dir, prompt=self.card_prompt(), method=self.method,
+                             base_model=base_model, steps=p.export_steps,
+                             guidance_scale=self.export_guidance_scale,
+                             scheduler="flow_stochastic", lora=True, kind=bb.kind,
+                             extra={"sigmas": sigmas, "w range": f"[{p.w_min}, {p.w_max}]"},
+                             code=flow_usage_code(model_id=str(out_dir), base_model=base_model,
+                                                  lora=True, sigmas=sigmas,
+                                                  prompt=self.card_prompt()))
+            write_export_info(out_dir, **self.eval_spec(unet).export_info(p.export_steps, more),
+                              method=self.method)
+            return out_dir
         save_generator(bb, unet, out_dir, lora=lora, scheduler="lcm",
                        scheduler_kwargs=sched_kwargs)
         gs = self.export_guidance_scale
@@ -378,7 +409,6 @@ class LCDTrainer(BackboneMixin, Trainer):
                    "1-step timestep (pass timesteps=[t] for one step)":
                        int(self.lcm_timesteps(1)[0])})
         # guidance_embedding True: the UNet embeds w = guidance_scale − 1 (no CFG pass)
-        more = [1] if p.onestep_timestep is not None else []  # its own one-step start
         write_export_info(out_dir, **self.eval_spec(unet).export_info(p.export_steps, more),
                           original_inference_steps=p.num_ddim_timesteps, method=self.method,
                           reward_networks=self.reward_networks())
@@ -466,6 +496,7 @@ REWARD_TERMS = {"direct": DirectReward, "lrm": LatentProxyReward}
 class RGLCDTrainer(LCDTrainer):
     method = "rglcd"
     config_class = RGLCDConfig
+    trains_flow_transformers = False  # the reward path is not wired for flow teachers
 
     def build(self) -> None:
         super().build()
