@@ -178,6 +178,39 @@ def _pil_bicubic_float(images: torch.Tensor, height: int, width: int) -> torch.T
     return torch.from_numpy(out)
 
 
+def _pil_bicubic_weights(in_size: int, out_size: int, device) -> torch.Tensor:
+    """PIL's antialiased bicubic resampling as an ``[out, in]`` float64 matrix: Pillow's
+    ``precompute_coeffs`` (Resample.c) with its bicubic filter (a = −0.5, support 2 scaled by
+    the downscale factor), each row normalised to sum 1."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    w = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)  # C's (int): truncation toward zero
+        hi = min(int(center + support + 0.5), in_size)
+        x = (torch.arange(lo, hi, dtype=torch.float64) - center + 0.5) / filterscale
+        ax = x.abs()
+        k = torch.where(ax < 1, (1.5 * ax - 2.5) * ax * ax + 1,
+                        torch.where(ax < 2, ((ax - 5) * ax + 8) * ax * -0.5 + 2.0, 0.0))
+        total = k.sum()
+        w[i, lo:hi] = k / total if total != 0 else k
+    return w.to(device)
+
+
+def _tensor_bicubic_float(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The "clean" resize on the images' own device (a GPU): Pillow's two passes —
+    horizontal, stored as float32, then vertical — with float64 weights and sums, clipped to
+    [0, 255]. Equal to :func:`_pil_bicubic_float` up to float32 rounding (tests: ≤ 1e-3)."""
+    x = images.to(torch.float64)
+    if x.shape[-1] != width:
+        x = (x @ _pil_bicubic_weights(x.shape[-1], width, x.device).T).float().double()
+    if x.shape[-2] != height:
+        x = _pil_bicubic_weights(x.shape[-2], height, x.device) @ x
+    return x.float().clamp_(0.0, 255.0)
+
+
 def _tf1_source_index(in_size: int, out_size: int, device: torch.device):
     # TF1 resize_bilinear(align_corners=False): src = dst * (in / out), no half-pixel shift.
     scale = in_size / out_size
@@ -196,16 +229,21 @@ def _tf1_bilinear(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return top + (bottom - top) * wy[:, None]
 
 
-def resize_uint8(images: torch.Tensor, size: int | tuple, mode: str = "clean") -> torch.Tensor:
+def resize_uint8(images: torch.Tensor, size: int | tuple, mode: str = "clean", *,
+                 on_device: bool = False) -> torch.Tensor:
     """Resize uint8 ``[N, C, H, W]`` images to ``size`` with the ``mode`` convention.
 
-    Returns float32 values in [0, 255] (not re-quantised). "clean" runs on the CPU (PIL) and
-    returns a CPU tensor; "legacy" runs on the input's device. See the module docstring.
+    Returns float32 values in [0, 255] (not re-quantised). "clean" runs on the CPU (PIL, the
+    reference) and returns a CPU tensor, or with ``on_device`` as tensor arithmetic on the
+    input's device (the same filter; for a GPU, where PIL's 1–2.5 ms per image would be the
+    bottleneck); "legacy" runs on the input's device. See the module docstring.
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"resize_uint8 expects uint8 NCHW, got {images.dtype} {tuple(images.shape)}")
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if mode == "clean":
+        if on_device:
+            return _tensor_bicubic_float(images, height, width)
         return _pil_bicubic_float(images, height, width)
     if mode == "legacy":
         return _tf1_bilinear(images.to(torch.float32), height, width)
@@ -217,12 +255,16 @@ def prepare_uint8(images: Any, size: int | tuple, resize_mode: str, device: torc
     """The input of a uint8 detector: ``(resize_uint8(to_uint8_rgb(images)) - mean) / std``
     as float32 on ``device``.
 
-    ``resize_mode="legacy"`` resizes on ``device``; any other mode resizes with "clean" on
-    the CPU and then moves the result to ``device``.
+    ``resize_mode="legacy"`` resizes on ``device``; any other mode resizes with "clean": on a
+    CUDA ``device`` as tensor arithmetic there, elsewhere with PIL on the CPU (the reference),
+    then moves the result to ``device``.
     """
     images = to_uint8_rgb(images)
+    device = torch.device(device)
     if resize_mode == "legacy":
         x = resize_uint8(images.to(device), size, "legacy")
+    elif device.type == "cuda":
+        x = resize_uint8(images.to(device), size, "clean", on_device=True)
     else:
         x = resize_uint8(images, size, "clean").to(device)
     return (x - mean) / std
