@@ -8,8 +8,11 @@ medians reported, ratios computed within this one run (the machine is noisy):
 * ``ours``    — ``diffdistill.sampling.generate(..., sampler="lcm")`` + VAE decode
 * ``floor``   — the bare UNet forward n times + one VAE decode on the same batch (no
   scheduler, no prompt encoding): the cost any sampler must pay.
+* ``compiled`` (with ``--compile``) — ``generate(..., compile=True)`` on a second copy of the
+  model (torch.compile of its UNet; CPU inductor or CUDA); its first call, which compiles, is
+  timed separately and reported as ``compile_s``.
 
-Run:  python benchmarks/sampler_vs_stock.py [--model DIR] [--steps 1 4] [--batch 16]
+Run:  python benchmarks/sampler_vs_stock.py [--model DIR] [--steps 1 4] [--batch 16] [--compile]
 Without --model it uses the embedded world's latent teacher if built, else a tiny
 SD-structured pipeline built from configs (stated in the output).
 """
@@ -39,7 +42,8 @@ def _default_model(tmp: Path) -> tuple[str, str]:
     return str(tmp / "tiny"), "tiny SD-structured pipeline (random weights)"
 
 
-def run(model_dir: str, steps_list: list[int], batch: int, repeats: int) -> dict:
+def run(model_dir: str, steps_list: list[int], batch: int, repeats: int,
+        with_compile: bool = False) -> dict:
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     from diffdistill.backbone import load_backbone
@@ -59,6 +63,8 @@ def run(model_dir: str, steps_list: list[int], batch: int, repeats: int) -> dict
     prompts = (prompts * batch)[:batch]
     seeds = list(range(batch))
     out = {"model": model_dir, "batch": batch, "resolution": res, "results": {}}
+    bb_c = load_backbone(model_dir) if with_compile else None  # compiled in place: a copy
+    model_c = LCMConsistency(bb_c.denoiser()) if with_compile else None
 
     def stock(n):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -73,6 +79,13 @@ def run(model_dir: str, steps_list: list[int], batch: int, repeats: int) -> dict
                         batch_size=batch, decode=bb.decode_latents, output="uint8",
                         progress=False)
 
+    def compiled(n):
+        return generate(model_c, seeds=seeds, shape=shape,
+                        cond_fn=lambda idx: bb_c.encode_prompts(prompts[idx], with_uncond=False),
+                        sampler="lcm", num_steps=n, timesteps=lcm_timesteps(n),
+                        batch_size=batch, decode=bb_c.decode_latents, output="uint8",
+                        progress=False, compile=True)
+
     cond = bb.encode_prompts(prompts, with_uncond=False)
     x = torch.randn(batch, *shape)
 
@@ -86,9 +99,18 @@ def run(model_dir: str, steps_list: list[int], batch: int, repeats: int) -> dict
         a, b = stock(n), ours(n)  # warm-up and the identity check
         diff = (a.int() - b.int()).abs().max().item()
         assert diff <= 1, f"images differ by {diff} uint8 levels at {n} steps"
-        times = {"stock": [], "ours": [], "floor": []}
+        contenders = [("stock", stock), ("ours", ours), ("floor", floor)]
+        compile_s = None
+        if with_compile:
+            t0 = time.perf_counter()
+            c = compiled(n)  # compiles (a new step count may recompile)
+            compile_s = time.perf_counter() - t0
+            cdiff = (a.int() - c.int()).abs().max().item()
+            assert cdiff <= 1, f"compiled images differ by {cdiff} uint8 levels at {n} steps"
+            contenders.append(("compiled", compiled))
+        times = {name: [] for name, _ in contenders}
         for _ in range(repeats):
-            for name, fn in (("stock", stock), ("ours", ours), ("floor", floor)):
+            for name, fn in contenders:
                 t0 = time.perf_counter()
                 fn(n)
                 times[name].append(time.perf_counter() - t0)
@@ -100,6 +122,9 @@ def run(model_dir: str, steps_list: list[int], batch: int, repeats: int) -> dict
             "speedup_vs_stock": med["stock"] / med["ours"],
             "ours_over_floor": med["ours"] / med["floor"],
         }
+        if with_compile:
+            out["results"][n].update(compile_s=compile_s,
+                                     compiled_speedup_vs_stock=med["stock"] / med["compiled"])
     return out
 
 
@@ -110,10 +135,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile contender")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model, what = (args.model, "user model") if args.model else _default_model(Path(tmp))
-        res = run(model, args.steps, args.batch, args.repeats)
+        res = run(model, args.steps, args.batch, args.repeats, args.compile)
     res["what"] = what
     res["machine"] = {"cpu": platform.processor() or platform.machine(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -126,6 +152,9 @@ def main() -> None:
         print(f"| {n} | {ips['stock']:.1f} | {ips['ours']:.1f} | {ips['floor']:.1f} | "
               f"{r['speedup_vs_stock']:.2f}x | {r['ours_over_floor']:.2f} | "
               f"{r['max_uint8_diff']} |")
+        if args.compile:
+            print(f"  compiled, {n} steps: {ips['compiled']:.1f} img/s = "
+                  f"{r['compiled_speedup_vs_stock']:.2f}x stock (compile {r['compile_s']:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

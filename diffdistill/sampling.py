@@ -583,9 +583,10 @@ def generate(model: DenoiserBase, *, seeds: Sequence[int], shape: Sequence[int],
     VAE picks its own precision). ``output``: "uint8" (NCHW images), "float" (images in
     [-1, 1], float32) or "latents" (the sampler's output before decoding). Runs under
     ``no_grad`` with the model in eval mode (its previous mode is restored). On CUDA,
-    ``autocast_dtype`` / ``channels_last`` / ``compile`` speed up the UNet; the latter two
-    change the UNet in place (memory format; ``nn.Module.compile``), which keeps its
-    state_dict keys. Returns a CPU tensor.
+    ``autocast_dtype`` / ``channels_last`` speed up the UNet; ``compile`` (any device: CPU
+    inductor too) compiles the denoising network with ``torch.compile``. ``channels_last``
+    and ``compile`` change the network in place (memory format; ``nn.Module.compile``, which
+    keeps its state_dict keys; the first call pays the compile time). Returns a CPU tensor.
     """
     from tqdm.auto import tqdm
 
@@ -603,11 +604,10 @@ def generate(model: DenoiserBase, *, seeds: Sequence[int], shape: Sequence[int],
           else default_timesteps(sampler, model.schedule, num_steps))
     cuda = device.type == "cuda"
     unet = _find_unet(model)
-    if cuda and unet is not None:
-        if channels_last:
-            unet.to(memory_format=torch.channels_last)
-        if compile and getattr(unet, "_compiled_call_impl", None) is None:
-            unet.compile()
+    if cuda and unet is not None and channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile and unet is not None and getattr(unet, "_compiled_call_impl", None) is None:
+        unet.compile()
     amp = (torch.autocast("cuda", dtype=autocast_dtype) if (cuda and autocast_dtype is not None)
            else contextlib.nullcontext())
 

@@ -70,7 +70,8 @@ class BenchConfig:
     out: str = "runs/bench"
     cache_dir: str | None = None  # reference statistics cache (default OUT/ref_stats)
     grid_samples: int = 8  # grid columns: the first seeds, the same for every row
-    warmup: bool = True  # one untimed batch before timing
+    warmup: bool = True  # one untimed batch before timing (always with compile)
+    compile: bool = False  # torch.compile each generator's network (CPU inductor or CUDA)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # weights of the generators
     imports: list[str] = field(default_factory=list)  # modules that register detectors

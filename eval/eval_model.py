@@ -32,6 +32,7 @@ class EvalModel:
     timesteps: Callable[[int], Any] | None = None
     sampler_opts: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    compile: bool = False  # torch.compile the network (the first batch pays the compile)
 
     def grid_for(self, steps: int) -> torch.Tensor:
         from diffdistill.sampling import default_timesteps
@@ -110,7 +111,8 @@ class EvalModel:
                         batch_size=batch_size or len(indices),
                         decode=None if bb.kind == "pixel" else bb.decode_latents,
                         output="uint8", progress=False, autocast_dtype=autocast_dtype,
-                        sampler_opts=self.sampler_options, device=bb.device)
+                        compile=self.compile, sampler_opts=self.sampler_options,
+                        device=bb.device)
 
     @property
     def sampler_options(self) -> dict:

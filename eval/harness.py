@@ -270,13 +270,14 @@ def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None)
     rows, grid_rows = [], []
     for spec in cfg.models:
         model = load_eval_model(spec, device=device, dtype=torch_dtype(cfg.dtype))
+        model.compile = cfg.compile
         for steps in spec.steps or recorded_step_counts(model.info):
             gen = generate_for_eval(model, seeds, num_steps=steps, prompts=prompts,
                                     detectors=detectors, clip=clip,
                                     clip_prefix=cfg.clip.prefix if cfg.clip else "",
                                     resolution=res, batch_size=cfg.batch_size,
                                     grid_samples=cfg.grid_samples, accelerator=acc,
-                                    progress=cfg.progress, warmup=cfg.warmup,
+                                    progress=cfg.progress, warmup=cfg.warmup or cfg.compile,
                                     autocast_dtype=autocast, classifier=classifier,
                                     keep_features=[pr_detector.name] if pr_detector else [])
             values = {metric_name(d): fid_from_stats(gen.stats[d.name], refs[d.name])

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CFG scale (1 = off; a full LCM embeds it instead); default: the "
                    "export's recorded value, or 1")
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network first (pays off for many images)")
     p.add_argument("--num", type=_positive_int, default=4, help="images per prompt")
     p.add_argument("--out", default="samples.png", help="output PNG (a grid)")
 

@@ -43,6 +43,7 @@ def sample_command(args) -> int:
                     timesteps=model.grid_for(steps) if model.sampler != "onestep" else None,
                     guidance_scale=model.guidance_scale if model.cfg_active else 1.0,
                     decode=None if bb.kind == "pixel" else bb.decode_latents, output="uint8",
+                    compile=getattr(args, "compile", False),
                     sampler_opts=model.sampler_opts or None)
     path = save_grid(imgs, args.out, nrow=args.num)
     print(f"wrote {len(items)} images ({model.sampler}, {steps} steps, guidance "
