@@ -551,21 +551,25 @@ def write_export_info(out_dir, *, sampler: str, steps: int, guidance_scale: floa
     return path
 
 
-def flow_usage_code(*, model_id: str, base_model: str, lora: bool, sigmas, prompt: str) -> str:
+def flow_usage_code(*, model_id: str, base_model: str, lora: bool, sigmas, prompt: str,
+                    t5: bool = True) -> str:
     """The model card's code for a flow student (SD3 class): the stock pipeline with
     ``FlowMatchEulerDiscreteScheduler`` at shift 1 with stochastic sampling (x0̂ = x − σ v̂,
     re-noised along the flow path: the toolkit's multistep consistency sampler), called with
-    the student's own ``sigmas``."""
-    load = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model!r})\n"
+    the student's own ``sigmas``. ``t5=False``: the folders have no T5, which the stock
+    ``from_pretrained`` must be told (``text_encoder_3=None, tokenizer_3=None``)."""
+    extra = "" if t5 else ", text_encoder_3=None, tokenizer_3=None"
+    load = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model!r}{extra})\n"
             f"pipe.load_lora_weights({model_id!r})\n" if lora else
-            f"pipe = StableDiffusion3Pipeline.from_pretrained({model_id!r})\n")
+            f"pipe = StableDiffusion3Pipeline.from_pretrained({model_id!r}{extra})\n")
     return ("import torch\n"
             "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline\n"
             + load +
             "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(\n"
             "    pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False,\n"
             "    stochastic_sampling=True)\n"
-            f"image = pipe({prompt!r}, sigmas={list(sigmas)}, guidance_scale=1.0).images[0]")
+            f"image = pipe({prompt!r}, sigmas={list(sigmas)}, guidance_scale=1.0).images[0]\n"
+            "image.save(\"sample.png\")\n")
 
 
 def write_model_card(

@@ -242,13 +242,15 @@ def _dmd2(sd3_dir, out, timesteps, adapter="full"):
 
 @pytest.mark.parametrize("adapter", ["full", "lora"])
 def test_dmd2_one_step_on_a_flow_teacher_exports_for_the_stock_pipeline(sd3_dir, tmp_path,
-                                                                       adapter):
+                                                                       adapter, monkeypatch):
     """One-step DMD2 (distribution matching, no GAN) on the tiny SD3: it trains, and the export
     — a pipeline folder or a LoRA, with FlowMatchEuler at shift 1 and the trained sigma —
     gives the trainer's own one-step samples in the stock StableDiffusion3Pipeline."""
     import json
 
     from diffusers import StableDiffusion3Pipeline
+
+    from diffdistill.export import card_code
 
     tr = _dmd2(sd3_dir, tmp_path / "run", [999], adapter)
     tr.fit()
@@ -278,6 +280,9 @@ def test_dmd2_one_step_on_a_flow_teacher_exports_for_the_stock_pipeline(sd3_dir,
     assert (((before + 1) / 2).clamp(0, 1) - ref).abs().max() > 1e-3  # the generator trained
     code = (out / "README.md").read_text()
     assert "stochastic_sampling=True" in code and "sigmas=[0.999]" in code
+    monkeypatch.chdir(tmp_path)  # the model card's code runs as written
+    exec(card_code(out / "README.md"), {})
+    assert (tmp_path / "sample.png").exists()
 
 
 def test_dmd2_multistep_on_a_flow_teacher_renoises_along_the_flow_path(sd3_dir, tmp_path):
@@ -346,7 +351,8 @@ def test_the_sd3_dmd2_config_runs_one_cycle_on_a_tiny_sd3(sd3_dir, tmp_path):
     assert info["timesteps"] == [999, 900, 750, 500]
 
 
-def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tmp_path):
+def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tmp_path,
+                                                                     monkeypatch):
     """LCD (LCM-LoRA) on the tiny SD3: the solver step is Euler along the flow ODE with the
     guided teacher velocity (x_end = x_start + (σ_end − σ_start) v̂_w), the consistency
     function is x0̂ = x − σ v̂ itself, and the LoRA export samples one step in the stock
@@ -356,6 +362,7 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
     from helpers import tiny_run_data
 
     from diffdistill.config import ConfigError, build_config
+    from diffdistill.export import card_code
 
     def cfg(adapter, out):
         return build_config(LCDTrainer.config_class, tiny_run_data(
@@ -400,6 +407,9 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
                     decode=bb.decode_latents, output="float", progress=False)
     assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
     assert "sigmas=[0.999, 0.759, 0.499, 0.259]" in (out / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the model card's code runs as written (4 steps)
+    exec(card_code(out / "README.md"), {})
+    assert (tmp_path / "sample.png").exists()
 
 
 def test_the_sd3_lcm_lora_config_runs_one_step_on_a_tiny_sd3(sd3_dir, tmp_path):

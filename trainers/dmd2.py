@@ -480,7 +480,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
         write_export_info(out, **self.eval_spec(unet).export_info(len(sigmas)),
                           method=self.method)
         code = flow_usage_code(model_id=str(out), base_model=base_model, lora=self.lora,
-                               sigmas=sigmas, prompt=self.card_prompt())
+                               sigmas=sigmas, prompt=self.card_prompt(),
+                               t5=bb.text_encoder_3 is not None)
         write_model_card(out, prompt=self.card_prompt(), method=self.method,
                          base_model=base_model, steps=len(sigmas), guidance_scale=1.0,
                          scheduler="flow_stochastic", lora=self.lora, kind=bb.kind,

@@ -393,7 +393,8 @@ class LCDTrainer(BackboneMixin, Trainer):
                              extra={"sigmas": sigmas, "w range": f"[{p.w_min}, {p.w_max}]"},
                              code=flow_usage_code(model_id=str(out_dir), base_model=base_model,
                                                   lora=True, sigmas=sigmas,
-                                                  prompt=self.card_prompt()))
+                                                  prompt=self.card_prompt(),
+                                                  t5=bb.text_encoder_3 is not None))
             write_export_info(out_dir, **self.eval_spec(unet).export_info(p.export_steps, more),
                               method=self.method)
             return out_dir
