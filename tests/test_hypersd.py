@@ -631,6 +631,46 @@ def test_one_step_conditioning_timestep_trains_samples_and_exports(sd_dir, tmp_p
     assert "599" in (out / "README.md").read_text()
 
 
+def test_one_step_sample_timestep_apart_from_the_training_one(sd_dir, tmp_path):
+    """score_distill.timestep = 599 trains the one-step generator; sample_timestep = 699 is
+    where the unified LoRA samples one step: the trainer's grid, the export record, the bench
+    and the card all say 699, and the stock pipeline called with timesteps=[699] reproduces it."""
+    from diffdistill.eval.bench_config import BenchModel
+    from diffdistill.eval.eval_model import load_eval_model
+    from diffusers import StableDiffusionPipeline
+
+    from diffdistill.config import ConfigError
+
+    stages = [{"segments": 1, "score_distill": True}]
+    tr = HyperSDTrainer(make_cfg(sd_dir, tmp_path / "run", adapter="full", steps=1, lr=1e-3,
+                                 stages=stages, hypersd={"score_distill": {
+                                     "timestep": 599, "sample_timestep": 699}}))
+    tr.fit()
+    _, t = tr.onestep_input(tr.backbone.encode_prompts(PROMPTS))
+    assert t.tolist() == [599.0, 599.0]  # training input: unchanged
+    assert tr.tcd_timesteps(1).tolist() == [699] and tr.tcd_timesteps(2).tolist() == [999, 499]
+    out = tmp_path / "run" / "export"
+    info = json.loads((out / "diffdistill_export.json").read_text())
+    assert info["timesteps_by_steps"] == {"1": [699]}
+    assert load_eval_model(BenchModel(name="h", path=str(out))).grid_for(1).tolist() == [699.0]
+    assert "| 1-step timestep (pass timesteps=[t] for one step) | 699 |" in (
+        out / "README.md").read_text()
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        stock = pipe(PROMPTS, timesteps=[699], guidance_scale=1.0, eta=0.3, generator=gens,
+                     output_type="pt", height=32, width=32).images
+    bb = tr.backbone
+    ours = generate(bb.denoiser(tr.unwrap(tr.unet)), seeds=[3, 4], shape=(4, 16, 16),
+                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl]), sampler="tcd",
+                    num_steps=1, timesteps=torch.tensor([699]), decode=bb.decode_latents,
+                    output="float", progress=False, sampler_opts={"gamma": 0.3})
+    assert (stock - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    with pytest.raises(ConfigError, match=r"hypersd.score_distill.sample_timestep=1000"):
+        HyperSDTrainer(make_cfg(sd_dir, tmp_path / "bad", adapter="full", stages=stages,
+                                hypersd={"score_distill": {"sample_timestep": 1000}})).setup()
+
+
 # ----------------------------------------------------------------------------- configs
 
 

@@ -139,6 +139,9 @@ class ScoreDistillSection:
     # the one-step generator's conditioning timestep (None: T−1), also the unified LoRA's
     # 1-step sampling timestep; Hyper-SDXL's 1-step UNet starts at 800 (docs/one_step.md)
     timestep: Optional[int] = None
+    # where the unified LoRA samples ONE step, when not at ``timestep`` (the world's toy:
+    # trained at 599, sampled at 699 — 1.31x instead of 1.59x the teacher, docs/one_step.md)
+    sample_timestep: Optional[int] = None
 
 
 @dataclass
@@ -342,9 +345,10 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         N = p.num_ddim_timesteps
         if N > T:
             raise ConfigError(f"hypersd.num_ddim_timesteps={N} exceeds the teacher's T={T}")
-        tc = p.score_distill.timestep
-        if tc is not None and not 0 < tc < T:
-            raise ConfigError(f"hypersd.score_distill.timestep={tc} must be in (0, T={T})")
+        for key in ("timestep", "sample_timestep"):
+            tc = getattr(p.score_distill, key)
+            if tc is not None and not 0 < tc < T:
+                raise ConfigError(f"hypersd.score_distill.{key}={tc} must be in (0, T={T})")
         from diffdistill.sampling import lcm_timesteps
 
         self.T, self.skip = T, T // N
@@ -632,12 +636,20 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         """The network to sample from / export (the evaluation EMA when train.ema_decay > 0)."""
         return self.ema_or_online("unet", self.unet)
 
+    @property
+    def onestep_sample_timestep(self) -> Optional[int]:
+        """Where one-step sampling starts (``sample_timestep``, else ``timestep``; None: the
+        TCD grid's own first point)."""
+        sd = self.cfg.hypersd.score_distill
+        t = sd.sample_timestep if sd.sample_timestep is not None else sd.timestep
+        return None if t is None else int(t)
+
     def tcd_timesteps(self, num_steps: int) -> Tensor:
-        """TCD's grid for ``num_steps``; one step starts at the one-step generator's timestep."""
+        """TCD's grid for ``num_steps``; one step starts at :attr:`onestep_sample_timestep`."""
         from diffdistill.sampling import tcd_timesteps
 
-        if num_steps == 1 and self.cfg.hypersd.score_distill.timestep is not None:
-            return torch.tensor([self.onestep_timestep], dtype=torch.int64)
+        if num_steps == 1 and self.onestep_sample_timestep is not None:
+            return torch.tensor([self.onestep_sample_timestep], dtype=torch.int64)
         return tcd_timesteps(num_steps, self.cfg.hypersd.num_ddim_timesteps,
                              num_train_timesteps=self.T)
 
@@ -679,9 +691,10 @@ class HyperSDTrainer(BackboneMixin, Trainer):
                    "TCD gamma (diffusers eta)": p.gamma,
                    "stages (segments, steps)": " → ".join(stages),
                    "teacher CFG w range": f"[{p.w_min}, {p.w_max}]",
-                   "1-step timestep (pass timesteps=[t] for one step)": self.onestep_timestep,
+                   "1-step timestep (pass timesteps=[t] for one step)":
+                       int(self.tcd_timesteps(1)[0]),
                    "DDIM solver timesteps": N})
-        more = [1] if p.score_distill.timestep is not None else []  # its own one-step start
+        more = [1] if self.onestep_sample_timestep is not None else []  # its one-step start
         write_export_info(out_dir, **self.eval_spec(unet).export_info(p.export_steps, more),
                           served_steps=list(p.served_steps), original_inference_steps=N,
                           method=self.method, adapter=self.cfg.adapter.type,
