@@ -596,13 +596,30 @@ def test_full_export_is_a_stock_pipeline_with_tcd(sd_v_dir, tmp_path):
     assert (_stock(teacher, 1, 0.5) - _stock(pipe, 1, 0.5)).abs().max() > 1e-4  # it trained
 
 
+def _stock_one_step_gap(tr, out, t: int) -> float:
+    """Max difference between the stock SD pipeline called with timesteps=[t] (TCD, eta 0.3)
+    on the export ``out`` and the trainer's own one-step TCD sampler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        stock = pipe(PROMPTS, timesteps=[t], guidance_scale=1.0, eta=0.3, generator=gens,
+                     output_type="pt", height=32, width=32).images
+    bb = tr.backbone
+    ours = generate(bb.denoiser(tr.unwrap(tr.unet)), seeds=[3, 4], shape=(4, 16, 16),
+                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl]), sampler="tcd",
+                    num_steps=1, timesteps=torch.tensor([t]), decode=bb.decode_latents,
+                    output="float", progress=False, sampler_opts={"gamma": 0.3})
+    return float((stock - ((ours + 1) / 2).clamp(0, 1)).abs().max())
+
+
 def test_one_step_conditioning_timestep_trains_samples_and_exports(sd_dir, tmp_path):
     """score_distill.timestep = 599: the DM sample is x0̂_θ(ε, 599), TCD's one-step grid is
     [599] (more steps unchanged), the export records it, the bench reads it back, and a stock
     pipeline called with timesteps=[599] reproduces the trainer's one-step sampler."""
     from diffdistill.eval.bench_config import BenchModel
     from diffdistill.eval.eval_model import load_eval_model
-    from diffusers import StableDiffusionPipeline
 
     stages = [{"segments": 1, "score_distill": True}]
     tr = HyperSDTrainer(make_cfg(sd_dir, tmp_path / "run", adapter="full", steps=2, lr=1e-3,
@@ -617,17 +634,7 @@ def test_one_step_conditioning_timestep_trains_samples_and_exports(sd_dir, tmp_p
     info = json.loads((out / "diffdistill_export.json").read_text())
     assert info["timesteps_by_steps"] == {"1": [599]}
     assert load_eval_model(BenchModel(name="h", path=str(out))).grid_for(1).tolist() == [599.0]
-    pipe = StableDiffusionPipeline.from_pretrained(str(out))
-    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    with torch.no_grad():
-        stock = pipe(PROMPTS, timesteps=[599], guidance_scale=1.0, eta=0.3, generator=gens,
-                     output_type="pt", height=32, width=32).images
-    bb = tr.backbone
-    ours = generate(bb.denoiser(tr.unwrap(tr.unet)), seeds=[3, 4], shape=(4, 16, 16),
-                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl]), sampler="tcd",
-                    num_steps=1, timesteps=torch.tensor([599]), decode=bb.decode_latents,
-                    output="float", progress=False, sampler_opts={"gamma": 0.3})
-    assert (stock - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    assert _stock_one_step_gap(tr, out, 599) <= 1e-4
     assert "599" in (out / "README.md").read_text()
 
 
@@ -637,7 +644,6 @@ def test_one_step_sample_timestep_apart_from_the_training_one(sd_dir, tmp_path):
     and the card all say 699, and the stock pipeline called with timesteps=[699] reproduces it."""
     from diffdistill.eval.bench_config import BenchModel
     from diffdistill.eval.eval_model import load_eval_model
-    from diffusers import StableDiffusionPipeline
 
     from diffdistill.config import ConfigError
 
@@ -655,17 +661,7 @@ def test_one_step_sample_timestep_apart_from_the_training_one(sd_dir, tmp_path):
     assert load_eval_model(BenchModel(name="h", path=str(out))).grid_for(1).tolist() == [699.0]
     assert "| 1-step timestep (pass timesteps=[t] for one step) | 699 |" in (
         out / "README.md").read_text()
-    pipe = StableDiffusionPipeline.from_pretrained(str(out))
-    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    with torch.no_grad():
-        stock = pipe(PROMPTS, timesteps=[699], guidance_scale=1.0, eta=0.3, generator=gens,
-                     output_type="pt", height=32, width=32).images
-    bb = tr.backbone
-    ours = generate(bb.denoiser(tr.unwrap(tr.unet)), seeds=[3, 4], shape=(4, 16, 16),
-                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl]), sampler="tcd",
-                    num_steps=1, timesteps=torch.tensor([699]), decode=bb.decode_latents,
-                    output="float", progress=False, sampler_opts={"gamma": 0.3})
-    assert (stock - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    assert _stock_one_step_gap(tr, out, 699) <= 1e-4
     with pytest.raises(ConfigError, match=r"hypersd.score_distill.sample_timestep=1000"):
         HyperSDTrainer(make_cfg(sd_dir, tmp_path / "bad", adapter="full", stages=stages,
                                 hypersd={"score_distill": {"sample_timestep": 1000}})).setup()
