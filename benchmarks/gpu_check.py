@@ -37,6 +37,7 @@ Output: ``$OUT/results.json`` and ``$OUT/results.md`` (``$OUT`` defaults to ./gp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -293,7 +294,8 @@ def _trainer_config(ctx: Ctx, case: dict, out_dir: Path) -> dict:
                   "frozen_dtype": "bf16" if ctx.bf16 else "fp32"},
         "data": {"kind": "fashion_mnist", "resolution": res, "limit": 16},
         "train": {"max_steps": 1000, "batch_size": case["bs"], "checkpoint_every": 0,
-                  "mixed_precision": "bf16" if ctx.bf16 else "no", "cpu": not ctx.cuda},
+                  "mixed_precision": "bf16" if ctx.bf16 else "no", "cpu": not ctx.cuda,
+                  "compile": bool(ctx.args.compile)},
         "log": {"progress": False, "tensorboard": False},
     }
     return deep_merge(data, case["over"])
@@ -339,6 +341,7 @@ def train_stage(ctx: Ctx, name: str, case: dict) -> dict:
         "model": "sdxl" if case["sdxl"] else "sd15", "resolution": data["data"]["resolution"],
         "batch_size": case["bs"], "precision": "bf16" if ctx.bf16 else "fp32",
         "gradient_checkpointing": bool(data["model"].get("gradient_checkpointing", False)),
+        "compiled": data["train"]["compile"],
         "warmup_steps": warm, "measured_steps": meas,
         "s_per_step": dt, "it_per_s": 1.0 / dt,
         "last_logs": {k: float(v) for k, v in (logs or {}).items()
@@ -353,9 +356,12 @@ def train_stage(ctx: Ctx, name: str, case: dict) -> dict:
     # FLOPs: one extra (untimed) step under the counter, same step parity as the first
     # measured one, so the count matches what was timed on average for the G/D alternation.
     flops = []
+    # Compiled kernels do not pass the dispatcher the counter hooks: count in eager mode.
     for _ in range(2 if "dmd2" in data else 1):
         counter = FlopCounterMode(display=False)
-        with counter:
+        stance = (torch.compiler.set_stance("force_eager") if data["train"]["compile"]
+                  else contextlib.nullcontext())
+        with counter, stance:
             tr.global_step = step
             tr.train_step(batch)
             step += 1
@@ -580,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--launch-timeout", "--fsdp-timeout", dest="launch_timeout", type=int,
                    default=240, help="seconds per accelerate-launch stage")
     p.add_argument("--only", nargs="*", default=None, help="run only these stages")
+    p.add_argument("--compile", action="store_true",
+                   help="train stages with train.compile=true (the warm-up steps compile)")
     args = p.parse_args(argv)
     if args.warmup is None:
         args.warmup = 1 if args.tiny else 2

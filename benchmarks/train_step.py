@@ -53,6 +53,15 @@ the median over rounds; step/floor is the median of the rounds' ratios.
         [--warmup 5] [--batch N] [--set KEY=VALUE] [--device cpu|cuda] [--threads N]
         [--json out.json]
     python benchmarks/train_step.py --profile lcd   # cProfile of a few steps of one case
+    python benchmarks/train_step.py --compile --cases lcd-lora ...  # train.compile vs eager
+
+``--compile`` runs every case twice, eager and with ``train.compile=true`` (the compiled
+twin right after the eager one in every round, same seed and batches, timed without the
+hooks: dynamo would trace them). Its table gives the step times, compiled / eager (median of
+the rounds' ratios), the compile time (the warm-up's wall time beyond as many compiled
+steps) and the loss drift (largest relative difference of the logged losses, compiled vs
+eager, over the warm-up and over the whole run: the two runs see the same batches and noise,
+so this is the compiled arithmetic's effect on the training trajectory).
 
 The goal of the performance issue is step/floor <= 1.15.
 """
@@ -72,7 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from diffdistill.trainers.compiling import ENTRY_METHODS, find_networks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,46 +155,6 @@ def build_trainer(case: Case, out_dir, device: str = "cpu", batch: int | None = 
     return tr, tr._batches()
 
 
-# ----------------------------------------------------------------------------- networks
-
-
-def find_networks(trainer) -> dict[int, tuple[str, nn.Module]]:
-    """The trainer's top-level networks: id -> (shortest attribute path, module).
-
-    Breadth-first over the trainer's attributes, descending into dicts, lists, tuples and
-    diffdistill helper objects (the backbone, reward terms, EMAs). An ``nn.Module`` found is
-    a network — except the Denoiser / LCMConsistency wrappers, which are looked through —
-    and its submodules are not visited (they run inside it)."""
-    from diffdistill.denoiser import DenoiserBase
-
-    found: dict[int, tuple[str, nn.Module]] = {}
-    seen: set[int] = set()
-    queue: list[tuple[str, object]] = [(k, v) for k, v in vars(trainer).items()]
-    while queue:
-        nxt: list[tuple[str, object]] = []
-        for path, obj in queue:
-            if id(obj) in seen or obj is None or isinstance(obj, (str, int, float, bool)):
-                continue
-            seen.add(id(obj))
-            if isinstance(obj, DenoiserBase):
-                nxt += [(f"{path}.{n}", c) for n, c in obj.named_children()]
-            elif isinstance(obj, nn.Module):
-                found.setdefault(id(obj), (path, obj))
-            elif isinstance(obj, dict):
-                nxt += [(f"{path}[{k}]", v) for k, v in obj.items()]
-            elif isinstance(obj, (list, tuple)):
-                nxt += [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
-            elif (type(obj).__module__.startswith("diffdistill")
-                  and hasattr(obj, "__dict__") and not isinstance(obj, type)):
-                nxt += [(f"{path}.{k}", v) for k, v in vars(obj).items()]
-        queue = nxt
-    return found
-
-
-#: network methods that run the network without going through ``forward`` (the VAE)
-ENTRY_METHODS = ("encode", "decode")
-
-
 class _Clock:
     """Marks on CPU (perf_counter seconds) or CUDA (recorded events); spans in ms."""
 
@@ -207,8 +176,11 @@ class StepRecorder:
     """Hooks that time one trainer's network work (see the module docstring); use as a
     context manager around the iterations, then :meth:`step` for each one."""
 
-    def __init__(self, trainer, cuda: bool = False):
+    def __init__(self, trainer, cuda: bool = False, hooks: bool = True):
         self.trainer = trainer
+        # a compiled trainer is timed without hooks: dynamo would trace them into its graphs
+        self.hooks = hooks
+        self.logs: dict[str, float] = {}  # the last iteration's logged scalars
         self.clock = _Clock(cuda)
         self.cuda = cuda
         self.networks = find_networks(trainer)
@@ -269,6 +241,8 @@ class StepRecorder:
         self._restore.append((obj, attr, had, old))
 
     def __enter__(self):
+        if not self.hooks:
+            return self
         for path, module in self.networks.values():
             self._handles.append(module.register_forward_pre_hook(
                 lambda m, a, p=path: self._enter(p)))
@@ -324,7 +298,7 @@ class StepRecorder:
         if self.cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        self.trainer.train_iteration(TimedBatches())
+        self.logs = self.trainer.train_iteration(TimedBatches())
         if self.cuda:
             torch.cuda.synchronize()
         step_ms = (time.perf_counter() - t0) * 1e3
@@ -342,7 +316,8 @@ class StepRecorder:
                 counts[name] += 1
         floor = parts["forward"] + parts["backward"] + parts["optimizer"]
         other = step_ms - floor - parts["data"] - parts["ema"]
-        return {"step_ms": step_ms, "floor_ms": floor, **{f"{k}_ms": v for k, v in parts.items()},
+        return {"step_ms": step_ms, "floor_ms": floor or float("nan"),
+                **{f"{k}_ms": v for k, v in parts.items()},
                 "other_ms": other, "forward_ms_by_network": per_net, "forward_calls": calls,
                 "backward_calls": counts["backward"], "optimizer_steps": counts["optimizer"],
                 "clip_calls": counts["clip_grad_norm"]}
@@ -359,6 +334,8 @@ class Result:
     batch: int
     rounds: list[dict] = field(default_factory=list)  # per round: means of its steps
     steps: list[dict] = field(default_factory=list)  # every timed step
+    warmup_s: list[float] = field(default_factory=list)  # each warm-up iteration's wall time
+    losses: list[dict] = field(default_factory=list)  # every iteration's loss* scalars
 
     def summary(self) -> dict:
         med = {k: statistics.median(r[k] for r in self.rounds)
@@ -385,35 +362,98 @@ def _mean_round(steps: list[dict]) -> dict:
     return {k: statistics.fmean(s[k] for s in steps) for k in keys}
 
 
+#: the suffix of a case run with ``train.compile=true`` (``--compile``)
+COMPILED = "+compile"
+
+
+def _losses(logs: dict) -> dict[str, float]:
+    return {k: v for k, v in logs.items() if k.startswith("loss")}
+
+
 def run(cases: list[str], rounds: int = 5, steps: int = 5, warmup: int = 5,
         batch: int | None = None, device: str = "cpu", model: str | None = None,
-        extra=(), out_root: str | None = None, log=print) -> list[Result]:
+        extra=(), out_root: str | None = None, log=print, compile: bool = False
+        ) -> list[Result]:
     """Build every case, warm it up, then interleave ``rounds`` rounds of ``steps`` timed
-    iterations per case. Returns one :class:`Result` per case."""
+    iterations per case. Returns one :class:`Result` per case. ``compile``: each case also
+    runs with ``train.compile=true`` (named ``CASE+compile``, timed right after its eager
+    twin, from the same seed and batches; the first warm-up iteration pays the compile)."""
     cuda = device == "cuda"
+    names = [n for c in cases for n in ((c, c + COMPILED) if compile else (c,))]
     with contextlib.ExitStack() as stack:
         root = out_root or stack.enter_context(tempfile.TemporaryDirectory())
-        built = {}
-        for name in cases:
+        built, results = {}, {}
+        for name in names:
+            base, compiled = name.removesuffix(COMPILED), name.endswith(COMPILED)
             t0 = time.perf_counter()
-            tr, batches = build_trainer(CASES[name], Path(root) / name, device, batch, model,
-                                        extra)
+            tr, batches = build_trainer(CASES[base], Path(root) / name, device, batch, model,
+                                        (*extra, "train.compile=true") if compiled else extra)
+            res = results[name] = Result(name, CASES[base].config, tr.cfg.adapter.type,
+                                         tr.cfg.train.batch_size)
             for _ in range(warmup):
-                tr.train_iteration(batches)
-            built[name] = (tr, batches, StepRecorder(tr, cuda))
+                w0 = time.perf_counter()
+                res.losses.append(_losses(tr.train_iteration(batches)))
+                res.warmup_s.append(time.perf_counter() - w0)
+            built[name] = (tr, batches, StepRecorder(tr, cuda, hooks=not compiled))
             log(f"built {name} ({tr.cfg.adapter.type}, batch {tr.cfg.train.batch_size}, "
                 f"{len(built[name][2].networks)} networks) in {time.perf_counter() - t0:.1f} s")
-        results = {n: Result(n, CASES[n].config, built[n][0].cfg.adapter.type,
-                             built[n][0].cfg.train.batch_size) for n in cases}
         for r in range(rounds):
-            for name in cases:
+            for name in names:
                 tr, batches, rec = built[name]
                 with rec:
-                    timed = [rec.step(batches) for _ in range(steps)]
-                results[name].steps += timed
-                results[name].rounds.append(_mean_round(timed))
+                    for _ in range(steps):
+                        results[name].steps.append(rec.step(batches))
+                        results[name].losses.append(_losses(rec.logs))
+                results[name].rounds.append(_mean_round(results[name].steps[-steps:]))
             log(f"round {r + 1}/{rounds} done")
-    return [results[n] for n in cases]
+    return [results[n] for n in names]
+
+
+def _loss_drift(eager: Result, comp: Result, first: int | None = None) -> float:
+    """Largest relative difference of a logged loss, compiled vs eager (first iterations)."""
+    worst = 0.0
+    for a, b in list(zip(eager.losses, comp.losses))[:first]:
+        for k, v in a.items():
+            if k in b:
+                worst = max(worst, abs(b[k] - v) / max(abs(v), 1e-12))
+    return worst
+
+
+def compile_rows(results: list[Result]) -> list[dict]:
+    """Each compiled case against its eager twin: step times (medians over rounds), their
+    ratio (median of the rounds' ratios: the two ran back to back in every round), the
+    compile time (the warm-up's extra wall time over as many compiled steps) and how far the
+    compiled losses drift from the eager ones (largest relative difference over the first
+    ``warmup`` iterations, and over the whole run)."""
+    by_name = {r.case: r for r in results}
+    rows = []
+    for comp in results:
+        if not comp.case.endswith(COMPILED):
+            continue
+        eager = by_name[comp.case.removesuffix(COMPILED)]
+        ratios = [c["step_ms"] / e["step_ms"] for c, e in zip(comp.rounds, eager.rounds)]
+        step_c = statistics.median(r["step_ms"] for r in comp.rounds)
+
+        rows.append({"case": eager.case, "adapter": eager.adapter, "batch": eager.batch,
+                     "eager_step_ms": statistics.median(r["step_ms"] for r in eager.rounds),
+                     "compiled_step_ms": step_c,
+                     "compiled_over_eager": statistics.median(ratios),
+                     "compile_s": sum(comp.warmup_s) - len(comp.warmup_s) * step_c / 1e3,
+                     "loss_drift_warmup": _loss_drift(eager, comp, len(comp.warmup_s)),
+                     "loss_drift_all": _loss_drift(eager, comp)})
+    return rows
+
+
+def compile_table(rows: list[dict]) -> str:
+    lines = ["| trainer | adapter | batch | eager step ms | compiled step ms | compiled / eager "
+             "| compile s | loss drift, warm-up / all steps |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['adapter']} | {r['batch']} | "
+                     f"{r['eager_step_ms']:.1f} | {r['compiled_step_ms']:.1f} | "
+                     f"**{r['compiled_over_eager']:.2f}** | {r['compile_s']:.0f} | "
+                     f"{r['loss_drift_warmup']:.1e} / {r['loss_drift_all']:.1e} |")
+    return "\n".join(lines)
 
 
 def profile(name: str, steps: int = 5, warmup: int = 5, batch: int | None = None,
@@ -442,6 +482,8 @@ def table(results: list[Result]) -> str:
               "| biggest non-network cost | forward calls per step |"),
              "|---|---|---:|---:|---:|---:|---|---|---|"]
     for res in results:
+        if res.case.endswith(COMPILED):  # no hooks, no floor: see compile_table
+            continue
         s = res.summary()
         calls = ", ".join(f"{k}×{v:g}" for k, v in s["forward_calls_per_step"].items())
         lines.append(
@@ -474,6 +516,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default=None, choices=sorted(CASES),
                     help="print a cProfile of one case instead of the table")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run every case with train.compile=true, interleaved with its "
+                         "eager twin; prints the compiled / eager table")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -483,7 +528,8 @@ def main(argv=None) -> int:
                       args.model, args.extra))
         return 0
     results = run(args.cases, args.rounds, args.steps, args.warmup, args.batch, args.device,
-                  args.model, args.extra, log=lambda m: print(m, file=sys.stderr))
+                  args.model, args.extra, log=lambda m: print(m, file=sys.stderr),
+                  compile=args.compile)
     machine = {"cpu": platform.processor() or platform.machine(), "device": args.device,
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.device == "cuda":
@@ -491,10 +537,15 @@ def main(argv=None) -> int:
     print(f"{args.rounds} interleaved rounds x {args.steps} steps per case after "
           f"{args.warmup} warm-up steps; medians over rounds; {machine}")
     print(table(results))
+    rows = compile_rows(results)
+    if rows:
+        print()
+        print(compile_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"machine": machine, "args": vars(args),
-             "results": [{**r.summary(), "per_round": r.rounds, "per_step": r.steps}
+            {"machine": machine, "args": vars(args), "compile": rows,
+             "results": [{**r.summary(), "per_round": r.rounds, "per_step": r.steps,
+                          "warmup_s": r.warmup_s, "losses": r.losses}
                          for r in results]}, indent=1))
     return 0
 

@@ -86,6 +86,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables the evaluation EMA
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping
     cpu: bool = False  # force CPU even when CUDA is present
+    compile: bool = False  # torch.compile every network the trainer runs (trainers/compiling.py)
 
 
 @dataclass

@@ -166,6 +166,25 @@ def test_run_interleaves_and_reports_lcm_lora(tmp_path):
     assert row.startswith("| lcd-lora | lora | 2 |") and "unet×3" in row
 
 
+def test_compile_rows_pair_each_compiled_case_with_its_eager_twin():
+    R = train_step.Result
+    eager = R("lcd-lora", "c", "lora", 32, rounds=[{"step_ms": 100.0}, {"step_ms": 120.0}],
+              warmup_s=[0.1, 0.1], losses=[{"loss": 1.0}, {"loss": 0.5}, {"loss": 0.25}])
+    comp = R("lcd-lora+compile", "c", "lora", 32,
+             rounds=[{"step_ms": 70.0}, {"step_ms": 96.0}], warmup_s=[60.0, 0.08],
+             losses=[{"loss": 1.0}, {"loss": 0.5 * (1 + 2e-6)}, {"loss": 0.25 * (1 + 1e-3)}])
+    (row,) = train_step.compile_rows([eager, comp])
+    assert row["case"] == "lcd-lora"
+    assert row["eager_step_ms"] == 110.0 and row["compiled_step_ms"] == 83.0
+    assert row["compiled_over_eager"] == pytest.approx((0.7 + 0.8) / 2)  # per-round ratios
+    assert row["compile_s"] == pytest.approx(60.08 - 2 * 0.083)
+    assert row["loss_drift_warmup"] == pytest.approx(2e-6)  # the first two iterations
+    assert row["loss_drift_all"] == pytest.approx(1e-3)
+    line = train_step.compile_table([row]).splitlines()[-1]
+    assert line.startswith("| lcd-lora | lora | 32 | 110.0 | 83.0 | **0.75** | 60 |")
+    assert train_step.table([comp]).count("\n") == 1  # header only: no floor without hooks
+
+
 # ----------------------------------------------------------------------------- memory
 
 

@@ -240,6 +240,15 @@ def test_train_batch_option_sets_the_sd15_batch(gc, tmp_path):
     assert s["status"] == "ok" and s["batch_size"] == 3
 
 
+def test_compile_option_compiles_the_train_stages_and_counts_the_same_flops(gc, tmp_path):
+    args = ["--tiny", "--cpu", "--only", "train_lcd_lora", "--train-batch", "2"]
+    eager = gc.main([*args, "--out", str(tmp_path / "e")])["stages"]["train_lcd_lora"]
+    comp = gc.main([*args, "--out", str(tmp_path / "c"), "--compile"])["stages"]["train_lcd_lora"]
+    assert comp["status"] == "ok" and comp["compiled"] and not eager["compiled"]
+    # the FLOPs of a compiled step are counted in eager mode: the same network work
+    assert comp["flops_per_step"] == eager["flops_per_step"] > 0
+
+
 def test_launch_stage_command_config_and_environment(gc, tmp_path, monkeypatch):
     """What a launch stage runs, with accelerate stubbed out (the real launch needs CUDA)."""
     calls = []

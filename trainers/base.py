@@ -113,6 +113,7 @@ class Trainer(ShardingMixin, CheckpointMixin):
         self._ckpt_hooks_registered = False
         self.last_checkpoint: Optional[Path] = None
         self.dataset = None
+        self.compiled_networks: list[str] = []  # train.compile: the attribute paths compiled
 
     # -- to implement ---------------------------------------------------------------
     def build(self) -> None:  # pragma: no cover - abstract
@@ -350,8 +351,17 @@ class Trainer(ShardingMixin, CheckpointMixin):
                                   "choose another output_dir") from None
             save_config(self.cfg, self.out / "config.yaml")
         acc.wait_for_everyone()
+        if self.cfg.train.compile and (self._is_fsdp() or self._is_deepspeed()):
+            raise ConfigError("train.compile=true under FSDP / DeepSpeed has not run in this "
+                              "toolkit yet: use configs/accelerate/multi_gpu.yaml (DDP) or "
+                              "train.compile=false")
         self.dataset = self.make_dataset()
         self.build()
+        if self.cfg.train.compile:
+            from .compiling import compile_networks
+
+            self.compiled_networks = compile_networks(self, self.unwrap)
+            log.info("train.compile: compiled %s", ", ".join(self.compiled_networks))
         self._register_checkpoint_hooks()
         if resume:
             self.resume(resume)
