@@ -1,5 +1,5 @@
 """The GAN discriminator of DMD2 / f-distill / Hyper-SD: a classification head on the bottleneck
-features of the fake-score UNet.
+features of the fake-score network (a UNet, or an SD3-class MMDiT).
 
 DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis",
 Sec. 4.3) adds a small classifier on top of the fake diffusion model's encoder bottleneck and
@@ -8,11 +8,14 @@ fake-score UNet is thus a shared feature extractor for the denoising (score) los
 discriminator. f-distill (Xu, Nie & Vahdat 2025, Sec. 4) reads the same classifier's logit as a
 log density ratio, r = exp(D(x_t, t)).
 
-The features are taken with a *forward hook* on ``unet.mid_block`` (the bottleneck of both
-``UNet2DConditionModel`` and ``UNet2DModel``), never by patching the UNet's ``forward``:
+The features are taken with a *forward hook*, never by patching the network's ``forward``:
+on ``unet.mid_block`` (the bottleneck of both ``UNet2DConditionModel`` and ``UNet2DModel``),
+and on a flow transformer (``SD3Transformer2DModel``) on its middle joint block — the image
+tokens at half depth, the transformer's counterpart of a bottleneck — laid back on their
+patch grid (B, C, H/p, W/p), the grid read by a second hook on the patch embedding's input:
 
-* :class:`BottleneckTap` — registers the hook, keeps the mid block's output of the most recent
-  forward (with its autograd graph), and removes the hook on :meth:`BottleneckTap.remove`.
+* :class:`BottleneckTap` — registers the hooks, keeps the features of the most recent forward
+  (with their autograd graph), and removes the hooks on :meth:`BottleneckTap.remove`.
 * :class:`DiscriminatorHead` — conv 4×4 stride 2 → GroupNorm → SiLU → conv 3×3 → GroupNorm →
   SiLU → global mean → linear → one logit per sample (the layout of DMD2's ``cls_pred_branch``,
   with a global mean instead of a final 4×4 conv so any bottleneck size ≥ 2×2 works).
@@ -40,36 +43,59 @@ def _groups(channels: int, preferred: int = 32) -> int:
     return math.gcd(channels, preferred) or 1
 
 
-class BottleneckTap:
-    """A forward hook on ``unet.mid_block`` that keeps its latest output."""
+def feature_block(net: nn.Module) -> nn.Module:
+    """The block whose output the head reads: a UNet's ``mid_block``, a flow transformer's
+    middle joint block (``transformer_blocks[len // 2]``)."""
+    if getattr(net, "mid_block", None) is not None:
+        return net.mid_block
+    blocks = getattr(net, "transformer_blocks", None)
+    if blocks is not None and getattr(net, "pos_embed", None) is not None:
+        return blocks[len(blocks) // 2]
+    raise ValueError(f"{type(net).__name__} has neither a mid_block nor joint transformer "
+                     "blocks: the GAN head reads a UNet's bottleneck (UNet2DConditionModel / "
+                     "UNet2DModel) or an SD3-class transformer's middle block")
 
-    def __init__(self, unet: nn.Module):
-        mid = getattr(unet, "mid_block", None)
-        if mid is None:
-            raise ValueError(f"{type(unet).__name__} has no mid_block: the GAN head needs a "
-                             "UNet with a bottleneck (UNet2DConditionModel / UNet2DModel)")
-        self.module = mid
+
+class BottleneckTap:
+    """Forward hooks that keep the latest features of :func:`feature_block` as (B, C, H, W)."""
+
+    def __init__(self, net: nn.Module):
+        self.module = feature_block(net)
+        self.tokens = not hasattr(net, "mid_block")  # a transformer block: (B, N, C) tokens
         self.features: Optional[Tensor] = None
-        self._handle = mid.register_forward_hook(self._capture)
+        self.grid: Optional[tuple[int, int]] = None
+        self._handles = [self.module.register_forward_hook(self._capture)]
+        if self.tokens:
+            p = int(net.config.patch_size)
+            self._handles.append(net.pos_embed.register_forward_pre_hook(
+                lambda m, args: self._set_grid(args[0].shape[-2] // p, args[0].shape[-1] // p)))
+
+    def _set_grid(self, h: int, w: int) -> None:
+        self.grid = (h, w)
 
     def _capture(self, module, inputs, output) -> None:
-        self.features = output[0] if isinstance(output, (tuple, list)) else output
+        if not self.tokens:
+            self.features = output[0] if isinstance(output, (tuple, list)) else output
+            return
+        x = output[1]  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
+        h, w = self.grid
+        self.features = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
     def pop(self) -> Tensor:
         """The features of the last forward (cleared, so a stale tensor is never reused)."""
         if self.features is None:
-            raise RuntimeError("the UNet's mid block has not run since the last read")
+            raise RuntimeError("the network's feature block has not run since the last read")
         f, self.features = self.features, None
         return f
 
     @property
     def active(self) -> bool:
-        return self._handle is not None
+        return bool(self._handles)
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         self.features = None
 
 
@@ -97,9 +123,13 @@ class DiscriminatorHead(nn.Module):
         return self.out(x.mean(dim=(2, 3))).squeeze(1).float()
 
 
-def bottleneck_channels(unet: nn.Module) -> int:
-    """Channels of ``unet.mid_block``'s output (the last entry of ``block_out_channels``)."""
-    return int(unet.config.block_out_channels[-1])
+def bottleneck_channels(net: nn.Module) -> int:
+    """Channels of the features the head reads: a UNet's last ``block_out_channels``, a
+    transformer's width (heads × head dimension)."""
+    c = net.config
+    if "block_out_channels" in c:
+        return int(c.block_out_channels[-1])
+    return int(c.num_attention_heads * c.attention_head_dim)
 
 
 @dataclass
@@ -109,7 +139,8 @@ class UNetWithHeadOutput:
 
 
 class UNetWithHead(nn.Module):
-    """The fake-score UNet plus the optional GAN head reading its bottleneck (see module doc)."""
+    """The fake-score network (UNet or flow transformer) plus the optional GAN head reading
+    its bottleneck (see the module docstring)."""
 
     def __init__(self, unet: nn.Module, head: Optional[DiscriminatorHead] = None):
         super().__init__()

@@ -93,7 +93,8 @@ def test_trainers_without_flow_support_refuse_an_sd3_teacher_in_one_line(sd3_dir
     tr = ICTTrainer(build_config(ICTTrainer.config_class,
                                  tiny_run_data("ict", sd3_dir, tmp_path / "run", 32)))
     with pytest.raises(ConfigError, match="SD3-class flow-matching transformer: it loads and "
-                                          "samples .* pretrain, dmd2 and lcd methods; ict "
+                                          "samples .* pretrain, dmd2, fdistill and lcd "
+                                          "methods; ict "
                                           "does not run on one yet"):
         tr.setup()
 
@@ -311,21 +312,63 @@ def test_dmd2_multistep_on_a_flow_teacher_renoises_along_the_flow_path(sd3_dir, 
     torch.testing.assert_close(nxt, 0.501 * x0 + 0.499 * eps, rtol=1e-5, atol=1e-5)
 
 
-def test_fdistill_and_gan_refuse_a_flow_teacher_before_training(sd3_dir, tmp_path):
-    from diffdistill.trainers.dmd2 import DMD2Trainer
-    from diffdistill.trainers.fdistill import FDistillTrainer
+def test_the_gan_head_reads_the_middle_joint_blocks_image_tokens_on_their_grid(sd3_dir):
+    """The discriminator's features on an MMDiT: the image tokens that the middle joint block
+    outputs, laid back on the (H/2, W/2) patch grid — token i at row i // (W/2), column
+    i % (W/2) (diffusers' patch order) — here on a non-square latent."""
+    from diffdistill.gan import DiscriminatorHead, UNetWithHead, bottleneck_channels
+
+    net = load_backbone(str(sd3_dir)).unet
+    assert bottleneck_channels(net) == 32  # 4 heads x 8
+    seen = {}
+    block = net.transformer_blocks[len(net.transformer_blocks) // 2]
+    hook = block.register_forward_hook(lambda m, a, o: seen.update(tokens=o[1]))
+    model = UNetWithHead(net, DiscriminatorHead(32))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 12, generator=g)
+    cond = dict(encoder_hidden_states=torch.randn(2, 5, 64, generator=g),
+                pooled_projections=torch.randn(2, 64, generator=g))
+    feats = {}
+    head_in = model.head.register_forward_pre_hook(lambda m, a: feats.update(f=a[0]))
+    out = model(x, timestep=torch.tensor([500.0, 250.0]), **cond)
+    hook.remove(), head_in.remove()
+    assert out.sample.shape == x.shape and out.logits.shape == (2,)
+    f, tokens = feats["f"], seen["tokens"]
+    assert f.shape == (2, 32, 4, 6) and tokens.shape == (2, 24, 32)
+    assert torch.equal(f[1, :, 2, 5], tokens[1, 2 * 6 + 5])
+    assert torch.equal(f[0, :, 3, 0], tokens[0, 3 * 6])
+
+
+@pytest.mark.parametrize("method", ["dmd2", "fdistill"])
+def test_gan_dmd2_and_fdistill_train_on_a_flow_teacher(sd3_dir, tmp_path, method):
+    """DMD2 with its GAN term and f-distill (the discriminator's density ratio, R1 through the
+    transformer) train on the tiny SD3: the fake score's head updates, the generator moves."""
+    from diffdistill.trainers import get_trainer_class
     from helpers import tiny_run_data
 
-    from diffdistill.config import ConfigError, build_config
+    from diffdistill.config import build_config
 
-    gan = DMD2Trainer(build_config(DMD2Trainer.config_class, tiny_run_data(
-        "dmd2", sd3_dir, tmp_path / "a", 32, dmd2={"gan_discriminator_weight": 0.1})))
-    with pytest.raises(ConfigError, match="dmd2.gan_generator_weight=0"):
-        gan.setup()
-    fd = FDistillTrainer(build_config(FDistillTrainer.config_class, tiny_run_data(
-        "fdistill", sd3_dir, tmp_path / "b", 32)))
-    with pytest.raises(ConfigError, match="f-distill's density ratio needs the head"):
-        fd.setup()
+    cls = get_trainer_class(method)
+    sections = {"train": {"lr": 1e-3, "max_steps": 2},
+                "dmd2": {"timesteps": [999], "fake_updates_per_generator_update": 1,
+                         "gan_discriminator_weight": 0.1, "gan_generator_weight": 0.1}}
+    if method == "fdistill":
+        sections["fdistill"] = {"r1_gamma": 0.5}
+    tr = cls(build_config(cls.config_class, tiny_run_data(method, sd3_dir, tmp_path, 32,
+                                                          **sections)))
+    tr.setup()
+    head = tr.unwrap(tr.fake_score).head
+    head0 = [p.detach().clone() for p in head.parameters()]
+    gen0 = [p.detach().clone() for p in tr.trainable["generator"]]
+    batches = tr._batches()
+    logs = [tr.train_iteration(batches) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(v)) for line in logs for v in line.values())
+    assert any(k.startswith("loss_gan") for k in logs[-1]), logs[-1]
+    if method == "fdistill":
+        assert logs[0]["loss_d_penalty"] > 0  # R1: a double backward through the MMDiT
+        assert 0 < logs[0]["h_min"] <= logs[0]["h_max"]
+    assert any(not torch.equal(a, b) for a, b in zip(head0, head.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(gen0, tr.trainable["generator"]))
 
 
 def test_the_sd3_dmd2_config_runs_one_cycle_on_a_tiny_sd3(sd3_dir, tmp_path):

@@ -79,8 +79,8 @@ class BackboneMixin:
                 self, "trains_flow_transformers", False):
             raise ConfigError(
                 f"model.path={m.path!r} holds an SD3-class flow-matching transformer: it loads "
-                "and samples (diffdistill sample / bench) and trains with the pretrain, dmd2 "
-                f"and lcd methods; {self.method} does not run on one yet")
+                "and samples (diffdistill sample / bench) and trains with the pretrain, dmd2, "
+                f"fdistill and lcd methods; {self.method} does not run on one yet")
         bb = load_backbone(resolve_model_path(m.path), dtype=torch.float32, device=self.device,
                            prediction_type=m.prediction_type)
         if m.kind != "auto" and m.kind != bb.kind:

@@ -238,12 +238,6 @@ class DMD2Trainer(BackboneMixin, Trainer):
             raise ConfigError(f"model.path: DMD2 needs a discrete-time (VP) teacher predicting "
                               f"epsilon, v_prediction or sample, or a rectified flow; "
                               f"{cfg.model.path} is {sched.kind}/{bb.prediction_type}")
-        if flow and self.needs_discriminator():
-            raise ConfigError(
-                f"{self.method} on an SD3-class flow transformer: its discriminator head hooks "
-                "a UNet's bottleneck, which the transformer has not. DMD2 runs there with "
-                "distribution matching alone (dmd2.gan_generator_weight=0, "
-                "dmd2.gan_discriminator_weight=0); f-distill's density ratio needs the head")
         if flow and d.generator_prediction:
             raise ConfigError("dmd2.generator_prediction: a flow student predicts the velocity "
                               "as its teacher does; remove the key")
