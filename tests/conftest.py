@@ -59,6 +59,14 @@ def sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    """SD3-structured ``StableDiffusion3Pipeline`` without T5 (MMDiT, two CLIP encoders)."""
+    from diffdistill.tiny import tiny_sd3_pipeline
+
+    return _save(tiny_sd3_pipeline(), tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
 def pixel_dir(tmp_path_factory):
     """Class-conditional pixel ``DDPMPipeline`` (10 classes + the null class)."""
     from diffdistill.tiny import tiny_pixel_pipeline

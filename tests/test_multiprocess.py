@@ -115,27 +115,34 @@ def snapshot(out: Path, err: str, step: int) -> dict:
     }
 
 
+#: the runs of the two launches: every trainer, and f-distill (GAN head on the MMDiT, R1,
+#: ratio bins) on the SD3-structured flow transformer
+RUNS = (*ALL_METHODS, "fdistill-sd3")
+
+
 @pytest.fixture(scope="module")
-def runs(sd_dir, pixel_dir, tmp_path_factory):
-    """method -> (snapshot after 2 steps, snapshot after resuming to 3), both under 2 ranks."""
+def runs(sd_dir, sd3_dir, pixel_dir, tmp_path_factory):
+    """run -> (snapshot after 2 steps, snapshot after resuming to 3), both under 2 ranks."""
     root = tmp_path_factory.mktemp("ddp")
     cfg_file, weights, _ = make_tiny_clip(root)
     reward = {"kind": "clip", "path": str(weights), "model_name": TINY_CLIP,
               "config_path": str(cfg_file)}
     cfgs, outs = {}, {}
-    for m in ALL_METHODS:
-        outs[m] = root / m
-        data = method_run_data(m, sd_dir if m in LATENT_METHODS else pixel_dir, outs[m],
-                               steps=2, reward=reward, stage_steps=1,
+    for run in RUNS:
+        m, sd3 = run.removesuffix("-sd3"), run.endswith("-sd3")
+        model = sd3_dir if sd3 else sd_dir if m in LATENT_METHODS else pixel_dir
+        outs[run] = root / run
+        data_section = {"limit": LIMIT, **({"resolution": 32} if sd3 else {})}
+        data = method_run_data(m, model, outs[run], steps=2, reward=reward, stage_steps=1,
                                train={"checkpoint_every": 1, "batch_size": BATCH},
-                               data={"limit": LIMIT})
-        cfgs[m] = root / f"{m}.yaml"
-        cfgs[m].write_text(yaml.safe_dump(data))
-    err = launch(root, [[str(cfgs[m])] for m in ALL_METHODS], 29641)
-    first = {m: snapshot(outs[m], err, 2) for m in ALL_METHODS}
-    err = launch(root, [[str(cfgs[m]), "train.max_steps=3", "--resume", "latest"]
-                        for m in ALL_METHODS], 29642)
-    return {m: (first[m], snapshot(outs[m], err, 3)) for m in ALL_METHODS}
+                               data=data_section)
+        cfgs[run] = root / f"{run}.yaml"
+        cfgs[run].write_text(yaml.safe_dump(data))
+    err = launch(root, [[str(cfgs[r])] for r in RUNS], 29641)
+    first = {r: snapshot(outs[r], err, 2) for r in RUNS}
+    err = launch(root, [[str(cfgs[r]), "train.max_steps=3", "--resume", "latest"]
+                        for r in RUNS], 29642)
+    return {r: (first[r], snapshot(outs[r], err, 3)) for r in RUNS}
 
 
 def sampler_batches(rank: int, seed: int, start: int, count: int) -> list[list[int]]:
@@ -151,9 +158,10 @@ def assert_ranks_agree(ranks: list[dict]) -> None:
     assert a["weights"] and a["noise"] != b["noise"]  # same weights, per-rank noise streams
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
-def test_two_processes_agree_shard_checkpoint_once_and_resume(method, runs):
-    first, resumed = runs[method]
+@pytest.mark.parametrize("run", RUNS)
+def test_two_processes_agree_shard_checkpoint_once_and_resume(run, runs):
+    first, resumed = runs[run]
+    method = run.removesuffix("-sd3")
     assert {row["world_size"] for row in first["rows"]} == {2}
     assert [row["step"] for row in first["rows"]] == [1, 2]  # logged once, by rank 0
     assert first["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
