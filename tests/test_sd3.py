@@ -484,12 +484,12 @@ def test_fdistill_on_a_flow_teacher_resumes_bit_identically(sd3_dir, tmp_path):
     """f-distill on the tiny SD3 (GAN head on the MMDiT, R1, ratio bins, two time-scale rule):
     2 steps, then ``--resume latest`` to 4, ends with the checkpoint of an uninterrupted
     4-step run, tensor for tensor (weights, optimizer states, bins, RNG)."""
+    from diffdistill.trainers import get_trainer_class
+    from diffdistill.trainers.checkpointing import list_checkpoints
     from helpers import method_run_data
     from safetensors.torch import load_file
 
     from diffdistill.config import build_config
-    from diffdistill.trainers import get_trainer_class
-    from diffdistill.trainers.checkpointing import list_checkpoints
 
     cls = get_trainer_class("fdistill")
 
