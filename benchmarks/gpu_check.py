@@ -8,7 +8,8 @@ the test suite runs). Weights are random: speed and memory do not depend on thei
 Stages (each wrapped: a failure is recorded with its traceback tail and the script goes on):
 
 * ``build_models`` — an SD1.5-architecture pipeline (UNet2DConditionModel, AutoencoderKL,
-  CLIP-L-size CLIPTextModel) and an SDXL-architecture pipeline (UNet + two text encoders),
+  CLIP-L-size CLIPTextModel), an SDXL-architecture pipeline (UNet + two text encoders) and
+  an SD3-medium-architecture pipeline (2B MMDiT, 16-channel VAE, CLIP-L + CLIP-G, no T5),
   built from the configs below and saved as stock diffusers folders in a temporary folder;
   ``--tiny``: ``diffdistill.tiny``'s pipelines.
 * ``fsdp_launch``, ``zero2_launch`` — ``accelerate launch --config_file
@@ -21,8 +22,9 @@ Stages (each wrapped: a failure is recorded with its traceback tail and the scri
   pointing ``model.path`` at those folders (Fashion-MNIST data resized to the resolution;
   ``$DIFFDISTILL_FMNIST`` names its IDX folder on a machine without Debian's package),
   ``setup()`` then ``train_step(batch)`` for warm-up + measured steps: LCD-LoRA, DMD2-LoRA,
-  DMD2-full and f-distill at 512 px on SD1.5, LCD-LoRA at 1024 px on SDXL with gradient
-  checkpointing (``--tiny``: 32 px, fp32). Reported: it/s, s/step, peak memory (CUDA:
+  DMD2-full and f-distill at 512 px on SD1.5, LCD-LoRA at 1024 px on SDXL and DMD2-LoRA
+  (GAN head on the MMDiT) at 1024 px on SD3, both with gradient checkpointing (``--tiny``:
+  32 px, fp32; ``--compile``: ``train.compile=true``). Reported: it/s, s/step, peak memory (CUDA:
   ``max_memory_allocated``; CPU: peak-RSS growth, labelled), FLOPs of one step
   (``torch.utils.flop_counter.FlopCounterMode``) and MFU against the GPU's dense bf16 peak.
 * ``gen_*`` — 1- and 4-step LCM-consistency generation over the teacher UNet and the
@@ -93,6 +95,15 @@ SDXL_UNET = {
     "norm_num_groups": 32, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
 }
 SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025)
+# --- SD3-medium architecture (stabilityai/stable-diffusion-3-medium-diffusers configs; no T5:
+# the pipeline runs with text_encoder_3=None, its 256 rows of prompt embedding zeros) --------
+SD3_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+}
+SD3_VAE = dict(SD15_VAE, latent_channels=16, sample_size=1024, scaling_factor=1.5305,
+               shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 OPENCLIP_BIGG_TEXT = {  # laion CLIP-ViT-bigG-14 text tower (SDXL text_encoder_2)
     "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
     "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu", "projection_dim": 1280,
@@ -149,6 +160,7 @@ class Ctx:
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.sd_dir: Path | None = None
         self.sdxl_dir: Path | None = None
+        self.sd3_dir: Path | None = None
         self.res_sd = 32 if self.tiny else 512
         self.res_sdxl = 32 if self.tiny else 1024
         name = torch.cuda.get_device_name() if self.cuda else platform.processor() or "cpu"
@@ -199,25 +211,30 @@ def run_stage(results: dict, name: str, fn: Callable[[], dict]) -> None:
 def build_models(ctx: Ctx) -> dict:
     import torch
 
-    ctx.sd_dir, ctx.sdxl_dir = ctx.tmp / "sd15", ctx.tmp / "sdxl"
+    ctx.sd_dir, ctx.sdxl_dir, ctx.sd3_dir = ctx.tmp / "sd15", ctx.tmp / "sdxl", ctx.tmp / "sd3"
+    folders = {"sd15": str(ctx.sd_dir), "sdxl": str(ctx.sdxl_dir), "sd3": str(ctx.sd3_dir)}
     if ctx.tiny:
-        from diffdistill.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+        from diffdistill.tiny import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
         tiny_sd_pipeline().save_pretrained(str(ctx.sd_dir), safe_serialization=True)
         tiny_sdxl_pipeline().save_pretrained(str(ctx.sdxl_dir), safe_serialization=True)
-        return {"sd15": str(ctx.sd_dir), "sdxl": str(ctx.sdxl_dir), "models": "tiny"}
+        tiny_sd3_pipeline().save_pretrained(str(ctx.sd3_dir), safe_serialization=True)
+        return {**folders, "models": "tiny"}
 
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
         EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffdistill.tiny import SD_SCHEDULER, clip_tokenizer_dir
+    from diffdistill.tiny import SD3_SCHEDULER, SD_SCHEDULER, clip_tokenizer_dir
     from diffdistill.tokenizer import load_clip_tokenizer
 
     tok = load_clip_tokenizer(clip_tokenizer_dir())
@@ -258,39 +275,58 @@ def build_models(ctx: Ctx) -> dict:
     del pipe, unet, te
     if ctx.cuda:
         torch.cuda.empty_cache()
-    return {"sd15": str(ctx.sd_dir), "sdxl": str(ctx.sdxl_dir), "models": "real-size random",
+
+    mmdit = make(SD3Transformer2DModel, **SD3_TRANSFORMER)
+    counts["sd3_transformer_params"] = sum(p.numel() for p in mmdit.parameters())
+    pipe = StableDiffusion3Pipeline(
+        transformer=mmdit, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=make(AutoencoderKL, **SD3_VAE),
+        text_encoder=make(CLIPTextModelWithProjection, CLIPTextConfig(**CLIP_L_TEXT)),
+        text_encoder_2=make(CLIPTextModelWithProjection, CLIPTextConfig(**OPENCLIP_BIGG_TEXT)),
+        tokenizer=tok, tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(ctx.sd3_dir), safe_serialization=True)
+    del pipe, mmdit
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    return {**folders, "models": "real-size random",
             "saved_dtype": str(save_dtype).replace("torch.", ""), **counts}
 
 
 # --- training -------------------------------------------------------------------------------
 def _train_cases(ctx: Ctx) -> dict[str, dict]:
-    """Stage name -> (trainer module, class, config overrides, sdxl?)."""
+    """Stage name -> (trainer module, class, config overrides, model: sd15 / sdxl / sd3)."""
     lora = {"type": "lora", "rank": 64}
     dmd_common = {"fake_updates_per_generator_update": 2}  # measured steps alternate G / D
     sd_bs = ctx.args.train_batch
     return {
-        "train_lcd_lora": {"mod": "lcd", "cls": "LCDTrainer", "sdxl": False, "bs": sd_bs,
+        "train_lcd_lora": {"mod": "lcd", "cls": "LCDTrainer", "model": "sd15", "bs": sd_bs,
                                "over": {"adapter": lora}},
-        "train_dmd2_lora": {"mod": "dmd2", "cls": "DMD2Trainer", "sdxl": False, "bs": sd_bs,
+        "train_dmd2_lora": {"mod": "dmd2", "cls": "DMD2Trainer", "model": "sd15", "bs": sd_bs,
                                 "over": {"adapter": lora, "dmd2": dmd_common}},
-        "train_dmd2_full": {"mod": "dmd2", "cls": "DMD2Trainer", "sdxl": False, "bs": sd_bs,
+        "train_dmd2_full": {"mod": "dmd2", "cls": "DMD2Trainer", "model": "sd15", "bs": sd_bs,
                                 "over": {"adapter": {"type": "full"}, "dmd2": dmd_common}},
-        "train_fdistill_lora": {"mod": "fdistill", "cls": "FDistillTrainer", "sdxl": False, "bs": sd_bs,
+        "train_fdistill_lora": {"mod": "fdistill", "cls": "FDistillTrainer", "model": "sd15", "bs": sd_bs,
                                     "over": {"adapter": lora, "dmd2": dmd_common}},
-        "train_sdxl_lcd_lora": {"mod": "lcd", "cls": "LCDTrainer", "sdxl": True, "bs": 1 if not ctx.tiny
+        "train_sdxl_lcd_lora": {"mod": "lcd", "cls": "LCDTrainer", "model": "sdxl", "bs": 1 if not ctx.tiny
                                     else 2,
                                     "over": {"adapter": lora,
                                           "model": {"gradient_checkpointing": True}}},
+        # the MMDiT's LoRA covers both attention streams; the GAN head reads its middle block
+        "train_sd3_dmd2_lora": {"mod": "dmd2", "cls": "DMD2Trainer", "model": "sd3",
+                                "bs": 1 if not ctx.tiny else 2,
+                                "over": {"adapter": lora, "dmd2": dmd_common,
+                                         "model": {"gradient_checkpointing": True}}},
     }
 
 
 def _trainer_config(ctx: Ctx, case: dict, out_dir: Path) -> dict:
     from diffdistill.config import deep_merge
 
-    res = ctx.res_sdxl if case["sdxl"] else ctx.res_sd
+    res = ctx.res_sd if case["model"] == "sd15" else ctx.res_sdxl  # SDXL, SD3: 1024 px
+    folder = {"sd15": ctx.sd_dir, "sdxl": ctx.sdxl_dir, "sd3": ctx.sd3_dir}[case["model"]]
     data = {
         "method": case["mod"], "output_dir": str(out_dir), "seed": 0,
-        "model": {"path": str(ctx.sdxl_dir if case["sdxl"] else ctx.sd_dir),
+        "model": {"path": str(folder),
                   "frozen_dtype": "bf16" if ctx.bf16 else "fp32"},
         "data": {"kind": "fashion_mnist", "resolution": res, "limit": 16},
         "train": {"max_steps": 1000, "batch_size": case["bs"], "checkpoint_every": 0,
@@ -338,7 +374,7 @@ def train_stage(ctx: Ctx, name: str, case: dict) -> dict:
     dt = (time.perf_counter() - t0) / meas
     out: dict[str, Any] = {
         "method": case["mod"], "adapter": data["adapter"]["type"],
-        "model": "sdxl" if case["sdxl"] else "sd15", "resolution": data["data"]["resolution"],
+        "model": case["model"], "resolution": data["data"]["resolution"],
         "batch_size": case["bs"], "precision": "bf16" if ctx.bf16 else "fp32",
         "gradient_checkpointing": bool(data["model"].get("gradient_checkpointing", False)),
         "compiled": data["train"]["compile"],
@@ -489,7 +525,7 @@ def launch_stage(ctx: Ctx, name: str) -> dict:
         return {"status": "skipped", "reason": "build_models failed"}
     import yaml
 
-    case = {"mod": method, "sdxl": False, "bs": 2, "over": {"adapter": {"type": "full"}, **over}}
+    case = {"mod": method, "model": "sd15", "bs": 2, "over": {"adapter": {"type": "full"}, **over}}
     data = _trainer_config(ctx, case, ctx.tmp / "runs" / name)
     data["train"].update(max_steps=1)
     data["train"].pop("cpu")

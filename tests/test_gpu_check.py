@@ -34,7 +34,7 @@ def gc():
 
 
 TRAIN = ["train_lcd_lora", "train_dmd2_lora", "train_dmd2_full", "train_fdistill_lora",
-         "train_sdxl_lcd_lora"]
+         "train_sdxl_lcd_lora", "train_sd3_dmd2_lora"]
 LAUNCH = ["fsdp_launch", "fsdp_launch_dmd2_nogan", "fsdp_launch_pretrain", "zero2_launch"]
 GEN = ["gen_lcm_1step", "gen_lcm_4step", "gen_ddim_4step_teacher"]
 
@@ -71,6 +71,9 @@ def test_tiny_run_writes_complete_results(gc, tmp_path, monkeypatch):
     assert stages["train_sdxl_lcd_lora"]["gradient_checkpointing"] is True
     assert stages["train_sdxl_lcd_lora"]["model"] == "sdxl"
     assert stages["train_dmd2_full"]["adapter"] == "full"
+    sd3 = stages["train_sd3_dmd2_lora"]  # the MMDiT, LoRA, with the GAN head on it
+    assert sd3["model"] == "sd3" and sd3["adapter"] == "lora" and sd3["method"] == "dmd2"
+    assert sd3["gradient_checkpointing"] is True and "loss_fake" in sd3["last_logs"]
     for name in GEN:
         s = stages[name]
         assert s["status"] == "ok"
