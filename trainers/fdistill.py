@@ -194,7 +194,9 @@ class FDistillTrainer(DMD2Trainer):
         if checkpointing:
             fake.unet.disable_gradient_checkpointing()
         try:
-            with sdpa_kernel([SDPBackend.MATH]):
+            # eager even under train.compile: a compiled (AOTAutograd) backward is not itself
+            # differentiable, and R1 differentiates twice
+            with sdpa_kernel([SDPBackend.MATH]), torch.compiler.set_stance("force_eager"):
                 self.denoiser(fake).raw(x, t, cond)
                 logits = fake.logits
         finally:
