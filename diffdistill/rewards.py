@@ -105,6 +105,12 @@ class ClipStyleReward(FrozenModule):
     Subclasses provide :meth:`encode_image` and :meth:`encode_text`.
     """
 
+    def compile_parts(self) -> list[tuple[str, nn.Module]]:
+        """What ``train.compile`` compiles: the image tower (the forward takes prompt strings,
+        which a compiled graph would guard on — one recompile per batch of prompts). Default:
+        nothing."""
+        return []
+
     def __init__(self, image_size, mean=CLIP_MEAN, std=CLIP_STD, scale: float = 1.0,
                  logit_scale: float = 1.0, name: str = "clip", text_cache_size: int = 4096):
         super().__init__()
@@ -203,6 +209,9 @@ class OpenClipReward(ClipStyleReward):
 
     def encode_text(self, prompts: list[str]) -> Tensor:
         return self.model.encode_text(self.tokenizer(prompts).to(self.device))
+
+    def compile_parts(self) -> list[tuple[str, nn.Module]]:
+        return [("model.visual", self.model.visual)]
 
 
 class AestheticHead(nn.Module):

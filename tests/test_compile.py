@@ -39,6 +39,8 @@ def test_compile_targets_skip_text_encoders_and_split_the_vae():
     assert compile_targets("backbone.text_encoder_2", nn.Linear(2, 2)) == []
     lin = nn.Linear(2, 2)
     assert compile_targets("fake_score", lin) == [("fake_score", lin)]
+    reward = SimpleNamespace(compile_parts=lambda: [("model.visual", lin)])
+    assert compile_targets("reward_model", reward) == [("reward_model.model.visual", lin)]
 
 
 def test_compile_networks_compiles_each_module_once_inside_its_wrapper():
@@ -128,3 +130,25 @@ def test_compiled_lcm_lora_run_equals_the_eager_run(sd_dir, tmp_path):
     grids = sorted((tmp_path / "compiled" / "samples").glob("*.png"))
     assert grids  # the eval-mode grid (3 samples, batch 2 in training) ran compiled
     assert (tmp_path / "compiled" / "export").exists()
+
+
+def test_fdistill_r1_penalty_runs_under_compile(pixel_dir, tmp_path):
+    """R1 differentiates twice through the fake score; a compiled backward is not
+    differentiable, so the penalty's forward runs eagerly — the same value as in an eager run,
+    while the rest of the step runs compiled (f-distill's whole loss and update compiled
+    against eager at the world's scale: ``benchmarks/train_step.py --compile``)."""
+    cls = get_trainer_class("fdistill")
+    penalties = {}
+    for compile_ in (False, True):
+        data = method_run_data("fdistill", pixel_dir, tmp_path / str(compile_), steps=1,
+                               train={"compile": compile_})
+        tr = cls(build_config(cls.config_class, data))
+        tr.setup()
+        assert tr.compiled_networks == (["fake_score", "real_unet", "student"]
+                                        if compile_ else [])
+        tr.global_step = 1  # a fake-score-only step (TTUR 2: the generator updates on even)
+        logs = tr.train_iteration(tr._batches())
+        assert "loss_dm" not in logs
+        penalties[compile_] = logs["loss_d_penalty"]
+    assert penalties[False] > 0
+    assert penalties[True] == pytest.approx(penalties[False], rel=1e-4)

@@ -20,7 +20,10 @@ How the recompilation pitfalls are handled:
 * **entry points other than forward** — a VAE runs through ``encode`` / ``decode``: its
   ``encoder`` and ``decoder`` are compiled instead of the autoencoder;
 * **text encoders are left eager**: prompts are encoded once and cached, with a varying
-  number of prompts per call — compiling them would only cost compile time.
+  number of prompts per call — compiling them would only cost compile time;
+* **networks that take strings** (a CLIP-style reward's forward takes the prompts: a graph
+  would guard on their values and recompile for every batch) name their tensor-only parts
+  in ``compile_parts()`` — the reward's image tower.
 
 Sharded runs (FSDP, DeepSpeed) are refused: the combination has not run here
 (:meth:`Trainer.setup` says so before any network loads).
@@ -80,9 +83,12 @@ def is_text_encoder(path: str) -> bool:
 
 def compile_targets(path: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
     """What to compile for one network: the module itself, a VAE's encoder and decoder
-    (it runs through ``encode`` / ``decode``), nothing for a text encoder."""
+    (it runs through ``encode`` / ``decode``), nothing for a text encoder, and what a network
+    names in its ``compile_parts()`` (a CLIP-style reward: its image tower)."""
     if is_text_encoder(path):
         return []
+    if callable(getattr(module, "compile_parts", None)):
+        return [(f"{path}.{name}", part) for name, part in module.compile_parts()]
     if any(callable(getattr(module, m, None)) for m in ENTRY_METHODS):
         parts = [(f"{path}.{n}", getattr(module, n)) for n in ("encoder", "decoder")
                  if isinstance(getattr(module, n, None), nn.Module)]
