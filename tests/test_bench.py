@@ -331,6 +331,7 @@ def test_shipped_bench_configs_validate(name):
             "world_teachers": (10000, ["fmnist-net"]),
             "world_one_step": (10000, ["fmnist-net"]),
             "world_hypersd_seeds": (10000, ["fmnist-net"]),
+            "world_fdistill": (10000, ["fmnist-net"]),
         }.get(name, (1000, ["fmnist-net"]))
         assert (cfg.num_samples, cfg.detectors) == expected
         assert cfg.reference.kind == "fashion_mnist_test"
