@@ -41,11 +41,7 @@ the rule.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,142 +51,24 @@ import torch
 from torch import nn
 
 from .denoiser import PREDICTION_TYPES, Cond, Denoiser
+from .model_folder import (  # noqa: F401  (PIPELINE_KINDS, folder_kind: public via this module)
+    NETWORK_COMPONENT,
+    PIPELINE_KINDS,
+    SIDECAR,
+    TEXT_COMPONENTS,
+    bare_scheduler_config_path,
+    component_class,
+    folder_kind,
+    load_component,
+    supported_pipelines,
+    validate_model_folder,
+)
 from .schedule import FLOW_SCHEDULERS, NoiseSchedule, schedule_from_scheduler_config
 
 Tensor = torch.Tensor
 
-#: pipeline class -> backbone kind
-PIPELINE_KINDS = {
-    "StableDiffusionPipeline": "sd",
-    "LatentConsistencyModelPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "DDPMPipeline": "pixel",
-    "DDIMPipeline": "pixel",
-    "ConsistencyModelPipeline": "pixel",
-}
-#: the denoising network's component name per kind (``Backbone.unet`` holds it either way)
-NETWORK_COMPONENT = {"sd3": "transformer"}
-#: the text components each latent kind needs (SD3's T5, text_encoder_3, is optional)
-TEXT_COMPONENTS = {"sd": ("text_encoder", "tokenizer"),
-                   "sdxl": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-                   "sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
-#: the side file in which exported folders record facts their configs cannot hold
-SIDECAR = "diffdistill.json"
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
 
 # ----------------------------------------------------------------------------- loading
-
-
-def _supported() -> str:
-    return ", ".join(sorted(PIPELINE_KINDS))
-
-
-def validate_model_folder(path) -> tuple[Path, Optional[dict]]:
-    """(folder, model_index or None for a bare UNet2DModel folder), or raise one line saying
-    what to pass instead (FileNotFoundError / NotADirectoryError / ValueError)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load_backbone expects a folder path, got {type(path).__name__}")
-    p = Path(path).expanduser()
-    if not p.exists():
-        s = str(path)
-        if _HUB_ID.match(s) and not s.startswith((".", "~")):
-            raise FileNotFoundError(
-                f"{s!r} is not a local folder; it looks like a Hugging Face hub id. This "
-                f"toolkit never downloads; fetch it once (e.g. `hf download {s} --local-dir "
-                f"DIR`) and pass DIR."
-            )
-        raise FileNotFoundError(
-            f"model path {s!r} does not exist: pass a local diffusers pipeline folder (the "
-            f"directory holding model_index.json, as written by `save_pretrained`) of one of: "
-            f"{_supported()}"
-        )
-    if not p.is_dir():
-        raise NotADirectoryError(
-            f"{str(p)!r} is a file, not a diffusers pipeline folder: pass the directory that "
-            f"holds model_index.json"
-        )
-    index = p / "model_index.json"
-    if index.is_file():
-        return p, json.loads(index.read_text())
-    cfg = p / "config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel":
-        if _bare_scheduler_config_path(p) is None:
-            raise FileNotFoundError(
-                f"{str(p)!r} holds a UNet2DModel but no scheduler config (scheduler_config.json "
-                f"or scheduler/scheduler_config.json): the noise schedule cannot be known"
-            )
-        return p, None
-    if (p / "pytorch_lora_weights.safetensors").is_file():  # export.LORA_WEIGHT_NAME
-        raise ValueError(
-            f"{str(p)!r} is a LoRA export, not a model: load its base model (named in its "
-            f"README.md) and the LoRA from this folder (bench: path: BASE, lora: {str(p)})"
-        )
-    raise ValueError(
-        f"{str(p)!r} is not a diffusers pipeline folder (no model_index.json, and not a "
-        f"UNet2DModel folder with config.json + scheduler_config.json)"
-    )
-
-
-def folder_kind(path) -> str:
-    """The backbone kind a model folder holds (``sd``, ``sdxl``, ``sd3``, ``pixel``) from its
-    model_index.json alone, without loading anything."""
-    _, index = validate_model_folder(path)
-    return "pixel" if index is None else PIPELINE_KINDS.get(index.get("_class_name", ""), "")
-
-
-def _bare_scheduler_config_path(p: Path) -> Optional[Path]:
-    for cand in (p / "scheduler_config.json", p / "scheduler" / "scheduler_config.json"):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def _component_class(entry: Sequence[Optional[str]], name: str):
-    library, cls_name = entry
-    if library not in ("diffusers", "transformers"):
-        raise ValueError(
-            f"component {name!r} comes from library {library!r}; only diffusers and "
-            f"transformers components are loaded"
-        )
-    module = importlib.import_module(library)
-    try:
-        return getattr(module, cls_name)
-    except AttributeError as e:
-        raise ValueError(f"component {name!r}: {library} has no class {cls_name!r}") from e
-
-
-def _has_safetensors(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors"))
-
-
-def _load_model(folder: Path, entry, name: str, dtype, device, variant):
-    """Load one weight component with its own class; safetensors whenever present."""
-    cls = _component_class(entry, name)
-    sub = folder / name
-    if not sub.is_dir():
-        raise FileNotFoundError(f"{str(folder)!r}: component folder {name!r} is missing")
-    kw: dict[str, Any] = {}
-    if _has_safetensors(sub):
-        kw["use_safetensors"] = True
-    if variant is not None:
-        kw["variant"] = variant
-    try:
-        if entry[0] == "diffusers":
-            model = cls.from_pretrained(str(sub), torch_dtype=dtype, **kw)
-        else:  # transformers: cast after loading (its dtype keyword changed name across majors)
-            model = cls.from_pretrained(str(sub), **kw).to(dtype)
-    except Exception as e:  # a truncated / corrupt weight file or config: one line, not 16 frames
-        from .config import ConfigError
-
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"{sub}: its {name} cannot be loaded ({type(e).__name__}: {first}); "
-                          "the model folder is damaged or incomplete: copy or export it "
-                          "again") from None
-    return model.to(device).eval().requires_grad_(False)
 
 
 def _read_json(path: Path) -> dict:
@@ -214,7 +92,8 @@ def load_backbone(
     variant: Optional[str] = None,
     prediction_type: Optional[str] = None,
 ) -> "Backbone":
-    """Load a local diffusers folder (SD1.5-, SDXL- or pixel-structured) as a :class:`Backbone`.
+    """Load a local diffusers folder (SD1.5-, SDXL-, SD3-, Flux- or pixel-structured) as a
+    :class:`Backbone`.
 
     ``num_classes`` overrides the null-class rule for class-conditional pixel UNets (see the
     module docstring); ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``;
@@ -227,9 +106,9 @@ def load_backbone(
     sidecar = _read_json(folder / SIDECAR) if (folder / SIDECAR).is_file() else {}
 
     if index is None:  # bare UNet2DModel + scheduler config
-        unet = _load_model(folder.parent, ("diffusers", "UNet2DModel"), folder.name, dtype,
+        unet = load_component(folder.parent, ("diffusers", "UNet2DModel"), folder.name, dtype,
                            device, variant)
-        sched_cfg = _read_json(_bare_scheduler_config_path(folder))
+        sched_cfg = _read_json(bare_scheduler_config_path(folder))
         pipeline_class = "UNet2DModel"
         kind = "pixel"
         parts: dict[str, Any] = {}
@@ -238,7 +117,7 @@ def load_backbone(
         if pipeline_class not in PIPELINE_KINDS:
             raise ValueError(
                 f"{str(folder)!r} holds a {pipeline_class or 'unnamed'} pipeline, which this "
-                f"toolkit does not support; supported pipeline classes: {_supported()}"
+                f"toolkit does not support; supported pipeline classes: {supported_pipelines()}"
             )
         kind = PIPELINE_KINDS[pipeline_class]
         net = NETWORK_COMPONENT.get(kind, "unet")
@@ -246,13 +125,13 @@ def load_backbone(
         for required in required_parts:
             if not index.get(required) or index[required][0] is None:
                 raise ValueError(f"{str(folder)!r}: model_index.json lists no {required!r}")
-        unet = _load_model(folder, index[net], net, dtype, device, variant)
+        unet = load_component(folder, index[net], net, dtype, device, variant)
         sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
         parts = {}
         if kind != "pixel":
             vae_entry = index.get("vae")
             if load_vae:
-                vae = _load_model(folder, vae_entry, "vae", dtype, device, variant)
+                vae = load_component(folder, vae_entry, "vae", dtype, device, variant)
                 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
                     # SD/SDXL VAEs overflow in fp16 (the pipelines upcast for the same reason)
                     vae = vae.to(torch.float32)
@@ -267,10 +146,10 @@ def load_backbone(
                     if not entry or entry[0] is None:
                         raise ValueError(f"{str(folder)!r}: model_index.json lists no {name!r}")
                     if name.startswith("tokenizer"):
-                        parts[name] = _component_class(entry, name).from_pretrained(
+                        parts[name] = component_class(entry, name).from_pretrained(
                             str(folder / name))
                     else:
-                        parts[name] = _load_model(folder, entry, name, dtype, device, variant)
+                        parts[name] = load_component(folder, entry, name, dtype, device, variant)
             parts["force_zeros_for_empty_prompt"] = bool(
                 index.get("force_zeros_for_empty_prompt", kind == "sdxl"))
 
@@ -312,10 +191,16 @@ def load_backbone(
     else:
         vcfg = parts["vae_config"]
         vae_scale_factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
-        latent_channels = unet.config.in_channels
+        # Flux's transformer reads 2x2-packed tokens: 4x the VAE's channels
+        latent_channels = (int(vcfg["latent_channels"]) if kind == "flux"
+                           else unet.config.in_channels)
         n_cls, null_class = None, None
+    # Flux's transformer has no sample size: FluxPipeline's default_sample_size is 128 latents
+    sample_size = 128 if kind == "flux" else unet.config.sample_size
+    if kind == "flux":
+        schedule.pipeline_sigmas = "flux"
 
-    return Backbone(
+    bb = Backbone(
         kind=kind,
         path=folder,
         pipeline_class=pipeline_class,
@@ -333,11 +218,13 @@ def load_backbone(
         prediction_type=prediction_type,
         vae_scale_factor=vae_scale_factor,
         latent_channels=latent_channels,
-        resolution=_square_size(unet.config.sample_size) * vae_scale_factor,
+        resolution=_square_size(sample_size) * vae_scale_factor,
         num_classes=n_cls,
         null_class=null_class,
         force_zeros_for_empty_prompt=parts.get("force_zeros_for_empty_prompt", False),
     )
+    bb.set_resolution(bb.resolution)
+    return bb
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -347,7 +234,7 @@ def load_backbone(
 class Backbone:
     """A loaded teacher and its frozen surroundings (see the module docstring)."""
 
-    kind: str  # "sd" | "sdxl" | "sd3" | "pixel"
+    kind: str  # "sd" | "sdxl" | "sd3" | "flux" | "pixel"
     path: Path
     unet: nn.Module  # the denoising network: a UNet, or SD3's transformer
     scheduler_config: dict
@@ -368,6 +255,8 @@ class Backbone:
     num_classes: Optional[int] = None
     null_class: Optional[int] = None
     force_zeros_for_empty_prompt: bool = False
+    #: Flux: T5 tokens per prompt (None: the pipeline's default, 512)
+    max_sequence_length: Optional[int] = None
     #: most prompts kept by the in-memory embedding cache (least recently used dropped
     #: first); an SD1.5 entry is ~0.24 MB in fp32, SDXL ~0.3 MB in fp16. Call
     #: clear_prompt_cache() if the text encoders change.
@@ -390,6 +279,17 @@ class Backbone:
         return Denoiser(self.unet if unet is None else unet, self.schedule, prediction_type,
                         **kw)
 
+    def set_resolution(self, resolution: int) -> None:
+        """Generate and train at ``resolution`` px. A flow model that shifts its timesteps by
+        resolution (Flux's ``use_dynamic_shifting``) gets its μ from the latent token count,
+        as its pipeline computes it: (H / VAE factor / patch)², the patch being 2 for Flux's
+        packed latents and the transformer's ``patch_size`` for SD3."""
+        self.resolution = int(resolution)
+        if self.schedule.kind == "flow" and self.kind != "pixel":
+            patch = 2 if self.kind == "flux" else int(getattr(self.unet.config, "patch_size", 1))
+            side = self.resolution // self.vae_scale_factor // patch
+            self.schedule.set_image_seq_len(side * side)
+
     def sampler_options(self, sampler: str) -> dict:
         """What the model's own scheduler config implies for the shared samplers: a pixel
         model whose scheduler sets ``clip_sample`` (DDPM / ADM pixel models clip x0̂ to
@@ -409,37 +309,14 @@ class Backbone:
                 "this backbone was loaded with load_text=False: reload with load_text=True "
                 "to encode prompts")
 
-    @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> list[tuple]:
-        """Per-prompt (hidden states [L, D], pooled [P] or None), as the stock pipelines do."""
-        if self.kind == "sd":
-            te, tok = self.text_encoder, self.tokenizer
-            inputs = tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                         truncation=True, return_tensors="pt")
-            mask = None
-            if getattr(te.config, "use_attention_mask", False):
-                mask = inputs.attention_mask.to(te.device)
-            hidden = te(inputs.input_ids.to(te.device), attention_mask=mask)[0].to(te.dtype)
-            return [(h.clone(), None) for h in hidden]  # clones: entries own their memory
-        if self.kind == "sd3":
-            from .text_sd3 import encode_sd3
+        """Per-prompt (hidden states [L, D], pooled [P] or None), as the stock pipelines do
+        (:func:`diffdistill.text_encoders.encode_prompts_like_pipeline`)."""
+        from .text_encoders import encode_prompts_like_pipeline
 
-            hidden, pooled = encode_sd3(self, prompts)
-            return [(h.clone(), p.clone()) for h, p in zip(hidden, pooled)]
-        hiddens, pooled = [], None
-        for te, tok in ((self.text_encoder, self.tokenizer),
-                        (self.text_encoder_2, self.tokenizer_2)):
-            inputs = tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                         truncation=True, return_tensors="pt")
-            out = te(inputs.input_ids.to(te.device), output_hidden_states=True)
-            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds (pooled projection)
-                pooled = out[0]
-            hiddens.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
-        dt = self.text_encoder_2.dtype
-        hidden = torch.cat(hiddens, dim=-1).to(dt)
-        if pooled is None:
-            raise ValueError("SDXL text_encoder_2 must return a pooled projection "
-                             "(CLIPTextModelWithProjection)")
+        hidden, pooled = encode_prompts_like_pipeline(self, prompts)
+        if pooled is None:  # clones: cache entries own their memory
+            return [(h.clone(), None) for h in hidden]
         return [(h.clone(), p.clone()) for h, p in zip(hidden, pooled)]
 
     def _embed(self, prompts: list[str]) -> tuple[Tensor, Optional[Tensor]]:
@@ -495,7 +372,7 @@ class Backbone:
             raise ValueError("encode_prompts needs at least one prompt")
         hidden, pooled = self._embed(prompts)
         dev = self.device
-        if self.kind == "sd3":  # SD3's negative is the encoded empty prompt
+        if self.kind in ("sd3", "flux"):  # their negative is the encoded empty prompt
             cond = Cond(encoder_hidden_states=hidden.to(dev), pooled_projections=pooled.to(dev))
             if with_uncond:
                 uh, up = self._embed([""])
@@ -543,7 +420,7 @@ class Backbone:
             if hidden is None:
                 still.append(p)
                 continue
-            pooled = (self.prompt_disk_cache.get(key + ".p") if self.kind in ("sdxl", "sd3")
+            pooled = (self.prompt_disk_cache.get(key + ".p") if self.kind in ("sdxl", "sd3", "flux")
                       else None)
             dt = (self.text_encoder_2 or self.text_encoder).dtype
             self._prompt_cache[p] = (hidden.to(self.device, dt),

@@ -55,6 +55,8 @@ class Cond:
     class_labels: Optional[Tensor] = None
     timestep_cond: Optional[Tensor] = None  # LCM guidance-scale (w) embedding
     pooled_projections: Optional[Tensor] = None  # SD3: both CLIPs' pooled projections
+    #: a guidance-distilled model's guidance input per sample (Flux-dev's embedded guidance)
+    guidance: Optional[Tensor] = None
     uncond: Optional["Cond"] = field(default=None, repr=False)
 
     # -- construction helpers -------------------------------------------------------
@@ -74,6 +76,7 @@ class Cond:
             class_labels=f(self.class_labels),
             timestep_cond=f(self.timestep_cond),
             pooled_projections=f(self.pooled_projections),
+            guidance=f(self.guidance),
             uncond=self.uncond.map(fn) if (with_uncond and self.uncond is not None) else None,
         )
 
@@ -98,7 +101,7 @@ class Cond:
     @property
     def batch_size(self) -> Optional[int]:
         for v in (self.encoder_hidden_states, self.class_labels, self.timestep_cond,
-                  self.pooled_projections):
+                  self.pooled_projections, self.guidance):
             if v is not None:
                 return v.shape[0]
         if self.added_cond_kwargs:
@@ -120,7 +123,7 @@ class Cond:
 
         return Cond(**{n: cat_field(n) for n in
                        ("encoder_hidden_states", "added_cond_kwargs", "class_labels",
-                        "timestep_cond", "pooled_projections")})
+                        "timestep_cond", "pooled_projections", "guidance")})
 
     def unet_kwargs(self) -> dict:
         kw = {}
@@ -137,18 +140,54 @@ class Cond:
         return kw
 
 
-def is_transformer(net: nn.Module) -> bool:
-    """Whether ``net`` (or the module a DDP / FSDP / peft wrapper holds) is a diffusers
-    transformer denoiser (SD3's MMDiT), not a UNet."""
+def _config_of(net: nn.Module):
+    """The diffusers config of ``net`` or of the module a DDP / FSDP / peft wrapper holds."""
     for _ in range(4):
         config = getattr(net, "config", None)
-        if config is not None and hasattr(config, "joint_attention_dim"):
-            return True
+        if config is not None:
+            return config
         inner = getattr(net, "module", None) or getattr(net, "base_model", None)
         if inner is None or inner is net:
-            return False
+            return None
         net = inner
-    return False
+    return None
+
+
+def is_transformer(net: nn.Module) -> bool:
+    """Whether ``net`` (or the module a wrapper holds) is a diffusers flow transformer
+    denoiser (SD3's MMDiT, Flux's transformer), not a UNet."""
+    return hasattr(_config_of(net), "joint_attention_dim")
+
+
+def is_flux(net: nn.Module) -> bool:
+    """Whether ``net`` is a ``FluxTransformer2DModel`` (packed latents, rotary position ids)."""
+    return hasattr(_config_of(net), "axes_dims_rope")
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """[B, C, H, W] → Flux's tokens [B, (H/2)(W/2), 4C]: each 2×2 patch flattened channel-major
+    (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Flux packs 2x2 latent patches: latent size {h}x{w} must be even")
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """The inverse of :func:`pack_latents` for a latent of size ``h`` × ``w``."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
+    """Flux's rotary position ids of the packed tokens, [(h/2)(w/2), 3]: (0, row, column)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -183,6 +222,8 @@ class DenoiserBase(nn.Module):
     """Anything callable as ``model(x_t, t, cond) -> Prediction``; adds CFG."""
 
     schedule: NoiseSchedule
+    #: the model takes its guidance scale as an input (Flux-dev: one pass, no CFG pair)
+    embedded_guidance: bool = False
 
     def forward(self, x: Tensor, t, cond: Optional[Cond] = None) -> Prediction:  # pragma: no cover
         raise NotImplementedError
@@ -196,6 +237,12 @@ class DenoiserBase(nn.Module):
         w ~ U[w_min, w_max] per sample); a tensor always takes the guided path.
         """
         per_sample = isinstance(guidance_scale, Tensor)
+        if self.embedded_guidance and cond is not None:
+            # a guidance-distilled model (Flux-dev) reads the scale itself, 1.0 included, as
+            # FluxPipeline passes ``guidance_scale`` to its transformer
+            g = (guidance_scale.float() if per_sample
+                 else torch.full((x.shape[0],), float(guidance_scale)))
+            return self(x, t, cond.replace(guidance=g.to(x.device)))
         if cond is None or (not per_sample and guidance_scale == 1.0):
             return self(x, t, cond)
         if cond.uncond is None:
@@ -236,6 +283,10 @@ class Denoiser(DenoiserBase):
         self.unet = unet
         # an MMDiT (SD3Transformer2DModel) takes the timestep as a keyword, after the text
         self.timestep_keyword = is_transformer(unet)
+        # Flux: packed 2x2 latent tokens, position ids, time in [0, 1], embedded guidance
+        self.packed = is_flux(unet)
+        self.embedded_guidance = self.packed and bool(
+            getattr(_config_of(unet), "guidance_embeds", False))
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.sigma_data = sigma_data
@@ -250,11 +301,37 @@ class Denoiser(DenoiserBase):
         dt = self.model_dtype
         kwargs = (cond.to(dtype=dt) if cond is not None else Cond()).unet_kwargs()
         timestep = timestep.to(x.device, torch.float32)
+        if self.packed:
+            return self._flux_call(x.to(dt), timestep, cond)
         if self.timestep_keyword:
             out = self.unet(x.to(dt), timestep=timestep, **kwargs)
         else:
             out = self.unet(x.to(dt), timestep, **kwargs)
         return out.sample if hasattr(out, "sample") else out[0]
+
+    def _flux_call(self, x: Tensor, timestep: Tensor, cond: Optional[Cond]) -> Tensor:
+        """``FluxTransformer2DModel`` as ``FluxPipeline.__call__`` runs it: packed tokens, text
+        ids all zero, image ids (0, row, column), the time as σ = t / T in [0, 1] (the
+        transformer scales it by 1000 itself), the guidance scale where the model embeds it:
+        ``cond.guidance``, else 1 — so that an unguided call is the call at scale 1, as for
+        every other model (a generator trained by plain calls samples at ``guidance_scale``
+        1 in the stock pipeline too)."""
+        if cond is None or cond.encoder_hidden_states is None:
+            raise ValueError("a Flux transformer needs prompt conditioning (T5 states and the "
+                             "pooled CLIP output)")
+        dt = x.dtype
+        b, _, h, w = x.shape
+        text = cond.encoder_hidden_states.to(dt)
+        guidance = None
+        if self.embedded_guidance:
+            guidance = cond.guidance if cond.guidance is not None else torch.ones(b)
+            guidance = guidance.to(x.device, torch.float32)
+        out = self.unet(  # the tokens positionally: a fake score with its GAN head takes them so
+            pack_latents(x), timestep=timestep / self.schedule.num_train_timesteps,
+            guidance=guidance, pooled_projections=cond.pooled_projections.to(dt),
+            encoder_hidden_states=text, img_ids=latent_image_ids(h, w, x.device, dt),
+            txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=dt))
+        return unpack_latents(out.sample if hasattr(out, "sample") else out[0], h, w)
 
     def target(self, x0: Tensor, noise: Tensor, t) -> Tensor:
         """What the network is trained to output at x_t = α x0 + σ ε, in float32: ε
@@ -311,6 +388,7 @@ class LCMConsistency(DenoiserBase):
         super().__init__()
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
+        self.embedded_guidance = denoiser.embedded_guidance
         self.sigma_data = sigma_data
         self.timestep_scaling = timestep_scaling
 

@@ -111,9 +111,12 @@ def lora_state_dict(unet: nn.Module, adapter_name: str = "default",
 
 def unet_kind(unet: nn.Module) -> str:
     """'sdxl' for a UNet with SDXL's text-time added conditioning, 'sd' for other
-    ``UNet2DConditionModel``s, 'sd3' for an MMDiT, 'pixel' otherwise."""
-    from .denoiser import is_transformer
+    ``UNet2DConditionModel``s, 'flux' for Flux's transformer, 'sd3' for an MMDiT, 'pixel'
+    otherwise."""
+    from .denoiser import is_flux, is_transformer
 
+    if is_flux(unet):
+        return "flux"
     if is_transformer(unet):
         return "sd3"
     cfg = unet.config
@@ -131,6 +134,8 @@ def _pipeline_class(kind: str):
         return diffusers.StableDiffusionXLPipeline
     if kind == "sd3":
         return diffusers.StableDiffusion3Pipeline
+    if kind == "flux":
+        return diffusers.FluxPipeline
     raise ValueError(
         f"LoRA files are for latent text-to-image pipelines (kind 'sd' or 'sdxl'), not "
         f"{kind!r}: stock pixel pipelines have no LoRA loader; use save_full_pipeline")
@@ -146,9 +151,11 @@ def save_lora(unet: nn.Module, out_dir, kind: Optional[str] = None, *,
     cls = _pipeline_class(kind)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers = lora_state_dict(unet, adapter_name, dtype, peft_keys=kind == "sd3")
-    # SD3's loader reads peft-format keys under "transformer."; the UNet pipelines "unet."
-    key = "transformer_lora_layers" if kind == "sd3" else "unet_lora_layers"
+    transformer = kind in ("sd3", "flux")
+    layers = lora_state_dict(unet, adapter_name, dtype, peft_keys=transformer)
+    # SD3's / Flux's loaders read peft-format keys under "transformer."; the UNet pipelines
+    # "unet."
+    key = "transformer_lora_layers" if transformer else "unet_lora_layers"
     cls.save_lora_weights(save_directory=str(out), **{key: layers},
                           weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
     return out / LORA_WEIGHT_NAME
@@ -310,13 +317,13 @@ def make_scheduler(name: str, teacher_config: Mapping[str, Any], **kwargs):
 
 def _load_missing(backbone: Backbone, name: str):
     """A component the backbone did not load (load_text/load_vae False), read from its folder."""
-    from .backbone import _component_class, _load_model
+    from .model_folder import component_class, load_component
 
     index = json.loads((Path(backbone.path) / "model_index.json").read_text())
     entry = index[name]
     if name.startswith("tokenizer"):
-        return _component_class(entry, name).from_pretrained(str(Path(backbone.path) / name))
-    return _load_model(Path(backbone.path), entry, name, torch.float32, "cpu", None)
+        return component_class(entry, name).from_pretrained(str(Path(backbone.path) / name))
+    return load_component(Path(backbone.path), entry, name, torch.float32, "cpu", None)
 
 
 def save_full_pipeline(
@@ -371,6 +378,8 @@ def save_full_pipeline(
             pipe = diffusers.StableDiffusion3Pipeline(
                 transformer=student, scheduler=sched, text_encoder_3=backbone.text_encoder_3,
                 tokenizer_3=backbone.tokenizer_3, **parts)
+        elif kind == "flux":
+            pipe = diffusers.FluxPipeline(transformer=student, scheduler=sched, **parts)
         elif kind == "sdxl":
             pipe = diffusers.StableDiffusionXLPipeline(
                 unet=student, scheduler=sched,
@@ -488,7 +497,7 @@ def save_generator(backbone, unet: nn.Module, out_dir, *, lora: bool, scheduler:
     out = Path(out_dir)
     if lora:
         save_lora(unet, out, kind=backbone.kind, adapter_name=adapter_name)
-        if backbone.kind != "sd3":  # kohya's names are for UNets
+        if backbone.kind in ("sd", "sdxl"):  # kohya's names are for UNets
             save_lora_kohya(unet, out, kind=backbone.kind, adapter_name=adapter_name)
     else:
         save_full_pipeline(backbone, unet, out, scheduler=scheduler,
@@ -529,7 +538,7 @@ def load_lora_into(unet, lora_dir: Path) -> None:
 
     if not (lora_dir / LORA_WEIGHT_NAME).exists():
         raise FileNotFoundError(f"--lora {lora_dir}: no {LORA_WEIGHT_NAME} in that folder")
-    prefix = "transformer" if unet_kind(unet) == "sd3" else "unet"
+    prefix = "transformer" if unet_kind(unet) in ("sd3", "flux") else "unet"
     try:
         unet.load_lora_adapter(str(lora_dir), weight_name=LORA_WEIGHT_NAME, prefix=prefix,
                                adapter_name="default")
@@ -551,19 +560,23 @@ def write_export_info(out_dir, *, sampler: str, steps: int, guidance_scale: floa
     return path
 
 
-def flow_usage_code(*, model_id: str, base_model: str, lora: bool, sigmas, prompt: str,
-                    t5: bool = True) -> str:
-    """The model card's code for a flow student (SD3 class): the stock pipeline with
-    ``FlowMatchEulerDiscreteScheduler`` at shift 1 with stochastic sampling (x0̂ = x − σ v̂,
-    re-noised along the flow path: the toolkit's multistep consistency sampler), called with
-    the student's own ``sigmas``. ``t5=False``: the folders have no T5, which the stock
-    ``from_pretrained`` must be told (``text_encoder_3=None, tokenizer_3=None``)."""
-    extra = "" if t5 else ", text_encoder_3=None, tokenizer_3=None"
-    load = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model!r}{extra})\n"
+def flow_usage_code(backbone, *, model_id: str, base_model: str, lora: bool, sigmas,
+                    prompt: str) -> str:
+    """The model card's code for a flow student (SD3 or Flux class): the stock pipeline with
+    ``FlowMatchEulerDiscreteScheduler`` at shift 1, no dynamic shift, with stochastic sampling
+    (x0̂ = x − σ v̂, re-noised along the flow path: the toolkit's multistep consistency
+    sampler), called with the student's own ``sigmas``. An SD3 folder without T5 must say so
+    to the stock ``from_pretrained`` (``text_encoder_3=None, tokenizer_3=None``). The guidance
+    scale is 1: no CFG, and for a guidance-distilled Flux student the embedded scale its
+    generator was trained with (:meth:`~diffdistill.denoiser.Denoiser._flux_call`)."""
+    cls = "FluxPipeline" if backbone.kind == "flux" else "StableDiffusion3Pipeline"
+    extra = ("" if backbone.kind == "flux" or backbone.text_encoder_3 is not None
+             else ", text_encoder_3=None, tokenizer_3=None")
+    load = (f"pipe = {cls}.from_pretrained({base_model!r}{extra})\n"
             f"pipe.load_lora_weights({model_id!r})\n" if lora else
-            f"pipe = StableDiffusion3Pipeline.from_pretrained({model_id!r}{extra})\n")
+            f"pipe = {cls}.from_pretrained({model_id!r}{extra})\n")
     return ("import torch\n"
-            "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline\n"
+            f"from diffusers import FlowMatchEulerDiscreteScheduler, {cls}\n"
             + load +
             "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(\n"
             "    pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False,\n"

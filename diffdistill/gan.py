@@ -10,7 +10,7 @@ log density ratio, r = exp(D(x_t, t)).
 
 The features are taken with a *forward hook*, never by patching the network's ``forward``:
 on ``unet.mid_block`` (the bottleneck of both ``UNet2DConditionModel`` and ``UNet2DModel``),
-and on a flow transformer (``SD3Transformer2DModel``) on its middle joint block — the image
+and on a flow transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``) on its middle joint block — the image
 tokens at half depth, the transformer's counterpart of a bottleneck — laid back on their
 patch grid (B, C, H/p, W/p), the grid read by a second hook on the patch embedding's input:
 
@@ -65,7 +65,13 @@ class BottleneckTap:
         self.features: Optional[Tensor] = None
         self.grid: Optional[tuple[int, int]] = None
         self._handles = [self.module.register_forward_hook(self._capture)]
-        if self.tokens:
+        if self.tokens and hasattr(net.config, "axes_dims_rope"):
+            # Flux: the rotary embedding reads (0, row, column) ids of the packed tokens (the
+            # text ids are zeros), so the grid is the largest row and column plus one
+            self._handles.append(net.pos_embed.register_forward_pre_hook(
+                lambda m, args: self._set_grid(int(args[0][:, 1].max()) + 1,
+                                               int(args[0][:, 2].max()) + 1)))
+        elif self.tokens:  # SD3: the patch embedding sees the latent (B, C, H, W)
             p = int(net.config.patch_size)
             self._handles.append(net.pos_embed.register_forward_pre_hook(
                 lambda m, args: self._set_grid(args[0].shape[-2] // p, args[0].shape[-1] // p)))
@@ -77,7 +83,8 @@ class BottleneckTap:
         if not self.tokens:
             self.features = output[0] if isinstance(output, (tuple, list)) else output
             return
-        x = output[1]  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
+        # JointTransformerBlock and FluxTransformerBlock return (text states, image states)
+        x = output[1]
         h, w = self.grid
         self.features = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 

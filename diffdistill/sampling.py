@@ -484,6 +484,10 @@ def flow_timesteps(schedule, num_steps: int, *, mu: Optional[float] = None,
     ends, shifted (:meth:`~diffdistill.schedule.FlowSchedule.shift_sigmas`) — or the given
     ``sigmas`` shifted (what the Flux pipeline passes: ``linspace(1, 1/n, n)``), times T."""
     T = schedule.num_train_timesteps
+    if sigmas is None and getattr(schedule, "pipeline_sigmas", None) == "flux":
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)  # FluxPipeline.__call__
     if sigmas is None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")

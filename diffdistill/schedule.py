@@ -224,6 +224,9 @@ class FlowSchedule(NoiseSchedule):
         self.num_train_timesteps = int(num_train_timesteps)
         self.config = dict(config or {})
         self.mu = mu
+        #: the sigmas a pipeline passes to ``set_timesteps``: None for the scheduler's own grid
+        #: (SD3), "flux" for the Flux pipeline's ``linspace(1, 1/n, n)``
+        self.pipeline_sigmas: Optional[str] = None
         self.t_min = 0.0
         self.t_max = float(self.num_train_timesteps)
 
@@ -269,6 +272,15 @@ class FlowSchedule(NoiseSchedule):
             return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
         shift = float(cfg.get("shift", 1.0))
         return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def set_image_seq_len(self, seq_len: int) -> None:
+        """Set μ from the latent token count, as the pipelines' ``calculate_shift`` does with
+        the scheduler config's ends (a no-op for a static shift)."""
+        cfg = self.config
+        if cfg.get("use_dynamic_shifting"):
+            self.mu = flow_shift_mu(int(seq_len), cfg.get("base_image_seq_len", 256),
+                                    cfg.get("max_image_seq_len", 4096),
+                                    cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
 
     def to_config(self) -> dict:
         return dict(self.config) or {"num_train_timesteps": self.num_train_timesteps}

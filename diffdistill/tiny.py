@@ -202,3 +202,77 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16):
         text_encoder_2=tiny_text_encoder(seed=seed + 1, with_projection=True), tokenizer_2=tok,
         text_encoder_3=None, tokenizer_3=None,
     )
+
+
+#: FLUX.1-dev's FlowMatchEulerDiscreteScheduler config (resolution-dependent shift)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """A ``T5TokenizerFast`` built in code (no sentencepiece file, no download): a unigram
+    vocabulary of lowercase letters, digits and punctuation with T5's specials (pad 0, eos 1,
+    unk 2), the ``▁`` word-boundary pre-tokenizer and "</s>" appended, as T5's tokenizer
+    does. It saves and loads with ``save_pretrained`` / ``from_pretrained`` like any other."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
+    for c in string.ascii_lowercase + string.digits + ",.'-!?":
+        pieces += [("▁" + c, -2.0), (c, -3.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                           pad_token="<pad>", extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
+    """A two-layer ``T5EncoderModel`` (the text encoder Flux and SD3 read their sequence from)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8,
+                                   d_ff=2 * d_model, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8)).eval()
+
+
+def tiny_flux_transformer(in_channels: int = 16, joint_attention_dim: int = 32,
+                          pooled_projection_dim: int = 32, guidance_embeds: bool = True,
+                          seed: int = 0):
+    """Flux-structured ``FluxTransformer2DModel``: one double-stream (joint) block, two
+    single-stream blocks, rotary ids over (text, row, column), ``in_channels`` = 4 × the VAE's
+    latent channels (2x2-packed tokens), FLUX.1-dev's guidance embedding when asked."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4)).eval()
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A real ``FluxPipeline`` structure: CLIP (pooled output) + T5 (sequence), the Flux
+    transformer on 2x2-packed latents of a 4-channel VAE with Flux's scaling and shift
+    factors, and FLUX.1-dev's dynamic-shift flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from .tokenizer import load_clip_tokenizer
+
+    t5_tok = tiny_t5_tokenizer()
+    vae = tiny_vae(seed=seed, scaling_factor=0.3611)
+    vae.register_to_config(shift_factor=0.1159)
+    return FluxPipeline(
+        transformer=tiny_flux_transformer(guidance_embeds=guidance_embeds, seed=seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+        text_encoder=tiny_text_encoder(seed=seed), tokenizer=load_clip_tokenizer(
+            clip_tokenizer_dir()),
+        text_encoder_2=tiny_t5_encoder(len(t5_tok), seed=seed + 1), tokenizer_2=t5_tok)

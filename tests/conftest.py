@@ -67,6 +67,14 @@ def sd3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    """Flux-structured ``FluxPipeline`` (CLIP + T5, packed latents, embedded guidance)."""
+    from diffdistill.tiny import tiny_flux_pipeline
+
+    return _save(tiny_flux_pipeline(), tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
 def pixel_dir(tmp_path_factory):
     """Class-conditional pixel ``DDPMPipeline`` (10 classes + the null class)."""
     from diffdistill.tiny import tiny_pixel_pipeline

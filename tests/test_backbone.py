@@ -46,7 +46,7 @@ def test_folder_without_model_index_is_not_a_pipeline(tmp_path):
 
 
 def test_unknown_pipeline_class_lists_supported(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     with pytest.raises(ValueError) as e:
         load_backbone(tmp_path)
     for name in PIPELINE_KINDS:

@@ -83,7 +83,7 @@ def test_trainers_without_flow_support_refuse_an_sd3_teacher_in_one_line(sd3_dir
 
     tr = ICTTrainer(build_config(ICTTrainer.config_class,
                                  tiny_run_data("ict", sd3_dir, tmp_path / "run", 32)))
-    with pytest.raises(ConfigError, match="SD3-class flow-matching transformer: it loads and "
+    with pytest.raises(ConfigError, match="SD3/Flux-class flow-matching transformer: it loads and "
                                           "samples .* pretrain, dmd2, fdistill and lcd "
                                           "methods; ict "
                                           "does not run on one yet"):

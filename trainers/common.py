@@ -73,12 +73,13 @@ class BackboneMixin:
     def load_backbone(self):
         from diffdistill.adapters import set_attention_backend
         from diffdistill.backbone import folder_kind, load_backbone
+        from diffdistill.model_folder import FLOW_TRANSFORMER_KINDS
 
         m = self.cfg.model
-        if folder_kind(resolve_model_path(m.path)) == "sd3" and not getattr(
+        if folder_kind(resolve_model_path(m.path)) in FLOW_TRANSFORMER_KINDS and not getattr(
                 self, "trains_flow_transformers", False):
             raise ConfigError(
-                f"model.path={m.path!r} holds an SD3-class flow-matching transformer: it loads "
+                f"model.path={m.path!r} holds an SD3/Flux-class flow-matching transformer: it loads "
                 "and samples (diffdistill sample / bench) and trains with the pretrain, dmd2, "
                 f"fdistill and lcd methods; {self.method} does not run on one yet")
         bb = load_backbone(resolve_model_path(m.path), dtype=torch.float32, device=self.device,
@@ -88,14 +89,16 @@ class BackboneMixin:
         if bb.kind != "pixel":
             from diffdistill.data import check_resolution
 
-            try:
-                check_resolution(self.cfg.data.resolution, bb.vae_scale_factor)
+            try:  # Flux packs 2x2 latent patches: twice the VAE factor
+                check_resolution(self.cfg.data.resolution,
+                                 bb.vae_scale_factor * (2 if bb.kind == "flux" else 1))
             except ValueError as e:
                 raise ConfigError(f"data.resolution: {e}") from None
+            bb.set_resolution(self.cfg.data.resolution)
             if self.cfg.data.cache_dir:
                 bb.attach_prompt_disk_cache(self.cfg.data.cache_dir)
             frozen = self.frozen_dtype
-            for part in (bb.vae, bb.text_encoder, bb.text_encoder_2):
+            for part in (bb.vae, bb.text_encoder, bb.text_encoder_2, bb.text_encoder_3):
                 if part is not None:
                     part.requires_grad_(False).eval().to(dtype=frozen)
         set_attention_backend(bb.unet, m.attention)

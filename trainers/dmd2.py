@@ -473,9 +473,8 @@ class DMD2Trainer(BackboneMixin, Trainer):
                        adapter_name="generator")
         write_export_info(out, **self.eval_spec(unet).export_info(len(sigmas)),
                           method=self.method)
-        code = flow_usage_code(model_id=str(out), base_model=base_model, lora=self.lora,
-                               sigmas=sigmas, prompt=self.card_prompt(),
-                               t5=bb.text_encoder_3 is not None)
+        code = flow_usage_code(bb, model_id=str(out), base_model=base_model, lora=self.lora,
+                               sigmas=sigmas, prompt=self.card_prompt())
         write_model_card(out, prompt=self.card_prompt(), method=self.method,
                          base_model=base_model, steps=len(sigmas), guidance_scale=1.0,
                          scheduler="flow_stochastic", lora=self.lora, kind=bb.kind,

@@ -391,10 +391,9 @@ class LCDTrainer(BackboneMixin, Trainer):
                              guidance_scale=self.export_guidance_scale,
                              scheduler="flow_stochastic", lora=True, kind=bb.kind,
                              extra={"sigmas": sigmas, "w range": f"[{p.w_min}, {p.w_max}]"},
-                             code=flow_usage_code(model_id=str(out_dir), base_model=base_model,
-                                                  lora=True, sigmas=sigmas,
-                                                  prompt=self.card_prompt(),
-                                                  t5=bb.text_encoder_3 is not None))
+                             code=flow_usage_code(bb, model_id=str(out_dir),
+                                                  base_model=base_model, lora=True,
+                                                  sigmas=sigmas, prompt=self.card_prompt()))
             write_export_info(out_dir, **self.eval_spec(unet).export_info(p.export_steps, more),
                               method=self.method)
             return out_dir
