@@ -420,7 +420,8 @@ class Backbone:
             if hidden is None:
                 still.append(p)
                 continue
-            pooled = (self.prompt_disk_cache.get(key + ".p") if self.kind in ("sdxl", "sd3", "flux")
+            pooled = (self.prompt_disk_cache.get(key + ".p")
+                      if self.kind in ("sdxl", "sd3", "flux")
                       else None)
             dt = (self.text_encoder_2 or self.text_encoder).dtype
             self._prompt_cache[p] = (hidden.to(self.device, dt),

@@ -581,7 +581,8 @@ def flow_usage_code(backbone, *, model_id: str, base_model: str, lora: bool, sig
             "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(\n"
             "    pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False,\n"
             "    stochastic_sampling=True)\n"
-            f"image = pipe({prompt!r}, sigmas={list(sigmas)}, guidance_scale=1.0).images[0]\n"
+            f"image = pipe({prompt!r}, sigmas={list(sigmas)}, "
+            "guidance_scale=1.0).images[0]\n"
             "image.save(\"sample.png\")\n")
 
 

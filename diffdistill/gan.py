@@ -10,9 +10,10 @@ log density ratio, r = exp(D(x_t, t)).
 
 The features are taken with a *forward hook*, never by patching the network's ``forward``:
 on ``unet.mid_block`` (the bottleneck of both ``UNet2DConditionModel`` and ``UNet2DModel``),
-and on a flow transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``) on its middle joint block — the image
-tokens at half depth, the transformer's counterpart of a bottleneck — laid back on their
-patch grid (B, C, H/p, W/p), the grid read by a second hook on the patch embedding's input:
+and on a flow transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``) on its middle
+joint block — the image tokens at half depth, the transformer's counterpart of a bottleneck —
+laid back on their patch grid (B, C, H/p, W/p), the grid read by a second hook (SD3: on the
+patch embedding's input; Flux: on the rotary embedding's position ids):
 
 * :class:`BottleneckTap` — registers the hooks, keeps the features of the most recent forward
   (with their autograd graph), and removes the hooks on :meth:`BottleneckTap.remove`.

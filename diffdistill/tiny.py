@@ -184,15 +184,17 @@ def tiny_sd3_transformer(sample_size: int = 16, joint_attention_dim: int = 64,
     ).eval()
 
 
-def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16):
-    """A real ``StableDiffusion3Pipeline`` structure without T5 (``text_encoder_3`` None, as
-    SD3 runs with it dropped): two CLIP encoders with projections, an MMDiT, a VAE with SD3's
-    scaling and shift factors, the flow-matching Euler scheduler with shift 3."""
+def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, t5: bool = False):
+    """A real ``StableDiffusion3Pipeline`` structure: two CLIP encoders with projections, an
+    MMDiT, a VAE with SD3's scaling and shift factors, the flow-matching Euler scheduler with
+    shift 3; without T5 (``text_encoder_3`` None, as SD3 runs with it dropped) unless ``t5``
+    (a tiny T5 as wide as the MMDiT's joint attention input)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from .tokenizer import load_clip_tokenizer
 
     tok = load_clip_tokenizer(clip_tokenizer_dir())
+    t5_tok = tiny_t5_tokenizer(model_max_length=256) if t5 else None
     vae = tiny_vae(seed=seed, scaling_factor=1.5305)
     vae.register_to_config(shift_factor=0.0609)
     return StableDiffusion3Pipeline(
@@ -200,7 +202,8 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16):
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=vae,
         text_encoder=tiny_text_encoder(seed=seed, with_projection=True), tokenizer=tok,
         text_encoder_2=tiny_text_encoder(seed=seed + 1, with_projection=True), tokenizer_2=tok,
-        text_encoder_3=None, tokenizer_3=None,
+        text_encoder_3=tiny_t5_encoder(len(t5_tok), d_model=64, seed=seed + 2) if t5 else None,
+        tokenizer_3=t5_tok if t5 else None,
     )
 
 

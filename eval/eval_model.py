@@ -100,6 +100,8 @@ class EvalModel:
         from diffdistill.sampling import generate
 
         bb = self.backbone
+        if resolution and resolution != bb.resolution:
+            bb.set_resolution(resolution)  # a resolution-shifted flow (Flux) takes its μ
         prompts = prompts or EvalPrompts()
         indices = list(range(len(seeds))) if indices is None else list(indices)
         ts = self.grid_for(num_steps)

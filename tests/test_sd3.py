@@ -517,3 +517,35 @@ def test_fdistill_on_a_flow_teacher_resumes_bit_identically(sd3_dir, tmp_path):
         b = torch.load(cut / name, weights_only=True)["state"]
         assert a.keys() == b.keys() and all(
             torch.equal(a[i][k], b[i][k]) for i in a for k in a[i]), name
+
+
+def test_an_sd3_folder_with_t5_conditions_and_samples_as_the_stock_pipeline(tmp_path):
+    """With T5 (``text_encoder_3``), the sequence is the CLIP states padded to T5's width
+    followed by T5's 256 token states, bit-equal to the stock ``encode_prompt``; the flow
+    Euler sampler with CFG gives the stock pipeline's images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffdistill.tiny import tiny_sd3_pipeline
+
+    tiny_sd3_pipeline(t5=True).save_pretrained(str(tmp_path))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path))
+    bb = load_backbone(str(tmp_path))
+    assert type(bb.text_encoder_3).__name__ == "T5EncoderModel"
+    with torch.no_grad():
+        pe, ne, pp, npp = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS,
+                                             do_classifier_free_guidance=True)
+    cond = bb.encode_prompts(PROMPTS)
+    assert cond.encoder_hidden_states.shape == (2, 77 + 256, 64)
+    assert torch.equal(cond.encoder_hidden_states, pe) and torch.equal(cond.pooled_projections,
+                                                                       pp)
+    assert cond.encoder_hidden_states[:, 77:].abs().max() > 0  # T5's states, not zeros
+    torch.testing.assert_close(cond.uncond.encoder_hidden_states, ne, rtol=0, atol=1e-6)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        ref = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, generator=gens,
+                   output_type="pt", height=32, width=32).images
+    ours = generate(bb.denoiser(), seeds=[3, 4], shape=(4, 16, 16),
+                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl]), sampler="flow_euler",
+                    num_steps=4, guidance_scale=3.0, decode=bb.decode_latents,
+                    output="float", progress=False)
+    assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4

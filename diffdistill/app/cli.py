@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network first (pays off for many images)")
     p.add_argument("--num", type=_positive_int, default=4, help="images per prompt")
+    p.add_argument("--resolution", type=_positive_int, default=None,
+                   help="image size in px (default: the model's own; a multiple of the VAE "
+                        "factor, twice it for Flux)")
     p.add_argument("--out", default="samples.png", help="output PNG (a grid)")
 
     p = sub.add_parser("export", help="(re-)export a run's newest checkpoint")

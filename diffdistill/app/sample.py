@@ -18,6 +18,8 @@ class _Items:
 
 def sample_command(args) -> int:
     """Load the model exactly as ``diffdistill bench`` does, then write a grid."""
+    from diffdistill.backbone import grid_shape
+    from diffdistill.config import ConfigError
     from diffdistill.eval.bench_config import BenchModel
     from diffdistill.eval.eval_model import load_eval_model
     from diffdistill.images import save_grid
@@ -28,13 +30,20 @@ def sample_command(args) -> int:
     model = load_eval_model(spec)
     bb = model.backbone
     steps = args.steps or int(model.info.get("steps", 4))
+    if getattr(args, "resolution", None):
+        from diffdistill.data import check_resolution
+
+        try:  # Flux packs 2x2 latent patches
+            check_resolution(args.resolution,
+                             bb.vae_scale_factor * (2 if bb.kind == "flux" else 1))
+        except ValueError as e:
+            raise ConfigError(f"--resolution: {e}") from None
+        bb.set_resolution(args.resolution)  # a resolution-shifted flow also takes its μ
     if bb.kind == "pixel":
         items = [lab for lab in (args.class_label or [0]) for _ in range(args.num)]
-        shape = (bb.unet.config.in_channels, bb.resolution, bb.resolution)
     else:
         items = [p for p in (args.prompt or ["a photo of a sneaker"]) for _ in range(args.num)]
-        f = bb.vae_scale_factor
-        shape = (bb.latent_channels, bb.resolution // f, bb.resolution // f)
+    shape = grid_shape(bb, bb.resolution)
     prompts = _Items(items)
     seeds = [args.seed + i for i in range(len(items))]
     imgs = generate(model.denoiser, seeds=seeds, shape=shape,
