@@ -395,7 +395,7 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
     from diffusers import StableDiffusion3Pipeline
     from helpers import tiny_run_data
 
-    from diffdistill.config import ConfigError, build_config
+    from diffdistill.config import build_config
     from diffdistill.export import card_code
 
     def cfg(adapter, out):
@@ -403,8 +403,6 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
             "lcd", sd3_dir, out, 32, adapter={"type": adapter, "rank": 4},
             train={"lr": 1e-2}, lcd={"w_min": 1.0, "w_max": 3.0}))
 
-    with pytest.raises(ConfigError, match="use adapter.type=lora"):
-        LCDTrainer(cfg("full", tmp_path / "full")).setup()
     tr = LCDTrainer(cfg("lora", tmp_path / "run"))
     tr.setup()
     batch = next(tr._batches())
@@ -444,6 +442,36 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
     monkeypatch.chdir(tmp_path)  # the model card's code runs as written (4 steps)
     exec(card_code(out / "README.md"), {})
     assert (tmp_path / "sample.png").exists()
+
+
+def test_full_weight_lcd_on_a_flow_teacher_exports_a_stock_pipeline_folder(sd3_dir, tmp_path):
+    """Full-weight LCD on the tiny SD3: the student is a copy of the MMDiT (no w input: the
+    CFG range is distilled into it, as LCM-LoRA does), θ⁻ its EMA; the export is a stock
+    StableDiffusion3Pipeline folder whose one-step images are the trainer's own."""
+    from diffdistill.trainers.lcd import LCDTrainer
+    from diffusers import StableDiffusion3Pipeline
+    from helpers import tiny_run_data
+
+    from diffdistill.config import build_config
+
+    tr = LCDTrainer(build_config(LCDTrainer.config_class, tiny_run_data(
+        "lcd", sd3_dir, tmp_path / "run", 32, adapter={"type": "full"},
+        train={"lr": 1e-3}, lcd={"w_min": 1.0, "w_max": 3.0})))
+    tr.fit()
+    assert tr.w_dim is None and type(tr.unwrap(tr.unet)).__name__ == "SD3Transformer2DModel"
+    out = tmp_path / "run" / "export"
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    teacher = load_backbone(str(sd3_dir)).unet.state_dict()
+    assert any(not torch.equal(teacher[k], v) for k, v in pipe.transformer.state_dict().items())
+    ref = _stock_one_step(pipe)
+    bb, spec = tr.backbone, tr.eval_spec()
+    ours = generate(spec.denoiser, seeds=[3, 4], shape=(4, 16, 16),
+                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl], with_uncond=False),
+                    sampler="lcm", num_steps=1, timesteps=spec.grid_for(1),
+                    decode=bb.decode_latents, output="float", progress=False)
+    assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    assert "StableDiffusion3Pipeline.from_pretrained" in (out / "README.md").read_text()
 
 
 def test_the_sd3_lcm_lora_config_runs_one_step_on_a_tiny_sd3(sd3_dir, tmp_path):

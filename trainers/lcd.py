@@ -228,10 +228,6 @@ class LCDTrainer(BackboneMixin, Trainer):
             raise ConfigError(f"model.path={cfg.model.path!r} holds a pixel model; LCD distils "
                               "latent text-to-image teachers (SD / SDXL structure)")
         self.flow = bb.schedule.kind == "flow"
-        if self.flow and cfg.adapter.type != "lora":
-            raise ConfigError("adapter.type=full: full-weight LCD adds a guidance (w) embedding "
-                              "to a UNet; on an SD3-class flow teacher use adapter.type=lora "
-                              "(LCM-LoRA: the teacher's CFG distilled, no w input)")
         bb.scheduler_config["prediction_type"] = bb.prediction_type  # the export's scheduler
         T = bb.schedule.num_train_timesteps
         if p.num_ddim_timesteps > T:
@@ -269,7 +265,12 @@ class LCDTrainer(BackboneMixin, Trainer):
         cfg, p, bb = self.cfg, self.cfg.lcd, self.backbone
         from diffdistill.adapters import make_trainable, set_attention_backend
 
-        student = lcm_student_unet(bb.unet, p.time_cond_proj_dim)
+        if self.flow:  # a flow transformer has no w input to add: the CFG range is distilled
+            from diffdistill.adapters import clone_unet  # into the weights, as LCM-LoRA does
+
+            student = clone_unet(bb.unet)
+        else:
+            student = lcm_student_unet(bb.unet, p.time_cond_proj_dim)
         make_trainable(student, **self.adapter_kwargs(adapter="full"))
         set_attention_backend(student, cfg.model.attention)
         bb.unet.to(self.frozen_dtype)  # the frozen teacher
@@ -278,9 +279,9 @@ class LCDTrainer(BackboneMixin, Trainer):
         self.teacher = bb.denoiser()
         self.teacher_context = contextlib.nullcontext
         self.target = self.consistency(bb.denoiser(ema_backed_copy(self.unwrap(self.unet), ema)))
-        self.w_dim: Optional[int] = p.time_cond_proj_dim
+        self.w_dim: Optional[int] = None if self.flow else p.time_cond_proj_dim
         # the LCM pipeline embeds w = guidance_scale − 1 and runs no CFG
-        self.export_guidance_scale = guidance_scale
+        self.export_guidance_scale = 1.0 if self.flow else guidance_scale
 
     def _build_lora(self, guidance_scale: float) -> None:
         bb = self.backbone
@@ -383,16 +384,16 @@ class LCDTrainer(BackboneMixin, Trainer):
         unet = self.generator_unet()
         more = [1] if p.onestep_timestep is not None else []  # its own one-step start
         base_model = resolve_model_path(self.cfg.model.path)
-        if self.flow:  # LoRA only: FlowMatchEuler with stochastic sampling at its sigmas
+        if self.flow:  # FlowMatchEuler with stochastic sampling at its sigmas
             sigmas = (self.lcm_timesteps(p.export_steps).double() / bb.schedule.t_max).tolist()
-            save_generator(bb, unet, out_dir, lora=True, scheduler="flow_stochastic")
+            save_generator(bb, unet, out_dir, lora=lora, scheduler="flow_stochastic")
             write_model_card(out_dir, prompt=self.card_prompt(), method=self.method,
                              base_model=base_model, steps=p.export_steps,
                              guidance_scale=self.export_guidance_scale,
-                             scheduler="flow_stochastic", lora=True, kind=bb.kind,
+                             scheduler="flow_stochastic", lora=lora, kind=bb.kind,
                              extra={"sigmas": sigmas, "w range": f"[{p.w_min}, {p.w_max}]"},
                              code=flow_usage_code(bb, model_id=str(out_dir),
-                                                  base_model=base_model, lora=True,
+                                                  base_model=base_model, lora=lora,
                                                   sigmas=sigmas, prompt=self.card_prompt()))
             write_export_info(out_dir, **self.eval_spec(unet).export_info(p.export_steps, more),
                               method=self.method)
