@@ -4,11 +4,10 @@ A :class:`Backbone` is the teacher of a distillation run plus the frozen parts a
 the UNet, the VAE (latent models), the text encoder(s) and tokenizer(s), and the noise
 schedule and prediction type read from the scheduler config. It answers the questions the
 trainers ask of a model family, so that no trainer has to know whether it runs on SD1.5,
-SDXL or a pixel-space class-conditional UNet:
+SDXL, SD3, Flux or a pixel-space class-conditional UNet:
 
 * :meth:`Backbone.encode_prompts` — text conditioning exactly as the stock pipelines build it
-  (SD: last hidden state of CLIP; SDXL: both encoders' penultimate hidden states
-  concatenated, encoder 2's pooled projection and the size/crop "time ids" of Podell et al.
+  (:mod:`diffdistill.text_encoders`; SDXL adds the size/crop "time ids" of Podell et al.
   2023, Sec. 2.2), with the unconditional counterpart for classifier-free guidance and an
   in-memory cache so a prompt list that repeats is encoded once;
 * :meth:`Backbone.class_cond` — class labels with the null class as the unconditional input;
@@ -22,11 +21,13 @@ SDXL or a pixel-space class-conditional UNet:
 student needs no second copy), :func:`set_attention_backend` picks SDPA or xformers, and
 :func:`clone_unet` copies a UNet for a fake score or an EMA.
 
-The toolkit never downloads: every path is a local folder (``HF_HUB_OFFLINE`` semantics).
-Components are loaded one by one with their own classes (the ones ``model_index.json``
-names) rather than through ``DiffusionPipeline.from_pretrained``, so a run only loads the
-parts it needs (``load_text=False`` when prompt embeddings are cached, ``load_vae=False``
-when latents are cached).
+The toolkit never downloads: every path is a local folder (``HF_HUB_OFFLINE`` semantics;
+:mod:`diffdistill.model_folder` checks it). Components are loaded one by one with their own
+classes (the ones ``model_index.json`` names) rather than through
+``DiffusionPipeline.from_pretrained``, so a run only loads the parts it needs
+(``load_text=False`` when prompt embeddings are cached, ``load_vae=False`` when latents are
+cached). :meth:`Backbone.set_resolution` sets the size a run generates at (a Flux-class flow
+shifts its timesteps by it).
 
 Class-conditional pixel teachers and the null class: a toolkit teacher trained with label
 dropout has ``num_class_embeds = num_classes + 1`` and the last index is the null class
