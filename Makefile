@@ -36,9 +36,12 @@ demo: setup data
 demo-all: setup data
 	$(VENV)/bin/diffdistill demo --all --jobs 2
 
-# The whole suite, the shipped-world checks included (`make test-world`: those alone).
+# The whole suite, the shipped-world checks included (`make test-world`: those alone). Tests
+# run one torch thread each (tests/conftest.py), so TEST_JOBS workers (pytest-xdist) use that
+# many cores; the 25 slowest tests are listed at the end.
+TEST_JOBS ?= 2
 test: setup data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --durations=25 tests
 
 test-world: setup data
 	$(PY) -m pytest -q tests -m world_assets

@@ -35,7 +35,18 @@ def clip_tokenizer_dir() -> Path:
         from .tokenizer import write_clip_tokenizer
 
         root = Path(os.environ.get("DIFFDISTILL_CACHE", tempfile.gettempdir()))
-        _TOKENIZER_DIR = write_clip_tokenizer(root / "diffdistill-clip-tokenizer")
+        final = root / "diffdistill-clip-tokenizer"
+        if not (final / "tokenizer_config.json").exists():
+            # written aside and renamed into place: parallel test workers never read a
+            # half-written folder (a worker that loses the race drops its own copy)
+            tmp = write_clip_tokenizer(root / f".diffdistill-clip-tokenizer.{os.getpid()}")
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+        _TOKENIZER_DIR = final
     return _TOKENIZER_DIR
 
 

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: each 2-process launch gets its own, so launches in
+    parallel test workers (``pytest -n``) never meet on a fixed port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_run_data(method: str, model_dir, out, res: int, **sections) -> dict:
     """A short CPU run on a tiny fixture model: the config dict every trainer test starts from."""
     from diffdistill.config import deep_merge

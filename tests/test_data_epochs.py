@@ -200,6 +200,8 @@ def test_webdataset_resume_under_two_processes(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
 
+    from helpers import free_port
+
     def launch(out, n, mode, port):
         data = {"method": "data-only", "output_dir": str(out), "seed": 3,
                 "data": {"kind": "webdataset", "path": str(tmp_path / "shard-{0..2}.tar"),
@@ -215,9 +217,9 @@ def test_webdataset_resume_under_two_processes(tmp_path):
         assert r.returncode == 0, r.stderr[-4000:]
         return [json.loads((out / f"report-rank{k}.json").read_text()) for k in (0, 1)]
 
-    whole = launch(tmp_path / "a", 9, "fresh", 29651)
-    part = launch(tmp_path / "b", 4, "fresh", 29652)
-    rest = launch(tmp_path / "b", 5, "resume", 29653)
+    whole = launch(tmp_path / "a", 9, "fresh", free_port())
+    part = launch(tmp_path / "b", 4, "fresh", free_port())
+    rest = launch(tmp_path / "b", 5, "resume", free_port())
     assert [r["world"] for r in whole] == [2, 2]
     for k in (0, 1):
         assert part[k]["keys"] + rest[k]["keys"] == whole[k]["keys"], k

@@ -22,7 +22,7 @@ from diffdistill.trainers.fdistill import (
     timestep_bins,
     update_bin_means,
 )
-from helpers import tiny_run_data  # noqa: E402
+from helpers import free_port, tiny_run_data  # noqa: E402
 from safetensors.torch import load_file
 
 from diffdistill.config import ConfigError, build_config, deep_merge
@@ -303,7 +303,7 @@ def test_two_processes_keep_the_bins_equal(pixel_dir, tmp_path):
     accel = Path(sys.executable).with_name("accelerate")
     r = subprocess.run([str(accel), "launch", "--config_file",
                         str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port",
-                        "29533", "-m", "diffdistill.train", str(cfg_file)],
+                        str(free_port()), "-m", "diffdistill.train", str(cfg_file)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(out)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from diffdistill.trainers.checkpointing import list_checkpoints
-from helpers import method_run_data
+from helpers import free_port, method_run_data
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,16 +83,16 @@ def runs(sd_dir, tmp_path_factory):
     cfgs = {(kind, m): write_config(root, m, root / kind / m, sd_dir)
             for kind in ("fsdp", "ddp", "resumed") for m in METHODS}
     launch(root, "configs/accelerate/cpu_fsdp2.yaml", [[str(cfgs["fsdp", m])] for m in METHODS],
-           29651)
+           free_port())
     launch(root, "configs/accelerate/cpu_2proc.yaml", [[str(cfgs["ddp", m])] for m in METHODS],
-           29652)
+           free_port())
     for m in METHODS:  # the sharded run as it was after step 1, then resumed to STEPS
         src, dst = root / "fsdp" / m, root / "resumed" / m
         (dst / "checkpoints").mkdir(parents=True)
         shutil.copytree(src / "checkpoints" / "checkpoint-1", dst / "checkpoints" / "checkpoint-1")
         shutil.copy(src / "config.yaml", dst / "config.yaml")
     launch(root, "configs/accelerate/cpu_fsdp2.yaml",
-           [[str(cfgs["resumed", m]), "--resume", "latest"] for m in METHODS], 29653)
+           [[str(cfgs["resumed", m]), "--resume", "latest"] for m in METHODS], free_port())
     return root
 
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from diffdistill.trainers.batches import ShardedBatchSampler
 from diffdistill.trainers.checkpointing import list_checkpoints
-from helpers import ALL_METHODS, LATENT_METHODS, method_run_data
+from helpers import ALL_METHODS, LATENT_METHODS, free_port, method_run_data
 from standins import TINY_CLIP, make_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,10 +138,10 @@ def runs(sd_dir, sd3_dir, pixel_dir, tmp_path_factory):
                                data=data_section)
         cfgs[run] = root / f"{run}.yaml"
         cfgs[run].write_text(yaml.safe_dump(data))
-    err = launch(root, [[str(cfgs[r])] for r in RUNS], 29641)
+    err = launch(root, [[str(cfgs[r])] for r in RUNS], free_port())
     first = {r: snapshot(outs[r], err, 2) for r in RUNS}
     err = launch(root, [[str(cfgs[r]), "train.max_steps=3", "--resume", "latest"]
-                        for r in RUNS], 29642)
+                        for r in RUNS], free_port())
     return {r: (first[r], snapshot(outs[r], err, 3)) for r in RUNS}
 
 

@@ -149,6 +149,8 @@ def test_latent_pretrain_step_and_export(sd_dir, tmp_path):
 @pytest.mark.slow
 def test_two_process_run(pixel_dir, tmp_path):
     """2 CPU ranks through accelerate: world_size 2 inside, identical params, one checkpoint."""
+    from helpers import free_port
+
     out = tmp_path / "ddp"
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(
@@ -160,7 +162,7 @@ def test_two_process_run(pixel_dir, tmp_path):
     accel = Path(sys.executable).with_name("accelerate")
     r = subprocess.run([str(accel), "launch", "--config_file",
                         str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port",
-                        "29531", "-m", "diffdistill.train", str(cfg_file), "--resume", "latest"],
+                        str(free_port()), "-m", "diffdistill.train", str(cfg_file), "--resume", "latest"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(out)
