@@ -4,6 +4,10 @@ OpenAI CLIP's vocabulary is: the 256 byte-level unicode symbols, the same with `
 the first 48,894 BPE merges, then ``<|startoftext|>`` and ``<|endoftext|>`` (49,408 ids).
 Writing that as ``vocab.json`` + ``merges.txt`` gives a transformers ``CLIPTokenizer``
 whose ids equal open_clip's — with no download.
+
+``merges=0`` writes the same tokenizer without merges: every word becomes its characters
+(the last with ``</w>``), 514 ids in all — a ``CLIPTokenizer`` whose text encoder's token
+table is 96x smaller (the embedded world's flow teacher uses it to fit the size budget).
 """
 
 from __future__ import annotations
@@ -44,18 +48,22 @@ def open_clip_bpe_path() -> Path:
     return path
 
 
-def write_clip_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77) -> Path:
-    """Write a ``CLIPTokenizer`` folder (vocab.json, merges.txt, configs) into ``out_dir``."""
+def write_clip_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77,
+                         merges: int = _NUM_MERGES) -> Path:
+    """Write a ``CLIPTokenizer`` folder (vocab.json, merges.txt, configs) into ``out_dir``
+    with CLIP's first ``merges`` BPE merges (all of them by default; 0: characters only)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not 0 <= merges <= _NUM_MERGES:
+        raise ValueError(f"merges must be in [0, {_NUM_MERGES}], got {merges}")
     lines = gzip.open(open_clip_bpe_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : _NUM_MERGES + 1]]
+    merges = [tuple(m.split()) for m in lines[1 : merges + 1]]
     units = list(_bytes_to_unicode().values())
     vocab = units + [u + "</w>" for u in units] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (out / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+        "#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges)
     )
     (out / "tokenizer_config.json").write_text(
         json.dumps(

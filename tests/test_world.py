@@ -402,3 +402,44 @@ def test_drop_build_paths(tmp_path):
     assert drop_build_paths(tmp_path) == [tmp_path / "unet" / "config.json"]
     assert json.loads((tmp_path / "unet" / "config.json").read_text()) == {"in_channels": 4}
     assert drop_build_paths(tmp_path) == []
+
+
+def test_the_flow_teacher_stage_builds_a_stock_sd3_folder_at_the_test_scale(world, tmp_path):
+    """``teacher_flow`` at the tiny scale: an SD3 pipeline folder (MMDiT on the world VAE's
+    latents, two CLIP encoders on the character-level tokenizer, no T5), pretrained by flow
+    matching through the pretraining trainer, shipped in fp16 — and sampled by the stock
+    ``StableDiffusion3Pipeline`` exactly as by the toolkit. (The full-scale teacher is not
+    trained yet, so the stage is not among the build's STAGES.)"""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffdistill.app.world_build import RECIPES, RUNNERS, STAGES, BuildContext
+    from diffdistill.backbone import load_backbone
+    from diffdistill.world.info import sample_teacher
+
+    _, work, _ = world
+    out = tmp_path / "assets"
+    ctx = BuildContext(scale="tiny", recipe=RECIPES["tiny"], out=out, work=work, seed=0,
+                       log=lambda m: None)
+    assert "teacher_flow" not in STAGES
+    metrics = RUNNERS["teacher_flow"](ctx)
+    assert metrics["prediction_type"] == "flow" and metrics["latent_shape"] == [4, 8, 8]
+    folder = out / "teacher_flow"
+    assert _safetensors_dtypes(folder) == {torch.float16}
+    assert not (folder / "text_encoder_3").exists()
+    bb = load_backbone(folder)
+    assert bb.kind == "sd3" and len(bb.tokenizer) == 514
+    assert bb.text_encoder.config.vocab_size == 514 and bb.unet.config.sample_size == 8
+    assert bb.tokenizer.convert_ids_to_tokens(bb.tokenizer("a coat").input_ids) == [
+        "<|startoftext|>", "a</w>", "c", "o", "a", "t</w>", "<|endoftext|>"]
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    ours = sample_teacher(None, 2, steps=2, guidance_scale=2.0, seed=5, backbone=bb)
+    from diffdistill.world.info import teacher_prompts
+
+    _, prompts = teacher_prompts(2)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    with torch.no_grad():
+        ref = pipe(prompts, num_inference_steps=2, guidance_scale=2.0, generator=gens,
+                   output_type="np", height=32, width=32).images
+    ref = torch.from_numpy((ref * 255).round()).permute(0, 3, 1, 2)
+    assert (ref - ours.float()).abs().max() <= 1

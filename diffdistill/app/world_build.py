@@ -74,6 +74,7 @@ from diffdistill.world import (
 from diffdistill.world.info import asset_sizes, format_info, sample_teacher, teacher_prompts
 from diffdistill.world.teachers import (
     finalize_teacher,
+    init_teacher_flow,
     init_teacher_latent,
     init_teacher_pixel,
     unet_gflops,
@@ -83,7 +84,7 @@ FORMAT_VERSION = 1
 
 # fixed per stage (not the position in STAGES), so adding a stage changes no other's seed
 STAGE_SEED_OFFSET = {"classifier": 1, "clip": 2, "ref_stats": 3, "vae": 4, "teacher_pixel": 5,
-                     "teacher_latent": 6, "report": 7, "clip_judge": 8}
+                     "teacher_latent": 6, "report": 7, "clip_judge": 8, "teacher_flow": 9}
 
 PIXEL_UNET = dict(channels=(16, 32, 64, 64), layers_per_block=1, norm_groups=16,
                   down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D",
@@ -93,6 +94,9 @@ LATENT_UNET = dict(channels=(32, 64), layers_per_block=1,
                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 TEXT_ENCODER = dict(hidden=32, layers=2)
+# the flow teacher's MMDiT on the VAE's 8x8x4 latents: patch 2 -> 16 image tokens beside 77
+# character tokens and SD3's 256 rows of T5 zeros; width 64 = 4 heads x 16
+FLOW_TRANSFORMER = dict(layers=4, heads=4, head_dim=16)
 VAE = dict(channels=(16, 32, 64), norm_groups=16, latent_channels=4)
 
 # The test scale keeps every structure (block types, factor-4 VAE, both towers of CLIP) with
@@ -125,6 +129,8 @@ RECIPES: dict[str, dict] = {
         "teacher_pixel": dict(config="toy_pixel.yaml", unet=PIXEL_UNET, overrides={}),
         "teacher_latent": dict(config="toy_latent.yaml", unet=LATENT_UNET,
                                text_encoder=TEXT_ENCODER, overrides={}),
+        "teacher_flow": dict(config="toy_flow.yaml", transformer=FLOW_TRANSFORMER,
+                             text_encoder=TEXT_ENCODER, overrides={}),
         "report": dict(num_samples=500, steps=25, guidance_scales=(1.0, 2.0, 3.0), grid=40,
                        batch_size=250),
     },
@@ -143,6 +149,9 @@ RECIPES: dict[str, dict] = {
                               unet=dict(PIXEL_UNET, channels=(16, 16, 16, 16))),
         "teacher_latent": dict(config="toy_latent.yaml", text_encoder=TEXT_ENCODER,
                                unet=dict(LATENT_UNET, channels=(32, 32)), overrides=TINY_TRAIN),
+        "teacher_flow": dict(config="toy_flow.yaml", text_encoder=TEXT_ENCODER,
+                             transformer=dict(layers=1, heads=2, head_dim=8),
+                             overrides=TINY_TRAIN),
         "report": dict(num_samples=4, steps=2, guidance_scales=(2.0,), grid=4, batch_size=4),
     },
 }
@@ -217,9 +226,10 @@ def stage_outputs(stage: str, ctx: BuildContext) -> list[Path]:
         return [out / "ref_stats" / f"{k}.npz" for k in ctx.recipe["ref_stats"]["extractors"]]
     if stage == "vae":
         return [ctx.work / "vae" / "diffusion_pytorch_model.safetensors"]
-    if stage in ("teacher_pixel", "teacher_latent"):
+    if stage in ("teacher_pixel", "teacher_latent", "teacher_flow"):
+        net = "transformer" if stage == "teacher_flow" else "unet"
         return [out / stage / "model_index.json",
-                out / stage / "unet" / "diffusion_pytorch_model.safetensors"]
+                out / stage / net / "diffusion_pytorch_model.safetensors"]
     if stage == "report":
         return []
     raise KeyError(stage)
@@ -386,7 +396,7 @@ def _pretrain_config(ctx: BuildContext, stage: str, init_dir: Path):
                   "seed": ctx.stage_seed(stage)}
     if ctx.root:
         over["data"] = {"path": str(ctx.root)}
-    if stage == "teacher_latent":
+    if stage in ("teacher_latent", "teacher_flow"):  # the same VAE: one posterior cache
         over.setdefault("data", {})["cache_dir"] = str(ctx.work / "cache")
     data = deep_merge(deep_merge(data, over), copy.deepcopy(r.get("overrides", {})))
     return path, build_config(PretrainConfig, data)
@@ -401,6 +411,9 @@ def _run_teacher(ctx: BuildContext, stage: str) -> dict:
     if not (init_dir / "model_index.json").exists():
         if stage == "teacher_pixel":
             init_teacher_pixel(init_dir, seed, r["unet"])
+        elif stage == "teacher_flow":
+            init_teacher_flow(init_dir, seed, _latent_vae_dir(ctx), r["transformer"],
+                              r["text_encoder"])
         else:
             init_teacher_latent(init_dir, seed, _latent_vae_dir(ctx), r["unet"],
                                 r["text_encoder"])
@@ -423,11 +436,14 @@ def _run_teacher(ctx: BuildContext, stage: str) -> dict:
                "final_loss": float(last.get("loss", float("nan"))), "unet_params": params,
                "unet_gflops_per_sample": gflops,
                "prediction_type": trainer.backbone.prediction_type}
-    if stage == "teacher_latent":
+    if stage in ("teacher_latent", "teacher_flow"):
         metrics["latent_shape"] = [trainer.backbone.latent_channels,
                                    32 // trainer.backbone.vae_scale_factor,
                                    32 // trainer.backbone.vae_scale_factor]
-        metrics["text_encoder"] = "CLIPTextModel, random init (seeded), frozen"
+        metrics["text_encoder"] = ("CLIPTextModel, random init (seeded), frozen"
+                                   if stage == "teacher_latent" else
+                                   "two CLIPTextModelWithProjection on a character-level CLIP "
+                                   "tokenizer, random init (seeded), frozen; no T5")
     ctx.log(f"  {stage}: final loss {metrics['final_loss']:.4f}, UNet {params / 1e6:.2f} M "
             f"params -> {ctx.out / stage}")
     return metrics
@@ -439,6 +455,10 @@ def run_teacher_pixel(ctx: BuildContext) -> dict:
 
 def run_teacher_latent(ctx: BuildContext) -> dict:
     return _run_teacher(ctx, "teacher_latent")
+
+
+def run_teacher_flow(ctx: BuildContext) -> dict:
+    return _run_teacher(ctx, "teacher_flow")
 
 
 def run_report(ctx: BuildContext) -> dict:
@@ -500,6 +520,7 @@ RUNNERS = {
     "vae": run_vae,
     "teacher_pixel": run_teacher_pixel,
     "teacher_latent": run_teacher_latent,
+    "teacher_flow": run_teacher_flow,
     "clip_judge": run_clip_judge,
     "report": run_report,
 }

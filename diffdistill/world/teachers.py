@@ -1,6 +1,6 @@
 """The world's teachers before and after pretraining: fresh pipeline folders to train
-(``init_teacher_pixel`` / ``init_teacher_latent``), the shipped fp16 folder with its README
-(``finalize_teacher``) and the UNet's GFLOPs per call."""
+(``init_teacher_pixel`` / ``init_teacher_latent`` / ``init_teacher_flow``), the shipped fp16
+folder with its README (``finalize_teacher``) and the network's GFLOPs per call."""
 
 from __future__ import annotations
 
@@ -65,6 +65,57 @@ def init_teacher_latent(folder: Path, seed: int, vae_dir: Path, unet: dict,
     return folder
 
 
+#: the flow teacher's FlowMatchEulerDiscreteScheduler: no shift. SD3 shifts by 3 at 1024 px
+#: (Esser et al. 2024, Sec. 5.3.2: the shift grows with the square root of the pixel count
+#: over 256²); at 32 px that rule gives less than 1, so the world uses none.
+FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
+
+
+def init_teacher_flow(folder: Path, seed: int, vae_dir: Path, transformer: dict,
+                      text_encoder: dict) -> Path:
+    """A freshly initialised ``StableDiffusion3Pipeline`` folder without T5: an MMDiT on the
+    world VAE's 8×8×4 latents, two frozen random ``CLIPTextModelWithProjection`` encoders
+    (their hidden states concatenated fill the joint attention width) on a character-level
+    CLIP tokenizer (514 ids: the two text encoders cost ~0.1 MB instead of 6 MB with CLIP's
+    49,408-id vocabulary), and the flow-matching Euler scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    from diffdistill.tiny import tiny_text_encoder
+    from diffdistill.tokenizer import load_clip_tokenizer, write_clip_tokenizer
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32)
+    if vae.config.shift_factor is None:  # the SD3 pipeline adds it unconditionally
+        vae.register_to_config(shift_factor=0.0)
+    latent = 32 // 2 ** (len(vae.config.block_out_channels) - 1)
+    tmp = fresh_tmp(folder)
+    tok_dir = write_clip_tokenizer(tmp.parent / f".{folder.name}.tokenizer", merges=0)
+    tok = load_clip_tokenizer(tok_dir)
+    hidden = text_encoder["hidden"]
+    encoders = [tiny_text_encoder(hidden=hidden, layers=text_encoder["layers"],
+                                  with_projection=True, projection_dim=hidden,
+                                  vocab_size=len(tok), seed=seed + k) for k in (0, 1)]
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels, num_layers=transformer["layers"],
+        attention_head_dim=transformer["head_dim"], num_attention_heads=transformer["heads"],
+        joint_attention_dim=2 * hidden, caption_projection_dim=transformer["head_dim"]
+        * transformer["heads"], pooled_projection_dim=2 * hidden, pos_embed_max_size=latent)
+    pipe = StableDiffusion3Pipeline(
+        transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER), vae=vae,
+        text_encoder=encoders[0], tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    replace_dir(tmp, folder)
+    return folder
+
+
 def teacher_readme(stage: str, metrics: dict) -> str:
     if stage == "teacher_latent":
         body = (
@@ -77,6 +128,19 @@ def teacher_readme(stage: str, metrics: dict) -> str:
             "(`world.json` records FID-FMNIST per guidance scale and the best one.) "
             "The text encoder is randomly initialised and frozen (only the UNet and the VAE "
             "were trained).\n")
+    elif stage == "teacher_flow":
+        body = (
+            "Teacher C of diffdistill's embedded world: a rectified-flow StableDiffusion3Pipeline "
+            "(MMDiT on the world VAE's 8x8x4 latents, two CLIP text encoders on a "
+            "character-level tokenizer, no T5) trained by flow matching on Fashion-MNIST "
+            "captions.\n\n"
+            "```python\nfrom diffusers import StableDiffusion3Pipeline\n"
+            "pipe = StableDiffusion3Pipeline.from_pretrained(PATH, text_encoder_3=None, "
+            "tokenizer_3=None)\n"
+            "image = pipe(\"a photo of a sneaker\", height=32, width=32, num_inference_steps=25,\n"
+            "             guidance_scale=2.0).images[0]\n```\n\n"
+            "The text encoders are randomly initialised and frozen (only the transformer was "
+            "trained; the VAE is the latent teacher's).\n")
     else:
         body = (
             "Teacher B of diffdistill's embedded world: a class-conditional pixel UNet2DModel "
@@ -96,7 +160,7 @@ def finalize_teacher(export_dir: Path, final: Path, stage: str, metrics: dict) -
     tmp = fresh_tmp(final)
     shutil.copytree(export_dir, tmp)
     cast_safetensors_fp16(tmp)
-    if (tmp / "tokenizer").is_dir():
+    if stage == "teacher_latent" and (tmp / "tokenizer").is_dir():
         shutil.rmtree(tmp / "tokenizer")
         write_clip_tokenizer(tmp / "tokenizer")
     (tmp / "README.md").write_text(teacher_readme(stage, metrics))
