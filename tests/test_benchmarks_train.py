@@ -261,3 +261,18 @@ def test_adapters_disabled_switches_every_lora_layer_like_diffusers():
     with adapters_disabled(unet):
         pass
     assert all(m.disable_adapters for m in layers)
+
+
+def test_class_confusion_counts_what_the_classifier_sees(pixel_dir, capsys, tmp_path):
+    """The probe's matrix has one row per class asked for (sample i asks for i % 10), its
+    agreement is the matrix's trace over the sample count, and the grid is written."""
+    import json
+
+    probe = _benchmark("class_confusion")
+    assert probe.main([str(pixel_dir), "--steps", "1", "--num", "20",
+                       "--grid", str(tmp_path / "g.png")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    confusion = torch.tensor(out["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum(dim=1).tolist() == [2] * 10
+    assert out["agreement"] == pytest.approx(confusion.trace().item() / 20)
+    assert (tmp_path / "g.png").is_file()
