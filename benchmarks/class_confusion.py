@@ -29,10 +29,11 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", default=None, help="PNG of the first 40 samples")
     args = ap.parse_args(argv)
 
-    import diffdistill.world  # noqa: F401  (registers the fmnist-net detector)
-    from diffdistill.backbone import load_backbone
     from diffdistill.eval.eval_model import EvalModel
     from diffdistill.eval.features import get_detector
+
+    import diffdistill.world  # noqa: F401  (registers the fmnist-net detector)
+    from diffdistill.backbone import load_backbone
     from diffdistill.world import resolve_model_path
 
     bb = load_backbone(resolve_model_path(args.model))
