@@ -29,6 +29,23 @@ def tiny_run_data(method: str, model_dir, out, res: int, **sections) -> dict:
     return deep_merge(data, sections)
 
 
+def shipped_config_on_tiny_model(config: str, model_dir, out, **sections) -> dict:
+    """A shipped recipe (``configs/<config>``, written for a real checkpoint) pointed at a tiny
+    fixture model for one CPU step on 8 Fashion-MNIST images: what its config test runs."""
+    from pathlib import Path
+
+    from diffdistill.config import deep_merge, load_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    tiny = {"output_dir": str(out), "model": {"path": str(model_dir), "frozen_dtype": "fp32"},
+            "data": {"kind": "fashion_mnist", "path": "", "resolution": 32, "limit": 8,
+                     "num_workers": 0},
+            "train": {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "cpu": True,
+                      "mixed_precision": "no"},
+            "log": {"progress": False, "tensorboard": False, "grid_every": 0}}
+    return deep_merge(deep_merge(load_yaml(root / "configs" / config), tiny), sections)
+
+
 def stock_sd_pipeline(base_dir, scheduler_cls, lora_dir=None, weight_name=None):
     """A fresh stock StableDiffusionPipeline with ``scheduler_cls`` and optionally a LoRA."""
     from diffusers import StableDiffusionPipeline

@@ -298,21 +298,14 @@ def test_fdistill_on_flux_resumes_bit_identically(flux_dir, tmp_path):
 
 def test_the_flux_dmd2_lora_config_runs_one_cycle_on_a_tiny_flux(flux_dir, tmp_path):
     import json
-    from pathlib import Path
 
     from diffdistill.trainers.dmd2 import DMD2Trainer
+    from helpers import shipped_config_on_tiny_model
 
-    from diffdistill.config import build_config, deep_merge, load_yaml
+    from diffdistill.config import build_config
 
-    root = Path(__file__).resolve().parents[1]
-    data = deep_merge(load_yaml(root / "configs" / "dmd2" / "flux_lora.yaml"), {
-        "output_dir": str(tmp_path / "run"), "model": {"path": str(flux_dir),
-                                                      "frozen_dtype": "fp32"},
-        "data": {"kind": "fashion_mnist", "path": "", "resolution": 32, "limit": 8},
-        "train": {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "cpu": True,
-                  "mixed_precision": "no"},
-        "adapter": {"rank": 4, "alpha": 4},
-        "log": {"progress": False, "tensorboard": False, "grid_every": 0}})
+    data = shipped_config_on_tiny_model("dmd2/flux_lora.yaml", flux_dir, tmp_path / "run",
+                                        adapter={"rank": 4, "alpha": 4})
     logs = DMD2Trainer(build_config(DMD2Trainer.config_class, data)).fit()
     assert {"loss_dm", "loss_fake"} <= set(logs)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())

@@ -364,20 +364,13 @@ def test_gan_dmd2_and_fdistill_train_on_a_flow_teacher(sd3_dir, tmp_path, method
 
 def test_the_sd3_dmd2_config_runs_one_cycle_on_a_tiny_sd3(sd3_dir, tmp_path):
     import json
-    from pathlib import Path
 
     from diffdistill.trainers.dmd2 import DMD2Trainer
+    from helpers import shipped_config_on_tiny_model
 
-    from diffdistill.config import build_config, deep_merge, load_yaml
+    from diffdistill.config import build_config
 
-    root = Path(__file__).resolve().parents[1]
-    data = deep_merge(load_yaml(root / "configs" / "dmd2" / "sd3.yaml"), {
-        "output_dir": str(tmp_path / "run"), "model": {"path": str(sd3_dir),
-                                                      "frozen_dtype": "fp32"},
-        "data": {"kind": "fashion_mnist", "path": "", "resolution": 32, "limit": 8},
-        "train": {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "cpu": True,
-                  "mixed_precision": "no"},
-        "log": {"progress": False, "tensorboard": False, "grid_every": 0}})
+    data = shipped_config_on_tiny_model("dmd2/sd3.yaml", sd3_dir, tmp_path / "run")
     logs = DMD2Trainer(build_config(DMD2Trainer.config_class, data)).fit()
     assert {"loss_dm", "loss_fake"} <= set(logs)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
@@ -409,7 +402,7 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
     state = tr.generator.get_state()
     terms = tr.consistency_terms(batch)
     tr.generator.set_state(state)
-    bb, raw = tr.backbone, tr.unwrap(tr.unet)
+    raw = tr.unwrap(tr.unet)
     from diffdistill.adapters import adapters_disabled
 
     with torch.no_grad(), adapters_disabled(raw):
@@ -433,11 +426,7 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
     spec = tr.eval_spec()
     assert spec.grid_for(1).tolist() == [999.0] and spec.grid_for(4).tolist() == [
         999.0, 759.0, 499.0, 259.0]
-    ours = generate(spec.denoiser, seeds=[3, 4], shape=(4, 16, 16),
-                    cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl], with_uncond=False),
-                    sampler="lcm", num_steps=1, timesteps=spec.grid_for(1),
-                    decode=bb.decode_latents, output="float", progress=False)
-    assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    assert (ref - _trainer_one_step(tr)).abs().max() <= 1e-4
     assert "sigmas=[0.999, 0.759, 0.499, 0.259]" in (out / "README.md").read_text()
     monkeypatch.chdir(tmp_path)  # the model card's code runs as written (4 steps)
     exec(card_code(out / "README.md"), {})
@@ -465,35 +454,31 @@ def test_full_weight_lcd_on_a_flow_teacher_exports_a_stock_pipeline_folder(sd3_d
     teacher = load_backbone(str(sd3_dir)).unet.state_dict()
     assert any(not torch.equal(teacher[k], v) for k, v in pipe.transformer.state_dict().items())
     ref = _stock_one_step(pipe)
+    assert (ref - _trainer_one_step(tr)).abs().max() <= 1e-4
+    assert "StableDiffusion3Pipeline.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_the_sd3_lcm_lora_config_runs_one_step_on_a_tiny_sd3(sd3_dir, tmp_path):
+    from diffdistill.trainers.lcd import LCDTrainer
+    from helpers import shipped_config_on_tiny_model
+
+    from diffdistill.config import build_config
+
+    data = shipped_config_on_tiny_model("lcd/sd3_lora.yaml", sd3_dir, tmp_path / "run",
+                                        adapter={"rank": 4, "alpha": 4})
+    logs = LCDTrainer(build_config(LCDTrainer.config_class, data)).fit()
+    assert torch.isfinite(torch.tensor(logs["loss"]))
+    assert (tmp_path / "run" / "export" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _trainer_one_step(tr):
+    """The trainer's own one-step images (its eval spec: sampler, grid) for seeds 3, 4."""
     bb, spec = tr.backbone, tr.eval_spec()
     ours = generate(spec.denoiser, seeds=[3, 4], shape=(4, 16, 16),
                     cond_fn=lambda sl: bb.encode_prompts(PROMPTS[sl], with_uncond=False),
                     sampler="lcm", num_steps=1, timesteps=spec.grid_for(1),
                     decode=bb.decode_latents, output="float", progress=False)
-    assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
-    assert "StableDiffusion3Pipeline.from_pretrained" in (out / "README.md").read_text()
-
-
-def test_the_sd3_lcm_lora_config_runs_one_step_on_a_tiny_sd3(sd3_dir, tmp_path):
-    from pathlib import Path
-
-    from diffdistill.trainers.lcd import LCDTrainer
-
-    from diffdistill.config import build_config, deep_merge, load_yaml
-
-    root = Path(__file__).resolve().parents[1]
-    data = deep_merge(load_yaml(root / "configs" / "lcd" / "sd3_lora.yaml"), {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"path": str(sd3_dir), "frozen_dtype": "fp32"},
-        "data": {"kind": "fashion_mnist", "path": "", "resolution": 32, "limit": 8,
-                 "num_workers": 0},
-        "train": {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "cpu": True,
-                  "mixed_precision": "no"},
-        "adapter": {"rank": 4, "alpha": 4},
-        "log": {"progress": False, "tensorboard": False, "grid_every": 0}})
-    logs = LCDTrainer(build_config(LCDTrainer.config_class, data)).fit()
-    assert torch.isfinite(torch.tensor(logs["loss"]))
-    assert (tmp_path / "run" / "export" / "pytorch_lora_weights.safetensors").is_file()
+    return ((ours + 1) / 2).clamp(0, 1)
 
 
 def _stock_one_step(pipe):
