@@ -156,3 +156,55 @@ def check_report_html(page, results_json) -> dict:
     for r in json.loads(Path(results_json).read_text())["rows"]:
         assert (r["model"], str(r["steps"])) in rows, (r["model"], r["steps"])
     return {"images": [i.get("alt") for i in p.images], "headings": p.headings}
+
+
+def assert_resume_is_bit_identical(method: str, model_dir, root, *, cut: int, total: int,
+                                   **sections):
+    """``method`` for ``cut`` steps then ``--resume latest`` to ``total`` ends with the
+    checkpoint of an uninterrupted ``total``-step run: every safetensors file (weights,
+    trainer tensors, RNG) and every optimizer state, tensor for tensor. Returns the
+    uninterrupted run's checkpoint folder for further checks."""
+    from pathlib import Path
+
+    import torch
+    from diffdistill.trainers import get_trainer_class
+    from diffdistill.trainers.checkpointing import list_checkpoints
+    from safetensors.torch import load_file
+
+    from diffdistill.config import build_config, deep_merge
+
+    cls = get_trainer_class(method)
+    root = Path(root)
+
+    def run(out, steps, resume=None):
+        data = method_run_data(method, model_dir, out, steps=steps)
+        data = deep_merge(data, deep_merge(
+            {"train": {"checkpoint_every": 1, "keep_checkpoints": 1}}, sections))
+        cls(build_config(cls.config_class, data)).fit(resume=resume)
+
+    run(root / "ref", total)
+    run(root / "cut", cut)
+    run(root / "cut", total, resume="latest")
+    ref, resumed = list_checkpoints(root / "ref")[-1], list_checkpoints(root / "cut")[-1]
+    assert ref.name == resumed.name == f"checkpoint-{total}"
+    for f in sorted(ref.glob("*.safetensors")):
+        a, b = load_file(str(f)), load_file(str(resumed / f.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
+    for f in sorted(ref.glob("optimizer*.bin")):
+        a = torch.load(f, weights_only=True)["state"]
+        b = torch.load(resumed / f.name, weights_only=True)["state"]
+        assert a.keys() == b.keys() and all(
+            torch.equal(a[i][k], b[i][k]) for i in a for k in a[i]), f.name
+    return ref
+
+
+def run_model_card_code(export_dir, workdir, monkeypatch) -> None:
+    """Run the diffusers code of an export's model card as written (in ``workdir``) and check
+    that it wrote its ``sample.png``."""
+    from pathlib import Path
+
+    from diffdistill.export import card_code
+
+    monkeypatch.chdir(workdir)
+    exec(card_code(Path(export_dir) / "README.md"), {})
+    assert (Path(workdir) / "sample.png").exists()

@@ -548,8 +548,9 @@ def test_generator_prediction_is_refused_for_lora():
 
 def test_lora_exports_load_in_a_stock_pipeline(runs, sd_dir, tmp_path, monkeypatch):
     from diffusers import LCMScheduler, StableDiffusionPipeline
+    from helpers import run_model_card_code
 
-    from diffdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, card_code
+    from diffdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
     tr = runs("sd-1step-lora")
     export = tr.out / "export"
@@ -564,9 +565,7 @@ def test_lora_exports_load_in_a_stock_pipeline(runs, sd_dir, tmp_path, monkeypat
         stock = _pipe_latents(pipe, PROMPTS, [5, 6], 1)
         assert rel_err(stock, ours) < 1e-4, weight
         assert rel_err(stock, base) > 1e-3  # the LoRA changes the base model's output
-    monkeypatch.chdir(tmp_path)  # the model card's code runs as written
-    exec(card_code(export / "README.md"), {})
-    assert (tmp_path / "sample.png").exists()
+    run_model_card_code(export, tmp_path, monkeypatch)  # the card's code as written
 
 
 def test_pixel_export_loads_as_unet_and_lcm_scheduler(runs, tmp_path, monkeypatch):

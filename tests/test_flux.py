@@ -175,8 +175,7 @@ def test_dmd2_one_step_on_flux_exports_for_the_stock_pipeline(flux_dir, tmp_path
     import json
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    from diffdistill.export import card_code
+    from helpers import run_model_card_code
 
     tr = _dmd2(flux_dir, tmp_path / "run", [999], adapter)
     tr.fit()
@@ -198,9 +197,7 @@ def test_dmd2_one_step_on_flux_exports_for_the_stock_pipeline(flux_dir, tmp_path
     assert (before - ref).abs().max() > 1e-3  # the generator trained
     code = (out / "README.md").read_text()
     assert "FluxPipeline" in code and "guidance_scale=1.0" in code
-    monkeypatch.chdir(tmp_path)  # the model card's code runs as written
-    exec(card_code(out / "README.md"), {})
-    assert (tmp_path / "sample.png").exists()
+    run_model_card_code(out, tmp_path, monkeypatch)  # the card's code as written
 
 
 def test_dmd2_with_its_gan_head_trains_on_flux(flux_dir, tmp_path):
@@ -268,32 +265,12 @@ def test_every_flow_method_trains_on_flux(flux_dir, tmp_path, method):
 def test_fdistill_on_flux_resumes_bit_identically(flux_dir, tmp_path):
     """2 steps, then ``--resume latest`` to 3, ends with an uninterrupted 3-step run's
     weights (generator, fake score and GAN head) and ratio bins, tensor for tensor."""
-    from diffdistill.trainers import get_trainer_class
-    from diffdistill.trainers.checkpointing import list_checkpoints
-    from helpers import method_run_data
-    from safetensors.torch import load_file
+    from helpers import assert_resume_is_bit_identical
 
-    from diffdistill.config import build_config
-
-    cls = get_trainer_class("fdistill")
-
-    def run(out, steps, resume=None):
-        data = method_run_data("fdistill", flux_dir, out, steps=steps,
-                               train={"checkpoint_every": 1, "keep_checkpoints": 1},
-                               data={"resolution": 32})
-        cls(build_config(cls.config_class, data)).fit(resume=resume)
-
-    run(tmp_path / "ref", 3)
-    run(tmp_path / "cut", 2)
-    run(tmp_path / "cut", 3, resume="latest")
-    ref, cut = list_checkpoints(tmp_path / "ref")[-1], list_checkpoints(tmp_path / "cut")[-1]
-    assert ref.name == cut.name == "checkpoint-3"
-    files = sorted(p.name for p in ref.glob("*.safetensors"))
-    assert {"model.safetensors", "model_1.safetensors", "trainer_tensors.safetensors"} <= set(
-        files)
-    for name in files:
-        a, b = load_file(str(ref / name)), load_file(str(cut / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    ref = assert_resume_is_bit_identical("fdistill", flux_dir, tmp_path, cut=2, total=3,
+                                         data={"resolution": 32})
+    assert {"model.safetensors", "model_1.safetensors", "trainer_tensors.safetensors"} <= {
+        p.name for p in ref.glob("*.safetensors")}
 
 
 def test_the_flux_dmd2_lora_config_runs_one_cycle_on_a_tiny_flux(flux_dir, tmp_path):

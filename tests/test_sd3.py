@@ -241,8 +241,7 @@ def test_dmd2_one_step_on_a_flow_teacher_exports_for_the_stock_pipeline(sd3_dir,
     import json
 
     from diffusers import StableDiffusion3Pipeline
-
-    from diffdistill.export import card_code
+    from helpers import run_model_card_code
 
     tr = _dmd2(sd3_dir, tmp_path / "run", [999], adapter)
     tr.fit()
@@ -272,9 +271,7 @@ def test_dmd2_one_step_on_a_flow_teacher_exports_for_the_stock_pipeline(sd3_dir,
     assert (((before + 1) / 2).clamp(0, 1) - ref).abs().max() > 1e-3  # the generator trained
     code = (out / "README.md").read_text()
     assert "stochastic_sampling=True" in code and "sigmas=[0.999]" in code
-    monkeypatch.chdir(tmp_path)  # the model card's code runs as written
-    exec(card_code(out / "README.md"), {})
-    assert (tmp_path / "sample.png").exists()
+    run_model_card_code(out, tmp_path, monkeypatch)  # the card's code as written
 
 
 def test_dmd2_multistep_on_a_flow_teacher_renoises_along_the_flow_path(sd3_dir, tmp_path):
@@ -386,10 +383,9 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
     StableDiffusion3Pipeline exactly as the trainer does."""
     from diffdistill.trainers.lcd import LCDTrainer
     from diffusers import StableDiffusion3Pipeline
-    from helpers import tiny_run_data
+    from helpers import run_model_card_code, tiny_run_data
 
     from diffdistill.config import build_config
-    from diffdistill.export import card_code
 
     def cfg(adapter, out):
         return build_config(LCDTrainer.config_class, tiny_run_data(
@@ -428,9 +424,7 @@ def test_lcm_lora_on_a_flow_teacher_follows_the_flow_ode_and_exports(sd3_dir, tm
         999.0, 759.0, 499.0, 259.0]
     assert (ref - _trainer_one_step(tr)).abs().max() <= 1e-4
     assert "sigmas=[0.999, 0.759, 0.499, 0.259]" in (out / "README.md").read_text()
-    monkeypatch.chdir(tmp_path)  # the model card's code runs as written (4 steps)
-    exec(card_code(out / "README.md"), {})
-    assert (tmp_path / "sample.png").exists()
+    run_model_card_code(out, tmp_path, monkeypatch)  # the card's code as written
 
 
 def test_full_weight_lcd_on_a_flow_teacher_exports_a_stock_pipeline_folder(sd3_dir, tmp_path):
@@ -497,39 +491,14 @@ def test_fdistill_on_a_flow_teacher_resumes_bit_identically(sd3_dir, tmp_path):
     """f-distill on the tiny SD3 (GAN head on the MMDiT, R1, ratio bins, two time-scale rule):
     2 steps, then ``--resume latest`` to 4, ends with the checkpoint of an uninterrupted
     4-step run, tensor for tensor (weights, optimizer states, bins, RNG)."""
-    from diffdistill.trainers import get_trainer_class
-    from diffdistill.trainers.checkpointing import list_checkpoints
-    from helpers import method_run_data
-    from safetensors.torch import load_file
+    from helpers import assert_resume_is_bit_identical
 
-    from diffdistill.config import build_config
-
-    cls = get_trainer_class("fdistill")
-
-    def run(out, steps, resume=None):
-        data = method_run_data("fdistill", sd3_dir, out, steps=steps,
-                               train={"checkpoint_every": 1, "keep_checkpoints": 1},
-                               data={"resolution": 32})
-        cls(build_config(cls.config_class, data)).fit(resume=resume)
-
-    run(tmp_path / "ref", 4)
-    run(tmp_path / "cut", 2)
-    run(tmp_path / "cut", 4, resume="latest")
-    ref, cut = list_checkpoints(tmp_path / "ref")[-1], list_checkpoints(tmp_path / "cut")[-1]
-    assert ref.name == cut.name == "checkpoint-4"
-    files = sorted(p.name for p in ref.glob("*.safetensors"))
+    ref = assert_resume_is_bit_identical("fdistill", sd3_dir, tmp_path, cut=2, total=4,
+                                         data={"resolution": 32})
     assert {"model.safetensors", "model_1.safetensors", "trainer_tensors.safetensors",
-            "trainer_rng_0.safetensors"} <= set(files)  # generator, fake score + head, bins
-    for name in files:
-        a, b = load_file(str(ref / name)), load_file(str(cut / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    optimizers = sorted(p.name for p in ref.glob("optimizer*.bin"))
-    assert optimizers == ["optimizer.bin", "optimizer_1.bin"]
-    for name in optimizers:
-        a = torch.load(ref / name, weights_only=True)["state"]
-        b = torch.load(cut / name, weights_only=True)["state"]
-        assert a.keys() == b.keys() and all(
-            torch.equal(a[i][k], b[i][k]) for i in a for k in a[i]), name
+            "trainer_rng_0.safetensors"} <= {p.name for p in ref.glob("*.safetensors")}
+    assert sorted(p.name for p in ref.glob("optimizer*.bin")) == ["optimizer.bin",
+                                                                  "optimizer_1.bin"]
 
 
 def test_an_sd3_folder_with_t5_conditions_and_samples_as_the_stock_pipeline(tmp_path):
