@@ -208,3 +208,16 @@ def run_model_card_code(export_dir, workdir, monkeypatch) -> None:
     monkeypatch.chdir(workdir)
     exec(card_code(Path(export_dir) / "README.md"), {})
     assert (Path(workdir) / "sample.png").exists()
+
+
+def randomize_lora_b(net, std: float = 0.2, seed: int = 1) -> None:
+    """LoRA's B matrices start at zero (the adapter is a no-op): give them seeded values so
+    that an export or a merge has something to carry."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, LoraLayer):
+                m.lora_B["default"].weight.normal_(0, std, generator=g)

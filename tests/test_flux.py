@@ -120,6 +120,7 @@ def test_true_cfg_on_a_flux_without_guidance_embedding(tmp_path):
 
 def test_lora_on_the_flux_transformer_exports_for_stock_load_lora_weights(flux_dir, tmp_path):
     from diffusers import FluxPipeline
+    from helpers import randomize_lora_b
     from peft.tuners.lora import LoraLayer
 
     from diffdistill.adapters import make_trainable
@@ -132,11 +133,7 @@ def test_lora_on_the_flux_transformer_exports_for_stock_load_lora_weights(flux_d
     assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
             "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.attn.to_out.0",
             "single_transformer_blocks.1.attn.to_v"} <= adapted
-    with torch.no_grad():
-        for m in bb.unet.modules():
-            if isinstance(m, LoraLayer):
-                m.lora_B["default"].weight.normal_(0, 0.2, generator=torch.Generator()
-                                                   .manual_seed(1))
+    randomize_lora_b(bb.unet)
     bb.unet.eval()
     save_lora(bb.unet, tmp_path / "lora")
     assert not (tmp_path / "lora" / "lora_kohya.safetensors").exists()

@@ -172,6 +172,7 @@ def test_lora_on_the_mmdit_exports_for_stock_load_lora_weights(sd3_dir, tmp_path
     ``StableDiffusion3Pipeline.load_lora_weights`` and with ``diffdistill sample --lora``
     (load_lora_into), giving the images of the LoRA-carrying transformer."""
     from diffusers import StableDiffusion3Pipeline
+    from helpers import randomize_lora_b
     from peft.tuners.lora import LoraLayer
 
     from diffdistill.adapters import make_trainable
@@ -183,11 +184,7 @@ def test_lora_on_the_mmdit_exports_for_stock_load_lora_weights(sd3_dir, tmp_path
                if isinstance(m, LoraLayer)}
     assert adapted == {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
                        "to_add_out"} | {"0"}  # to_out.0
-    with torch.no_grad():  # LoRA B starts at zero: give it values so the export matters
-        for m in bb.unet.modules():
-            if isinstance(m, LoraLayer):
-                m.lora_B["default"].weight.normal_(0, 0.2, generator=torch.Generator()
-                                                   .manual_seed(1))
+    randomize_lora_b(bb.unet)
     bb.unet.eval()
     save_lora(bb.unet, tmp_path / "lora")
     assert not (tmp_path / "lora" / "lora_kohya.safetensors").exists()
