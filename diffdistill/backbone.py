@@ -223,6 +223,7 @@ def load_backbone(
         num_classes=n_cls,
         null_class=null_class,
         force_zeros_for_empty_prompt=parts.get("force_zeros_for_empty_prompt", False),
+        max_sequence_length=sidecar.get("max_sequence_length"),
     )
     bb.set_resolution(bb.resolution)
     return bb
@@ -256,7 +257,8 @@ class Backbone:
     num_classes: Optional[int] = None
     null_class: Optional[int] = None
     force_zeros_for_empty_prompt: bool = False
-    #: Flux: T5 tokens per prompt (None: the pipeline's default, 512)
+    #: SD3 / Flux: T5 tokens per prompt, or SD3's rows of zeros without T5 (None: the
+    #: pipeline's default, 256 / 512; a folder's ``diffdistill.json`` may set it)
     max_sequence_length: Optional[int] = None
     #: most prompts kept by the in-memory embedding cache (least recently used dropped
     #: first); an SD1.5 entry is ~0.24 MB in fp32, SDXL ~0.3 MB in fp16. Call

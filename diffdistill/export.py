@@ -398,6 +398,9 @@ def save_full_pipeline(
     if kind == "pixel" and backbone.num_classes is not None:
         (out / SIDECAR).write_text(json.dumps(
             {"num_classes": backbone.num_classes, "null_class": backbone.null_class}, indent=1))
+    if backbone.max_sequence_length is not None:  # the teacher's text length travels along
+        (out / SIDECAR).write_text(json.dumps(
+            {"max_sequence_length": backbone.max_sequence_length}, indent=1))
     return out
 
 
@@ -575,6 +578,8 @@ def flow_usage_code(backbone, *, model_id: str, base_model: str, lora: bool, sig
     load = (f"pipe = {cls}.from_pretrained({base_model!r}{extra})\n"
             f"pipe.load_lora_weights({model_id!r})\n" if lora else
             f"pipe = {cls}.from_pretrained({model_id!r}{extra})\n")
+    length = ("" if backbone.max_sequence_length is None
+              else f", max_sequence_length={backbone.max_sequence_length}")
     return ("import torch\n"
             f"from diffusers import FlowMatchEulerDiscreteScheduler, {cls}\n"
             + load +
@@ -582,7 +587,7 @@ def flow_usage_code(backbone, *, model_id: str, base_model: str, lora: bool, sig
             "    pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False,\n"
             "    stochastic_sampling=True)\n"
             f"image = pipe({prompt!r}, sigmas={list(sigmas)}, "
-            "guidance_scale=1.0).images[0]\n"
+            f"guidance_scale=1.0{length}).images[0]\n"
             "image.save(\"sample.png\")\n")
 
 

@@ -233,8 +233,11 @@ class FlowSchedule(NoiseSchedule):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FlowSchedule":
         cfg = dict(config)
+        # (``stochastic_sampling``, which a flow student's export sets, is how the stock
+        # scheduler steps — x0̂ re-noised along the path, the toolkit's consistency sampler
+        # that the export's diffdistill_export.json names — not a property of the schedule.)
         for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                    "invert_sigmas", "shift_terminal", "stochastic_sampling"):
+                    "invert_sigmas", "shift_terminal"):
             if cfg.get(key):
                 raise ValueError(f"FlowMatchEulerDiscreteScheduler with {key}={cfg[key]!r} is "
                                  "not supported yet")

@@ -63,17 +63,26 @@ def encode_sdxl(bb, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(hiddens, dim=-1).to(bb.text_encoder_2.dtype), pooled
 
 
+def sequence_length(bb, default: int) -> int:
+    """T5 tokens (or SD3's rows of zeros without T5) per prompt: ``bb.max_sequence_length``
+    (a folder's ``diffdistill.json`` may set it; pass the same ``max_sequence_length=`` to the
+    stock pipeline), else the pipeline's default."""
+    return default if bb.max_sequence_length is None else int(bb.max_sequence_length)
+
+
 def encode_sd3(bb, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden [B, 77 + 256, joint_dim], pooled [B, P]) for ``prompts`` on SD3 backbone ``bb``."""
+    """(hidden [B, 77 + 256, joint_dim], pooled [B, P]) for ``prompts`` on SD3 backbone ``bb``
+    (the CLIP tokenizer's length + :func:`sequence_length`)."""
     h1, p1 = _clip_states(bb.text_encoder, bb.tokenizer, prompts)
     h2, p2 = _clip_states(bb.text_encoder_2, bb.tokenizer_2, prompts)
     clip = torch.cat([h1.to(bb.text_encoder.dtype), h2.to(bb.text_encoder.dtype)], dim=-1)
     joint_dim = bb.unet.config.joint_attention_dim
     if bb.text_encoder_3 is None:
-        t5 = torch.zeros((len(prompts), T5_SEQUENCE_LENGTH, joint_dim),
+        t5 = torch.zeros((len(prompts), sequence_length(bb, T5_SEQUENCE_LENGTH), joint_dim),
                          dtype=bb.text_encoder.dtype, device=bb.device)
     else:
-        t5 = _t5_last_hidden(bb.text_encoder_3, bb.tokenizer_3, prompts, T5_SEQUENCE_LENGTH)
+        t5 = _t5_last_hidden(bb.text_encoder_3, bb.tokenizer_3, prompts,
+                             sequence_length(bb, T5_SEQUENCE_LENGTH))
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5], dim=-2), torch.cat([p1, p2], dim=-1)
 
@@ -84,7 +93,7 @@ def encode_flux(bb, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     pooled = te(_tokens(bb.tokenizer, prompts).input_ids.to(te.device),
                 output_hidden_states=False).pooler_output.to(te.dtype)
     hidden = _t5_last_hidden(bb.text_encoder_2, bb.tokenizer_2, prompts,
-                             bb.max_sequence_length or FLUX_SEQUENCE_LENGTH)
+                             sequence_length(bb, FLUX_SEQUENCE_LENGTH))
     return hidden, pooled
 
 

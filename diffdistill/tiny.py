@@ -51,7 +51,8 @@ def clip_tokenizer_dir() -> Path:
 
 
 def tiny_text_encoder(hidden: int = 32, layers: int = 2, with_projection: bool = False,
-                      projection_dim: int = 32, seed: int = 0, vocab_size: int = 49408):
+                      projection_dim: int = 32, seed: int = 0, vocab_size: int = 49408,
+                      max_positions: int = 77):
     """A CLIP text encoder for a CLIP-style vocabulary of ``vocab_size`` ids whose last two
     are <|startoftext|> and <|endoftext|> (CLIP's 49,408, or the 514 of a character-level
     :func:`~diffdistill.tokenizer.write_clip_tokenizer`)."""
@@ -60,7 +61,7 @@ def tiny_text_encoder(hidden: int = 32, layers: int = 2, with_projection: bool =
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
-        num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=77,
+        num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=max_positions,
         projection_dim=projection_dim, bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
     )

@@ -472,7 +472,7 @@ def _trainer_one_step(tr):
     return ((ours + 1) / 2).clamp(0, 1)
 
 
-def _stock_one_step(pipe):
+def _stock_one_step(pipe, **call):
     """One step from σ = 0.999 with the scheduler a flow student's card names."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -481,7 +481,7 @@ def _stock_one_step(pipe):
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
     with torch.no_grad():
         return pipe(PROMPTS, sigmas=[0.999], guidance_scale=1.0, generator=gens,
-                    output_type="pt", height=32, width=32).images
+                    output_type="pt", height=32, width=32, **call).images
 
 
 def test_fdistill_on_a_flow_teacher_resumes_bit_identically(sd3_dir, tmp_path):
@@ -528,3 +528,44 @@ def test_an_sd3_folder_with_t5_conditions_and_samples_as_the_stock_pipeline(tmp_
                     num_steps=4, guidance_scale=3.0, decode=bb.decode_latents,
                     output="float", progress=False)
     assert (ref - ((ours + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+
+
+def test_a_folders_max_sequence_length_reaches_encoding_exports_and_the_card(
+        sd3_dir, tmp_path, monkeypatch):
+    """``diffdistill.json``'s ``max_sequence_length`` (the world's flow teacher sets 0): the
+    rows of T5 zeros per prompt, as the stock pipeline's ``max_sequence_length=`` argument
+    makes them; a DMD2 export carries it on, and its model card passes it to the stock
+    pipeline, whose one-step images equal the trainer's."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+    from helpers import run_model_card_code
+
+    folder = tmp_path / "sd3-len8"
+    shutil.copytree(sd3_dir, folder)
+    (folder / "diffdistill.json").write_text(json.dumps({"max_sequence_length": 8}))
+    bb = load_backbone(str(folder))
+    stock = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None,
+                                                     tokenizer_3=None)
+    with torch.no_grad():
+        pe, *_ = stock.encode_prompt(PROMPTS, PROMPTS, PROMPTS, max_sequence_length=8,
+                                     do_classifier_free_guidance=False)
+    cond = bb.encode_prompts(PROMPTS, with_uncond=False)
+    assert cond.encoder_hidden_states.shape == (2, 77 + 8, 64)
+    assert torch.equal(cond.encoder_hidden_states, pe)
+    tr = _dmd2(folder, tmp_path / "run", [999])
+    tr.fit()
+    out = tmp_path / "run" / "export"
+    assert json.loads((out / "diffdistill.json").read_text()) == {"max_sequence_length": 8}
+    assert load_backbone(str(out)).max_sequence_length == 8
+    card = (out / "README.md").read_text()
+    assert "max_sequence_length=8" in card
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    ref = _stock_one_step(pipe, max_sequence_length=8)
+    ours = tr.sample_latents([3, 4], tr.backbone.encode_prompts(PROMPTS, with_uncond=False))
+    ours = ((tr.backbone.decode_latents(ours) + 1) / 2).clamp(0, 1)
+    assert (ref - ours).abs().max() <= 1e-4
+    assert (_stock_one_step(pipe) - ref).abs().max() > 1e-3  # the length matters
+    run_model_card_code(out, tmp_path, monkeypatch)

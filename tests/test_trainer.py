@@ -226,3 +226,70 @@ def test_eval_guidance_scale_is_refused_by_students(method, tmp_path):
     with pytest.raises(ConfigError, match="eval.guidance_scale=2.0"):
         cls(cfg)
     assert get_trainer_class("pretrain").eval_uses_guidance
+
+
+class _Fixed(torch.nn.Module):
+    """A 'network' that outputs a fixed tensor whatever its input (the denoiser's raw call)."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.out + 0 * self.w)
+
+
+@pytest.mark.parametrize("t", [3, 250, 999])
+def test_min_snr_weight_is_the_same_x0_space_weight_for_every_target(t):
+    """Min-SNR-γ (Hang et al. 2023, Eq. 6 and its v / x0 forms): whatever the network is
+    trained to output, weight x ‖output − target‖² = min(SNR, γ) x ‖x0̂ − x0‖², with x0̂ the
+    denoiser's own conversion — so the pixel teacher's switch from ε to v (its ε form has
+    x0̂ error ×1/α ≈ 160 at t = 999, configs/pretrain/toy_pixel.yaml) keeps the loss balance
+    over t. SNR by hand from the linear β of the DDPM config."""
+    from diffdistill.denoiser import Denoiser
+    from diffdistill.schedule import schedule_from_scheduler_config
+    from diffdistill.trainers.pretrain import min_snr_weight
+
+    config = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 1e-4,
+              "beta_end": 0.02, "num_train_timesteps": 1000}
+    sched = schedule_from_scheduler_config(config)
+    # as DDPMScheduler: float32 betas and cumulative product
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0)
+    snr = float(alpha_bar[t].double() / (1 - alpha_bar[t].double()))
+    gamma = 5.0
+    g = torch.Generator().manual_seed(t)
+    x0, noise, out = (torch.randn(1, 3, 4, 4, generator=g) for _ in range(3))
+    tt = torch.tensor([float(t)])
+    xt = sched.add_noise(x0, noise, tt)
+    for kind in ("epsilon", "v_prediction", "sample"):
+        den = Denoiser(_Fixed(out), sched, prediction_type=kind)
+        weight = float(min_snr_weight(sched, tt, gamma, kind))
+        expected = {"epsilon": min(snr, gamma) / snr, "v_prediction": min(snr, gamma) / (snr + 1),
+                    "sample": min(snr, gamma)}[kind]
+        assert weight == pytest.approx(expected, rel=1e-5), kind
+        loss = weight * float(((out - den.target(x0, noise, tt)) ** 2).sum())
+        x0_err = float(((den(xt, tt).x0.detach() - x0) ** 2).sum())
+        assert loss == pytest.approx(min(snr, gamma) * x0_err, rel=1e-4), kind
+
+
+def test_pretrain_target_retrains_an_eps_folder_as_v_prediction(pixel_dir, tmp_path):
+    """``pretrain.target: v_prediction`` on an ε folder: the trainer fits v = α ε − σ x0 and
+    the export's scheduler says v_prediction, so stock diffusers and the toolkit read the
+    trained network the same way."""
+    from diffusers import DDPMScheduler
+
+    from diffdistill.backbone import load_backbone
+
+    out = tmp_path / "v"
+    cfg = pixel_cfg(pixel_dir, out, max_steps=2)
+    cfg.pretrain.target = "v_prediction"
+    trainer = PretrainTrainer(cfg)
+    trainer.fit()
+    assert load_backbone(pixel_dir).prediction_type == "epsilon"
+    assert trainer.backbone.prediction_type == "v_prediction"
+    assert DDPMScheduler.from_pretrained(str(out / "export"), subfolder="scheduler").config[
+        "prediction_type"] == "v_prediction"
+    assert load_backbone(out / "export").prediction_type == "v_prediction"
