@@ -282,6 +282,12 @@ class Backbone:
         return Denoiser(self.unet if unet is None else unet, self.schedule, prediction_type,
                         **kw)
 
+    @property
+    def ode_sampler(self) -> str:
+        """The deterministic many-step sampler a teacher is measured with: flow Euler on a
+        rectified flow (its scheduler's own grid), DDIM on a VP schedule."""
+        return "flow_euler" if self.schedule.kind == "flow" else "ddim"
+
     def set_resolution(self, resolution: int) -> None:
         """Generate and train at ``resolution`` px. A flow model that shifts its timesteps by
         resolution (Flux's ``use_dynamic_shifting``) gets its μ from the latent token count,
@@ -405,12 +411,24 @@ class Backbone:
 
     def attach_prompt_disk_cache(self, cache_dir) -> None:
         """Keep prompt embeddings on disk too (safetensors shards), keyed by the prompt and
-        the text encoders' identity, so a second run or another method skips the encoders."""
-        from .embedding_cache import EmbeddingCache, hash_key
+        the text encoders' identity, so a second run or another method skips the encoders.
 
-        ident = hash_key(str(self.path), self.kind, self.text_encoder.config.hidden_size,
-                         self.text_encoder.config.num_hidden_layers)
-        self.prompt_disk_cache = EmbeddingCache(cache_dir, f"prompts-{ident[:16]}")
+        The identity is what the encoders *compute*: the bytes of two probe prompts' encodings
+        (the empty prompt and one with letters and digits), so any change of the weights, the
+        tokenizer, the sequence length or the dtype — at the same path — starts a new cache
+        instead of serving stale embeddings. Attach after moving the encoders to their final
+        dtype and device."""
+        import hashlib
+
+        from .embedding_cache import EmbeddingCache
+
+        digest = hashlib.sha1(self.kind.encode())
+        for hidden, pooled in self._encode_uncached(["", "a photo of a cat, 0123"]):
+            for t in (hidden, pooled):
+                if t is not None:
+                    digest.update(str((t.dtype, tuple(t.shape))).encode())
+                    digest.update(t.detach().float().cpu().numpy().tobytes())
+        self.prompt_disk_cache = EmbeddingCache(cache_dir, f"prompts-{digest.hexdigest()[:16]}")
 
     def _from_disk(self, prompts: list[str]) -> list[str]:
         """Fill the memory cache from disk; return the prompts still missing."""

@@ -354,6 +354,35 @@ def test_prompt_disk_cache_skips_the_encoders_in_a_second_run(fixture, request, 
                            a.added_cond_kwargs["text_embeds"].flip(0))
 
 
+def test_prompt_disk_cache_is_keyed_by_what_the_encoders_compute(sd3_dir, tmp_path):
+    """Same folder path, different text encoding (weights changed in place, or a shorter T5
+    sequence): a new cache, never the stale embeddings. (A world build once trained a teacher
+    on the cached embeddings of the folder's previous text encoders.)"""
+    prompts = ["a photo of a bag"]
+    first = load_backbone(sd3_dir)
+    first.attach_prompt_disk_cache(tmp_path)
+    a = first.encode_prompts(prompts, with_uncond=False).encoder_hidden_states
+    same = load_backbone(sd3_dir)
+    same.attach_prompt_disk_cache(tmp_path)
+    assert same.prompt_disk_cache.directory == first.prompt_disk_cache.directory
+
+    changed = load_backbone(sd3_dir)
+    with torch.no_grad():
+        changed.text_encoder.text_model.embeddings.token_embedding.weight.add_(0.05)
+    changed.attach_prompt_disk_cache(tmp_path)
+    assert changed.prompt_disk_cache.directory != first.prompt_disk_cache.directory
+    b = changed.encode_prompts(prompts, with_uncond=False).encoder_hidden_states
+    assert (a - b).abs().max() > 1e-3  # encoded afresh, not read from the first cache
+
+    shorter = load_backbone(sd3_dir)
+    shorter.max_sequence_length = 8  # what a diffdistill.json would set
+    shorter.attach_prompt_disk_cache(tmp_path)
+    assert shorter.prompt_disk_cache.directory not in (first.prompt_disk_cache.directory,
+                                                       changed.prompt_disk_cache.directory)
+    c = shorter.encode_prompts(prompts, with_uncond=False).encoder_hidden_states
+    assert c.shape[1] == 77 + 8 and a.shape[1] == 77 + 256
+
+
 def test_empty_fp32_module_warning_is_dropped_but_real_ones_pass(caplog):
     import logging
 

@@ -95,12 +95,12 @@ class BackboneMixin:
             except ValueError as e:
                 raise ConfigError(f"data.resolution: {e}") from None
             bb.set_resolution(self.cfg.data.resolution)
-            if self.cfg.data.cache_dir:
-                bb.attach_prompt_disk_cache(self.cfg.data.cache_dir)
             frozen = self.frozen_dtype
             for part in (bb.vae, bb.text_encoder, bb.text_encoder_2, bb.text_encoder_3):
                 if part is not None:
                     part.requires_grad_(False).eval().to(dtype=frozen)
+            if self.cfg.data.cache_dir:  # keyed by what the encoders compute, in this dtype
+                bb.attach_prompt_disk_cache(self.cfg.data.cache_dir)
         set_attention_backend(bb.unet, m.attention)
         self.backbone = bb
         return bb

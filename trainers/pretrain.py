@@ -136,8 +136,7 @@ class PretrainTrainer(BackboneMixin, Trainer):
 
         bb = self.backbone
         unet = unet if unet is not None else self.generator_unet()
-        sampler = "flow_euler" if bb.schedule.kind == "flow" else "ddim"
-        return EvalModel(self.method, bb, bb.denoiser(unet), sampler,
+        return EvalModel(self.method, bb, bb.denoiser(unet), bb.ode_sampler,
                          guidance_scale=self.cfg.eval.guidance_scale)
 
     def grid_step_counts(self) -> list[int]:
