@@ -51,7 +51,7 @@ def test_world_json_records_every_stage(world):
         assert stage["wall_s"] >= 0 and stage["cpu_s"] >= 0, name
         assert stage["seed"] == STAGE_SEED_OFFSET[name], name  # seed * 1000 + stage offset
     # offsets are fixed per stage: adding the judge changed no other stage's seed
-    assert [STAGE_SEED_OFFSET[s] for s in STAGES] == [1, 2, 3, 4, 5, 6, 8, 7]
+    assert [STAGE_SEED_OFFSET[s] for s in STAGES] == [1, 2, 3, 4, 5, 6, 8, 9, 7]
     acc = on_disk["accuracies"]
     assert set(acc) == {"fmnist_net_test_accuracy", "clip_zero_shot_test_accuracy",
                         "clip_judge_zero_shot_train_accuracy"}
@@ -59,6 +59,8 @@ def test_world_json_records_every_stage(world):
     assert (judge["train_split"], judge["eval_split"]) == ("test", "train")
     assert on_disk["command"] == "diffdistill world build --scale tiny"
     assert on_disk["teachers"]["teacher_latent"]["rows"][0]["guidance_scale"] == 2.0
+    assert {k: t["sampler"] for k, t in on_disk["teachers"].items()} == {
+        "teacher_pixel": "ddim", "teacher_latent": "ddim", "teacher_flow": "flow_euler"}
     # the report measured exactly the shipped files, and nothing else is in the folder
     assert on_disk["total_bytes"] == sum(f.stat().st_size for f in out.rglob("*")
                                          if f.is_file() and f.name != "world.json")
@@ -121,7 +123,8 @@ def test_pixel_teacher_loads_through_backbone(world):
     assert bb.kind == "pixel" and bb.pipeline_class == "DDPMPipeline"
     assert (bb.num_classes, bb.null_class) == (10, 10)
     assert bb.unet.config.num_class_embeds == 11 and bb.unet.config.sample_size == 32
-    assert bb.prediction_type == "epsilon" and bb.unet.dtype == torch.float32
+    # init folder ε, trained as v (toy_pixel.yaml's pretrain.target): the export says v
+    assert bb.prediction_type == "v_prediction" and bb.unet.dtype == torch.float32
     imgs = sample_teacher(None, 3, steps=2, guidance_scale=2.0, seed=1, backbone=bb)
     assert imgs.dtype == torch.uint8 and imgs.shape == (3, 3, 32, 32)
     # batch composition does not change a sample (one seed per sample)
@@ -330,16 +333,23 @@ def test_shipped_world_accuracies_and_stats():
 
 @pytest.mark.world_assets
 def test_shipped_teachers_load():
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     from diffdistill.backbone import load_backbone
 
-    _require_shipped("teacher_pixel", "teacher_latent")
+    _require_shipped("teacher_pixel", "teacher_latent", "teacher_flow")
     bb = load_backbone(ASSETS_DIR / "teacher_pixel")
     assert (bb.kind, bb.num_classes, bb.null_class, bb.resolution) == ("pixel", 10, 10, 32)
+    assert bb.prediction_type == "v_prediction"
     pipe = StableDiffusionPipeline.from_pretrained(str(ASSETS_DIR / "teacher_latent"))
     img = pipe("a photo of a sneaker", height=32, width=32, num_inference_steps=2,
                output_type="np").images[0]
+    assert img.shape == (32, 32, 3)
+    flow = StableDiffusion3Pipeline.from_pretrained(str(ASSETS_DIR / "teacher_flow"),
+                                                    text_encoder_3=None, tokenizer_3=None)
+    assert flow.text_encoder_3 is None and flow.scheduler.config.shift == 1.0
+    img = flow("a photo of a sneaker", height=32, width=32, num_inference_steps=2,
+               max_sequence_length=0, output_type="np").images[0]
     assert img.shape == (32, 32, 3)
 
 
@@ -404,30 +414,27 @@ def test_drop_build_paths(tmp_path):
     assert drop_build_paths(tmp_path) == []
 
 
-def test_the_flow_teacher_stage_builds_a_stock_sd3_folder_at_the_test_scale(world, tmp_path):
+def test_the_flow_teacher_stage_builds_a_stock_sd3_folder_at_the_test_scale(world):
     """``teacher_flow`` at the tiny scale: an SD3 pipeline folder (MMDiT on the world VAE's
     latents, two CLIP encoders on the character-level tokenizer, no T5), pretrained by flow
     matching through the pretraining trainer, shipped in fp16 — and sampled by the stock
-    ``StableDiffusion3Pipeline`` exactly as by the toolkit. (The full-scale teacher is not
-    trained yet, so the stage is not among the build's STAGES.)"""
+    ``StableDiffusion3Pipeline`` exactly as by the toolkit's flow Euler."""
     from diffusers import StableDiffusion3Pipeline
 
-    from diffdistill.app.world_build import RECIPES, RUNNERS, STAGES, BuildContext
     from diffdistill.backbone import load_backbone
     from diffdistill.world.info import sample_teacher
 
-    _, work, _ = world
-    out = tmp_path / "assets"
-    ctx = BuildContext(scale="tiny", recipe=RECIPES["tiny"], out=out, work=work, seed=0,
-                       log=lambda m: None)
-    assert "teacher_flow" not in STAGES
-    metrics = RUNNERS["teacher_flow"](ctx)
+    out, _, info = world
+    metrics = info["stages"]["teacher_flow"]["metrics"]
     assert metrics["prediction_type"] == "flow" and metrics["latent_shape"] == [4, 8, 8]
     folder = out / "teacher_flow"
     assert _safetensors_dtypes(folder) == {torch.float16}
     assert not (folder / "text_encoder_3").exists()
     bb = load_backbone(folder)
-    assert bb.kind == "sd3" and len(bb.tokenizer) == 514
+    assert bb.kind == "sd3" and len(bb.tokenizer) == 514 and bb.ode_sampler == "flow_euler"
+    # 40 CLIP tokens and no rows of T5 zeros (diffdistill.json): the text is 40 tokens
+    assert bb.max_sequence_length == 0 and bb.tokenizer.model_max_length == 40
+    assert bb.encode_prompts(["a photo of a coat"]).encoder_hidden_states.shape[1] == 40
     assert bb.text_encoder.config.vocab_size == 514 and bb.unet.config.sample_size == 8
     assert bb.tokenizer.convert_ids_to_tokens(bb.tokenizer("a coat").input_ids) == [
         "<|startoftext|>", "a</w>", "c", "o", "a", "t</w>", "<|endoftext|>"]
@@ -440,6 +447,6 @@ def test_the_flow_teacher_stage_builds_a_stock_sd3_folder_at_the_test_scale(worl
     gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
     with torch.no_grad():
         ref = pipe(prompts, num_inference_steps=2, guidance_scale=2.0, generator=gens,
-                   output_type="np", height=32, width=32).images
+                   output_type="np", height=32, width=32, max_sequence_length=0).images
     ref = torch.from_numpy((ref * 255).round()).permute(0, 3, 1, 2)
     assert (ref - ours.float()).abs().max() <= 1

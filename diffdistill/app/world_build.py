@@ -16,6 +16,9 @@ Stages (each writes its outputs atomically, records wall/CPU seconds and metrics
 ``clip_judge``     the independent CLIP judge: another architecture (ViT image tower), another
                    seed, trained on the *test* split the reward CLIP never saw → ``clip_judge/``
                    (``diffdistill bench`` scores CLIP with it; :mod:`.clip`)
+``teacher_flow``   StableDiffusion3Pipeline (rectified flow, tiny MMDiT) on the same latents,
+                   ``PretrainTrainer``'s flow-matching loss with ``configs/pretrain/toy_flow.yaml``
+                   → ``teacher_flow/``
 ``report``         quick FID-FMNIST / CLIP score per teacher and guidance scale, sample grids,
                    file sizes (checked against the 25 MB budget)
 =================  ==========================================================================
@@ -68,6 +71,7 @@ from diffdistill.world import (
     REF_STATS,
     SIZE_BUDGET_BYTES,
     STAGES,
+    TEACHERS,
     fresh_tmp,
     replace_dir,
 )
@@ -468,7 +472,7 @@ def run_report(ctx: BuildContext) -> dict:
     from diffdistill.images import save_grid
     from diffdistill.world import load_ref_stats
 
-    for s in ("classifier", "clip", "ref_stats", "teacher_pixel", "teacher_latent", "clip_judge"):
+    for s in ("classifier", "clip", "ref_stats", *TEACHERS, "clip_judge"):
         _require(ctx, s, "report")
     r = ctx.recipe["report"]
     fm = _detector("fmnist-net", ctx)
@@ -477,13 +481,15 @@ def run_report(ctx: BuildContext) -> dict:
     ref = load_ref_stats("fmnist-net", ctx.out)
     seed = ctx.stage_seed("report")
     teachers: dict = {}
-    for name in ("teacher_pixel", "teacher_latent"):
+    for name in ("teacher_pixel", "teacher_latent", "teacher_flow"):
         bb = load_backbone(ctx.out / name)
+        sampler = bb.ode_sampler
         rows, samples = [], {}
         for gs in r["guidance_scales"]:
             t0 = time.perf_counter()
             imgs = sample_teacher(None, r["num_samples"], steps=r["steps"], guidance_scale=gs,
-                                  seed=seed, batch_size=r["batch_size"], backbone=bb)
+                                  seed=seed, batch_size=r["batch_size"], backbone=bb,
+                                  sampler=sampler)
             fid = fid_from_stats(_stats(fm, imgs, f"{name}-samples"), ref)
             labels, prompts = teacher_prompts(len(imgs))
             cs = clip_score(cd, imgs, prompts).mean
@@ -493,12 +499,12 @@ def run_report(ctx: BuildContext) -> dict:
                          "clip_score_judge": cs_judge,
                          "class_accuracy": acc, "sample_s": time.perf_counter() - t0})
             samples[gs] = imgs[:r["grid"]]
-            ctx.log(f"  {name}: cfg {gs:g}, {r['steps']} DDIM steps, {len(imgs)} samples: "
+            ctx.log(f"  {name}: cfg {gs:g}, {sampler} {r['steps']} steps, {len(imgs)} samples: "
                     f"FID-FMNIST {fid:.2f}, CLIP score {cs:.4f}, classifier agrees {acc:.3f}")
         best = min(rows, key=lambda row: row["fid_fmnist"])
         grid_path = save_grid(samples[best["guidance_scale"]], ctx.work / "grids" / f"{name}.png",
                               nrow=10, scale=3)
-        teachers[name] = {"sampler": "ddim", "steps": r["steps"],
+        teachers[name] = {"sampler": sampler, "steps": r["steps"],
                           "num_samples": r["num_samples"], "rows": rows,
                           "best_guidance_scale": best["guidance_scale"],
                           "grid": str(grid_path.relative_to(ctx.work))}  # in the work dir

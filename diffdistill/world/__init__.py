@@ -1,4 +1,4 @@
-"""The embedded tiny world (Fashion-MNIST, two teachers, metric networks).
+"""The embedded tiny world (Fashion-MNIST, three teachers, metric networks).
 
 A miniature of the real use case that runs the same code paths as Stable Diffusion 1.5 on
 two CPU cores, shipped as fp16 safetensors in ``diffdistill/world/assets/``:
@@ -10,7 +10,12 @@ two CPU cores, shipped as fp16 safetensors in ``diffdistill/world/assets/``:
                                UNet2DConditionModel, DDIM scheduler (SD1.5's config), ε.
 ``teacher_pixel/``             ``DDPMPipeline``-style folder (``world:teacher_pixel``):
                                class-conditional UNet2DModel at 32×32 px, 10 classes + null
-                               class 10 for CFG, DDPMScheduler (linear β, ε).
+                               class 10 for CFG, DDPMScheduler (linear β, v-prediction).
+``teacher_flow/``              ``StableDiffusion3Pipeline`` folder (``world:teacher_flow``):
+                               rectified flow; tiny SD3Transformer2DModel (MMDiT) on the
+                               latent teacher's VAE latents, two tiny CLIP text encoders with
+                               projection on a character-level tokenizer, no T5,
+                               FlowMatchEulerDiscreteScheduler (shift 1).
 ``fmnist_net.safetensors``     Fashion-MNIST classifier, detector ``"fmnist-net"`` →
                                "FID-FMNIST" (:mod:`diffdistill.world.classifier`).
 ``clip/``                      tiny open_clip model (:mod:`diffdistill.world.clip`): the
@@ -40,12 +45,12 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 #: environment variable naming another world folder (e.g. a ``--scale tiny`` build for tests)
 WORLD_DIR_ENV = "DIFFDISTILL_WORLD_DIR"
 
-TEACHERS = ("teacher_latent", "teacher_pixel")
+TEACHERS = ("teacher_latent", "teacher_pixel", "teacher_flow")
 #: ref_stats file stem -> detector registry name
 REF_STATS = {"fmnist-net": "fmnist-net", "clip": "world-clip"}
 #: the build's stages, in order (:mod:`diffdistill.app.world_build` runs them)
 STAGES = ("classifier", "clip", "ref_stats", "vae", "teacher_pixel", "teacher_latent",
-          "clip_judge", "report")
+          "clip_judge", "teacher_flow", "report")
 SIZE_BUDGET_BYTES = 25 * 1000 * 1000  # "≤ 25 MB" for everything shipped
 
 

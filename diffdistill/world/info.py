@@ -23,16 +23,18 @@ def teacher_prompts(n: int) -> tuple[list[int], list[str]]:
 
 @torch.no_grad()
 def sample_teacher(path, num: int, *, steps: int = 25, guidance_scale: float = 2.0,
-                   seed: int = 0, sampler: str = "ddim", batch_size: int = 250,
+                   seed: int = 0, sampler=None, batch_size: int = 250,
                    backbone=None) -> torch.Tensor:
-    """uint8 samples ``[num, 3, 32, 32]`` of a world teacher through the shared sampler:
-    sample i has seed ``seed + i`` and class ``i % 10`` (its caption for the latent one) —
-    the evaluation's own sample i (:meth:`~diffdistill.eval.eval_model.EvalModel.sample`)."""
+    """uint8 samples ``[num, 3, 32, 32]`` of a world teacher through the shared sampler
+    (default :attr:`~diffdistill.backbone.Backbone.ode_sampler`): sample i has seed ``seed + i`` and class ``i % 10``
+    (its caption for the text-to-image ones) — the evaluation's own sample i
+    (:meth:`~diffdistill.eval.eval_model.EvalModel.sample`)."""
     from diffdistill.backbone import load_backbone
     from diffdistill.eval.eval_model import EvalModel
 
     bb = backbone or load_backbone(path)
-    model = EvalModel("teacher", bb, bb.denoiser(), sampler, guidance_scale=float(guidance_scale))
+    model = EvalModel("teacher", bb, bb.denoiser(), sampler or bb.ode_sampler,
+                      guidance_scale=float(guidance_scale))
     return model.sample([seed + i for i in range(num)], steps, resolution=32,
                         batch_size=batch_size)
 
@@ -45,14 +47,16 @@ def asset_sizes(out=None) -> dict[str, int]:
 
 def teacher_table(world: dict) -> str:
     """Markdown table of the report stage's quick teacher measurements."""
-    lines = ["| teacher | CFG | DDIM steps | samples | FID-FMNIST | CLIP score (reward CLIP) | "
-             "CLIP score (judge) | class acc. |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| teacher | CFG | sampler | steps | samples | FID-FMNIST | "
+             "CLIP score (reward CLIP) | CLIP score (judge) | class acc. |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, t in world.get("teachers", {}).items():
         for row in t["rows"]:
             star = " (best)" if row["guidance_scale"] == t["best_guidance_scale"] else ""
             judge = (f"{row['clip_score_judge']:.4f}" if "clip_score_judge" in row
                      else "not measured")
-            lines.append(f"| {name} | {row['guidance_scale']:g}{star} | {t['steps']} | "
+            lines.append(f"| {name} | {row['guidance_scale']:g}{star} | "
+                         f"{t.get('sampler', 'ddim')} | {t['steps']} | "
                          f"{t['num_samples']} | {row['fid_fmnist']:.2f} | "
                          f"{row['clip_score']:.4f} | {judge} | {row['class_accuracy']:.3f} |")
     return "\n".join(lines)
@@ -60,11 +64,12 @@ def teacher_table(world: dict) -> str:
 
 def teacher_grids(out_dir, assets=None, *, num: int = 20, steps: int = 25,
                   seed: int = 0) -> dict[str, Path]:
-    """Sample both shipped teachers (DDIM, ``steps``, the CFG scale the report found best,
-    else 2) and write ``OUT_DIR/<teacher>_grid.png`` — what ``make demo`` shows."""
+    """Sample the shipped teachers (their ``ode_sampler``, ``steps``, the CFG scale the
+    report found best, else 2) and write ``OUT_DIR/<teacher>_grid.png`` — what ``make demo``
+    shows."""
     from diffdistill.images import save_grid
 
-    from . import world_dir, world_info
+    from . import TEACHERS, world_dir, world_info
 
     assets = Path(assets or world_dir())
     try:
@@ -72,7 +77,7 @@ def teacher_grids(out_dir, assets=None, *, num: int = 20, steps: int = 25,
     except FileNotFoundError:
         teachers = {}
     paths = {}
-    for name in ("teacher_latent", "teacher_pixel"):
+    for name in TEACHERS:
         gs = float(teachers.get(name, {}).get("best_guidance_scale", 2.0))
         imgs = sample_teacher(assets / name, num, steps=steps, guidance_scale=gs, seed=seed)
         paths[name] = save_grid(imgs, Path(out_dir) / f"{name}_grid.png", nrow=10, scale=3)

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
+from diffdistill.model_folder import SIDECAR
+
 from . import cast_safetensors_fp16, fresh_tmp, replace_dir
+
+#: CLIP tokens per caption of the flow teacher (its captions need at most 34)
+FLOW_TEXT_TOKENS = 40
 
 
 def init_teacher_pixel(folder: Path, seed: int, unet: dict) -> Path:
@@ -77,7 +82,13 @@ def init_teacher_flow(folder: Path, seed: int, vae_dir: Path, transformer: dict,
     world VAE's 8×8×4 latents, two frozen random ``CLIPTextModelWithProjection`` encoders
     (their hidden states concatenated fill the joint attention width) on a character-level
     CLIP tokenizer (514 ids: the two text encoders cost ~0.1 MB instead of 6 MB with CLIP's
-    49,408-id vocabulary), and the flow-matching Euler scheduler."""
+    49,408-id vocabulary), and the flow-matching Euler scheduler.
+
+    Text length: the joint attention runs every text token through every block, so SD3's
+    77 CLIP tokens + 256 rows of T5 zeros beside 16 image tokens made 95 % of the compute
+    text. The world's captions are at most 34 characters-tokens long: the tokenizer pads to
+    :data:`FLOW_TEXT_TOKENS` and the folder's ``diffdistill.json`` sets
+    ``max_sequence_length`` to 0 (no T5 rows; the stock pipeline takes the same argument)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -93,12 +104,14 @@ def init_teacher_flow(folder: Path, seed: int, vae_dir: Path, transformer: dict,
         vae.register_to_config(shift_factor=0.0)
     latent = 32 // 2 ** (len(vae.config.block_out_channels) - 1)
     tmp = fresh_tmp(folder)
-    tok_dir = write_clip_tokenizer(tmp.parent / f".{folder.name}.tokenizer", merges=0)
+    tok_dir = write_clip_tokenizer(tmp.parent / f".{folder.name}.tokenizer", merges=0,
+                                   model_max_length=FLOW_TEXT_TOKENS)
     tok = load_clip_tokenizer(tok_dir)
     hidden = text_encoder["hidden"]
     encoders = [tiny_text_encoder(hidden=hidden, layers=text_encoder["layers"],
                                   with_projection=True, projection_dim=hidden,
-                                  vocab_size=len(tok), seed=seed + k) for k in (0, 1)]
+                                  vocab_size=len(tok), seed=seed + k,
+                                  max_positions=FLOW_TEXT_TOKENS) for k in (0, 1)]
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(
         sample_size=latent, patch_size=2, in_channels=vae.config.latent_channels,
@@ -111,6 +124,7 @@ def init_teacher_flow(folder: Path, seed: int, vae_dir: Path, transformer: dict,
         text_encoder=encoders[0], tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok,
         text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / SIDECAR).write_text(json.dumps({"max_sequence_length": 0}))
     shutil.rmtree(tok_dir, ignore_errors=True)
     replace_dir(tmp, folder)
     return folder
@@ -138,7 +152,9 @@ def teacher_readme(stage: str, metrics: dict) -> str:
             "pipe = StableDiffusion3Pipeline.from_pretrained(PATH, text_encoder_3=None, "
             "tokenizer_3=None)\n"
             "image = pipe(\"a photo of a sneaker\", height=32, width=32, num_inference_steps=25,\n"
-            "             guidance_scale=2.0).images[0]\n```\n\n"
+            "             guidance_scale=3.0, max_sequence_length=0).images[0]\n```\n\n"
+            "`max_sequence_length=0`: it was trained without SD3's 256 rows of T5 zeros (the "
+            "text is its 40 CLIP tokens; `diffdistill.json` records it).\n\n"
             "The text encoders are randomly initialised and frozen (only the transformer was "
             "trained; the VAE is the latent teacher's).\n")
     else:
