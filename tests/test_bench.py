@@ -314,6 +314,7 @@ def test_report_table_grid_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["world", "world_teachers", "world_teacher_pixel",
+                                  "world_teacher_flow",
                                   "world_ict_scratch", "world_fdistill", "world_reward_clip",
                                   "world_one_step", "world_hypersd_seeds", "world_lcd_onestep_t",
                                   "coco_sd15"])

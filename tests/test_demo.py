@@ -62,11 +62,13 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
     again = train_method("ict", out, steps=6, tiny=True)
     timing = json.loads((out / "train" / "ict" / "demo_timing.json").read_text())
     assert again["wall_s"] == timing["wall_s"] < res.trained["ict"]["wall_s"] + 5
-    # one bench row per model x steps: both teachers (iCT distills the pixel one) + students
+    # one bench row per model x steps: the three teachers (iCT distills the pixel one, the
+    # flow methods the flow one, sampled with flow Euler) + students
     rows = res.bench.rows
     models = list(dict.fromkeys(r.model for r in rows))
-    assert models[:2] == ["teacher (latent, DDIM)", "teacher (pixel, DDIM)"]
-    assert models[2:] == [METHODS[k].label for k in MAIN_METHODS]
+    assert models[:3] == ["teacher (latent, DDIM)", "teacher (pixel, DDIM)",
+                          "teacher (flow, flow Euler)"]
+    assert models[3:] == [METHODS[k].label for k in MAIN_METHODS]
     fid = res.bench.metrics[0]
     assert fid == "FID-FMNIST" and all(np.isfinite(r.metrics[fid]) for r in rows)
     assert all(0 < r.sec_per_image and r.num_samples == 8 for r in rows)
@@ -74,7 +76,7 @@ def test_demo_every_method_at_smoke_scale(tiny_world, tmp_path, monkeypatch, cap
     grid = np.asarray(Image.open(res.paths["grid"]))
     assert grid.shape[0] == 2 + len(rows) * 34 and grid.shape[1] > 2 + 8 * 34  # + labels
     assert Image.open(res.paths["plot"]).format == "PNG"
-    for name in ("teacher_latent", "teacher_pixel"):
+    for name in ("teacher_latent", "teacher_pixel", "teacher_flow"):
         assert np.asarray(Image.open(res.paths[name])).std() > 0
     # convergence curves: every method's periodic evals (its eval_steps), one figure
     curves = json.loads(res.paths["convergence_json"].read_text())
@@ -113,7 +115,8 @@ def test_demo_ablations_change_one_thing_of_their_main_method():
     from diffdistill.app.demo import MAIN_METHODS, METHODS
     from diffdistill.config import packaged_config_dir
 
-    assert MAIN_METHODS == ("lcd", "lcd-lora", "rglcd", "dmd2", "fdistill", "hypersd", "ict")
+    assert MAIN_METHODS == ("lcd", "lcd-lora", "rglcd", "dmd2", "fdistill", "hypersd", "ict",
+                            "dmd2-flow", "lcd-flow")
 
     def cfg(key):
         m = METHODS[key]
@@ -143,9 +146,18 @@ def test_no_teachers_benches_only_the_students():
 
     trained = {"dmd2-pixel": {"lora": False, "export": "runs/x/export"},
                "lcd-lora": {"lora": True, "export": "runs/y/export"}}
-    both = bench_models(trained, {"teacher_pixel": 3.0, "teacher_latent": 3.0})
+    world_teachers = {"teacher_pixel": {"sampler": "ddim", "best_guidance_scale": 3.0},
+                      "teacher_latent": {"best_guidance_scale": 2.5}}
+    both = bench_models(trained, world_teachers)
     assert [m["name"] for m in both] == ["teacher (pixel, DDIM)", "teacher (latent, DDIM)",
                                          "DMD2 (pixel)", "LCD-LoRA"]
+    assert [(m["sampler"], m["guidance_scale"]) for m in both[:2]] == [("ddim", 3.0),
+                                                                       ("ddim", 2.5)]
+    flow = bench_models({"dmd2-flow": {"lora": False, "export": "runs/z/export"}},
+                        {"teacher_flow": {"sampler": "flow_euler", "best_guidance_scale": 3.0}})
+    assert flow[0] == {"name": "teacher (flow, flow Euler)", "path": "world:teacher_flow",
+                       "sampler": "flow_euler", "steps": [1, 2, 4, 8, 25],
+                       "guidance_scale": 3.0}
     students = bench_models(trained, {}, teachers=False)
     assert students == both[2:]
     assert students[1]["path"] == "world:teacher_latent" and students[1]["lora"] == "runs/y/export"

@@ -59,6 +59,11 @@ METHODS: dict[str, DemoMethod] = {
     "hypersd": DemoMethod("Hyper-SD", "hypersd/toy.yaml", 500, (1, 2, 4, 8),
                           scale_stages=True, eval_steps=(1, 4)),
     "ict": DemoMethod("iCT", "ict/toy.yaml", 400, (1, 2), teacher="teacher_pixel"),
+    # the rectified-flow teacher (SD3 structure): DMD2 one step, LCD along the flow ODE
+    "dmd2-flow": DemoMethod("DMD2 (flow)", "dmd2/toy_flow.yaml", DMD2_STEPS, (1,),
+                            teacher="teacher_flow"),
+    "lcd-flow": DemoMethod("LCD (flow)", "lcd/toy_flow.yaml", 400, (1, 2, 4, 8),
+                           teacher="teacher_flow", eval_steps=(1, 4)),
     # Ablations the method issues ask for (`--methods NAME`; not part of --all), each the
     # main method's demo budget with one thing changed.
     "dmd2-t999": DemoMethod("DMD2 (t = 999)", "dmd2/toy.yaml", DMD2_STEPS, (1,),
@@ -80,12 +85,13 @@ METHODS: dict[str, DemoMethod] = {
     "rglcd-lrm": DemoMethod("RG-LCD (LRM)", "rglcd/toy_lrm.yaml", 400, (1, 2, 4, 8),
                             variant=True),
 }
-#: ``--all``: the seven main methods.
+#: ``--all``: the main methods (the seven on the VP teachers, two on the flow teacher).
 MAIN_METHODS = tuple(k for k, m in METHODS.items() if not m.variant)
 #: ``make demo``: one consistency student (multi-step) and one distribution-matching student
 #: (one step) — the two families of the toolkit, in the time budget of a first look.
 DEFAULT_METHODS = ("lcd-lora", "dmd2")
 TEACHER_STEPS = (1, 2, 4, 8, 25)
+SAMPLER_LABELS = {"ddim": "DDIM", "flow_euler": "flow Euler"}
 
 # Smoke scale (--smoke, tests): every path runs, nothing is measured.
 SMOKE_STEPS = 6
@@ -199,15 +205,20 @@ def train_methods(keys: Sequence[str], out: Path, *, steps: Optional[int] = None
     return {k: done[k] for k in keys}
 
 
-def bench_models(trained: dict, teacher_guidance: dict, tiny: bool = False,
+def bench_models(trained: dict, world_teachers: dict, tiny: bool = False,
                  teachers: bool = True) -> list[dict]:
-    """Bench entries: every teacher a student distills (DDIM, its best CFG; unless
-    ``teachers`` is false) and the students (their exports, sampled as each records)."""
+    """Bench entries: every teacher a student distills (with the sampler and best CFG the
+    world's report measured it with — ``world.json``'s ``teachers``; DDIM and 2 where absent;
+    unless ``teachers`` is false) and the students (their exports, sampled as each records)."""
     teachers = list(dict.fromkeys(METHODS[k].teacher for k in trained)) if teachers else []
     steps = [1, 2] if tiny else list(TEACHER_STEPS)
-    models = [{"name": f"teacher ({t.split('_')[1]}, DDIM)", "path": f"world:{t}",
-               "sampler": "ddim", "steps": steps,
-               "guidance_scale": float(teacher_guidance.get(t, 2.0))} for t in teachers]
+    models = []
+    for t in teachers:
+        info = world_teachers.get(t, {})
+        sampler = info.get("sampler", "ddim")
+        models.append({"name": f"teacher ({t.split('_')[1]}, {SAMPLER_LABELS[sampler]})",
+                       "path": f"world:{t}", "sampler": sampler, "steps": steps,
+                       "guidance_scale": float(info.get("best_guidance_scale", 2.0))})
     for key, info in trained.items():
         m = METHODS[key]
         entry = {"name": m.label, "sampler": "auto",
@@ -324,9 +335,8 @@ def run_demo(out: str = "runs/demo", methods: Optional[Sequence[str]] = None,
     result.trained = train_methods(methods, root, steps=train_steps, tiny=tiny, jobs=jobs)
     print(f"\n[{n - 1}/{n}] diffdistill bench: {'teacher and ' if teachers else ''}"
           f"students, {num_samples} samples each")
-    guidance = {k: v.get("best_guidance_scale", 2.0)
-                for k, v in world.get("teachers", {}).items()}
-    result.bench = run_bench_for(bench_models(result.trained, guidance, tiny, teachers), root,
+    result.bench = run_bench_for(bench_models(result.trained, world.get("teachers", {}), tiny,
+                                              teachers), root,
                                  num_samples=num_samples, tiny=tiny, effnet=effnet,
                                  command=command)
     total = time.perf_counter() - t0
