@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--methods", default=None,
                    help="comma-separated: lcd, lcd-lora, rglcd, dmd2, fdistill, hypersd, ict, "
-                   "or an ablation: dmd2-t999, dmd2-nogan, dmd2-4step, dmd2-4step-nogan, dmd2-pixel, "
-                   "dmd2-pixel-nogan, dmd2-pixel-4step, rglcd-lrm (default: lcd-lora,dmd2)")
-    g.add_argument("--all", action="store_true", help="the seven main methods")
+                   "dmd2-flow, lcd-flow, or an ablation: dmd2-t999, dmd2-nogan, dmd2-4step, "
+                   "dmd2-4step-nogan, dmd2-pixel, dmd2-pixel-nogan, dmd2-pixel-4step, rglcd-lrm "
+                   "(default: lcd-lora,dmd2)")
+    g.add_argument("--all", action="store_true",
+                   help="the main methods: seven on the VP teachers, DMD2 and LCD on the flow one")
     p.add_argument("--train-steps", type=_positive_int, default=None,
                    help="optimizer steps per method (default: each method's demo budget)")
     p.add_argument("--num-samples", type=_positive_int, default=1000,
