@@ -63,7 +63,10 @@ class DataConfig:
     caption_key: str = "text"
     limit: Optional[int] = None  # use only the first N items
     num_workers: int = 0
-    cache_dir: Optional[str] = None  # cache VAE latents / prompt embeddings here
+    # cache VAE latents / prompt embeddings here; prompts are keyed by what the text
+    # encoders compute, latents by (model path, data settings): replacing a model's VAE
+    # in place needs a fresh cache_dir
+    cache_dir: Optional[str] = None
     shuffle_shards: bool = False  # webdataset: a new shard order every epoch (seed, epoch)
 
 
