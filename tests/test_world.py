@@ -125,6 +125,8 @@ def test_pixel_teacher_loads_through_backbone(world):
     assert bb.unet.config.num_class_embeds == 11 and bb.unet.config.sample_size == 32
     # init folder ε, trained as v (toy_pixel.yaml's pretrain.target): the export says v
     assert bb.prediction_type == "v_prediction" and bb.unet.dtype == torch.float32
+    # no x0̂ clipping: DDIM's clamp keeps ε̂ and drifts the v teacher (docs/one_step.md)
+    assert bb.scheduler_config["clip_sample"] is False and bb.sampler_options("ddim") == {}
     imgs = sample_teacher(None, 3, steps=2, guidance_scale=2.0, seed=1, backbone=bb)
     assert imgs.dtype == torch.uint8 and imgs.shape == (3, 3, 32, 32)
     # batch composition does not change a sample (one seed per sample)
@@ -270,6 +272,25 @@ def test_rebuild_skips_done_stages_and_force_is_deterministic(world, tmp_path):
     assert after["accuracies"] == before["accuracies"]
 
 
+def test_report_reruns_when_a_teachers_config_changes(world, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from diffdistill.app.world_build import _report_inputs
+
+    out = tmp_path / "assets"
+    shutil.copytree(world[0], out)
+    ctx = SimpleNamespace(out=out)
+    before = _report_inputs(ctx)
+    cfg_file = out / "teacher_pixel" / "scheduler" / "scheduler_config.json"
+    assert "teacher_pixel/scheduler/scheduler_config.json" in before
+    assert "teacher_pixel/unet/diffusion_pytorch_model.safetensors" in before
+    assert "world.json" not in before  # the report's own record
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "clip_sample": True}))  # same weights, new samples
+    assert _report_inputs(ctx) != before
+
+
 def test_cli_world_info(world, capsys):
     from diffdistill.cli import main
 
@@ -341,6 +362,7 @@ def test_shipped_teachers_load():
     bb = load_backbone(ASSETS_DIR / "teacher_pixel")
     assert (bb.kind, bb.num_classes, bb.null_class, bb.resolution) == ("pixel", 10, 10, 32)
     assert bb.prediction_type == "v_prediction"
+    assert bb.scheduler_config["clip_sample"] is False and bb.sampler_options("ddim") == {}
     pipe = StableDiffusionPipeline.from_pretrained(str(ASSETS_DIR / "teacher_latent"))
     img = pipe("a photo of a sneaker", height=32, width=32, num_inference_steps=2,
                output_type="np").images[0]

@@ -251,10 +251,12 @@ def stage_done(stage: str, ctx: BuildContext) -> bool:
 
 
 def _report_inputs(ctx: BuildContext) -> dict:
-    """Fingerprint of what the report measured (sizes + mtimes of the weight files)."""
+    """Fingerprint of what the report measured: sizes + mtimes of the weight files and of
+    the teachers' configs (a scheduler setting such as ``clip_sample`` changes the samples)."""
     files = {}
     for f in sorted(ctx.out.rglob("*")):
-        if f.is_file() and f.suffix in (".safetensors", ".npz"):
+        config = f.suffix == ".json" and f.parent != ctx.out  # not world.json
+        if f.is_file() and (f.suffix in (".safetensors", ".npz") or config):
             st = f.stat()
             files[str(f.relative_to(ctx.out))] = [st.st_size, int(st.st_mtime)]
     return files
