@@ -129,7 +129,7 @@ def test_demo_ablations_change_one_thing_of_their_main_method():
                                  ("dmd2-t999", base, [999], True),
                                  ("dmd2-4step", base, [999, 749, 499, 249], True),
                                  ("dmd2-4step-nogan", base, [999, 749, 499, 249], False),
-                                 ("dmd2-pixel-nogan", pixel, [999], False),
+                                 ("dmd2-pixel-nogan", pixel, [799], False),
                                  ("dmd2-pixel-4step", pixel, [999, 749, 499, 249], True)]:
         c = cfg(key)
         assert c.dmd2.timesteps == steps, key
@@ -139,6 +139,11 @@ def test_demo_ablations_change_one_thing_of_their_main_method():
         assert METHODS[key].bench_steps == (len(steps),) and METHODS[key].variant
     lrm = cfg("rglcd-lrm")
     assert lrm.rglcd.mode == "lrm" and cfg("rglcd").rglcd.mode != "lrm"
+    assert cfg("ict").train.ema_decay == 0.99  # the demo's 400 steps: a shorter EMA
+    fpix = cfg("fdistill-pixel")  # f-distill on the pixel teacher: DMD2-pixel's recipe + JS
+    assert fpix.model.path == pixel.model.path and fpix.dmd2.timesteps == pixel.dmd2.timesteps
+    assert fpix.fdistill.divergence == "js" and METHODS["fdistill-pixel"].variant
+    assert METHODS["fdistill-pixel"].teacher == "teacher_pixel"
 
 
 def test_no_teachers_benches_only_the_students():
