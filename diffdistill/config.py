@@ -87,6 +87,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = 0
     ema_decay: float = 0.0  # 0 disables the evaluation EMA
+    ema_warmup: bool = False  # evaluation EMA decay min(ema_decay, n/(n+9)) at update n
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping
     cpu: bool = False  # force CPU even when CUDA is present
     compile: bool = False  # torch.compile every network the trainer runs (trainers/compiling.py)

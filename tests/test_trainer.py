@@ -293,3 +293,36 @@ def test_pretrain_target_retrains_an_eps_folder_as_v_prediction(pixel_dir, tmp_p
     assert DDPMScheduler.from_pretrained(str(out / "export"), subfolder="scheduler").config[
         "prediction_type"] == "v_prediction"
     assert load_backbone(out / "export").prediction_type == "v_prediction"
+
+
+def test_warmed_up_decay_is_the_diffusers_emamodel_warmup():
+    from diffdistill.trainers.ema import warmed_up_decay
+
+    # (1 + s) / (10 + s) at s = step - 1, capped at the configured decay
+    assert warmed_up_decay(0.999, 1) == pytest.approx(0.1)
+    assert warmed_up_decay(0.999, 9) == pytest.approx(0.5)
+    assert warmed_up_decay(0.999, 891) == pytest.approx(0.99)
+    assert warmed_up_decay(0.99, 5000) == 0.99
+    with pytest.raises(ValueError, match="from 1"):
+        warmed_up_decay(0.9, 0)
+
+
+def test_ema_warmup_follows_the_step_counter(pixel_dir, tmp_path):
+    """train.ema_warmup: the n-th update uses decay n/(n+9): after two steps the EMA is
+    (2/11)·ema_1 + (9/11)·θ_2, and ema_1 = 0.1·θ_0 + 0.9·θ_1 (θ_0: the folder's weights)."""
+    from diffusers import UNet2DModel
+
+    out = tmp_path / "w"
+    PretrainTrainer(pixel_cfg(pixel_dir, out, ema_decay=0.999, ema_warmup=True, max_steps=2,
+                              checkpoint_every=1)).fit()
+    c1, c2 = list_checkpoints(out)
+    theta = [load_file(str(c / "model.safetensors")) for c in (c1, c2)]
+    ema = [load_file(str(c / "trainer_tensors.safetensors")) for c in (c1, c2)]
+    theta0 = UNet2DModel.from_pretrained(pixel_dir, subfolder="unet").state_dict()
+    names = [k[len("ema.unet."):] for k in ema[0] if k.startswith("ema.unet.")]
+    assert len(names) > 10
+    for n in names:
+        w1, w2 = theta[0][n], theta[1][n]
+        e1, e2 = ema[0][f"ema.unet.{n}"], ema[1][f"ema.unet.{n}"]
+        torch.testing.assert_close(e1, 0.1 * theta0[n] + 0.9 * w1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(e2, (2 / 11) * e1 + (9 / 11) * w2, rtol=1e-5, atol=1e-6)

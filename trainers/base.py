@@ -223,10 +223,18 @@ class Trainer(ShardingMixin, CheckpointMixin):
         self.trainable[name] = [p for group in opt.param_groups for p in group["params"]]
         return module
 
-    def add_ema(self, name: str, module: nn.Module, decay: float) -> EMA:
-        ema = EMA(self.unwrap(module), decay)
+    def add_ema(self, name: str, module: nn.Module, decay: float, warmup: bool = False) -> EMA:
+        ema = EMA(self.unwrap(module), decay, warmup=warmup)
         self.emas[name] = (ema, module)
         return ema
+
+    def add_eval_ema(self, name: str, module: nn.Module) -> Optional[EMA]:
+        """The evaluation / export EMA of ``module`` (``train.ema_decay``, with
+        ``train.ema_warmup``); None when ``train.ema_decay`` is 0."""
+        t = self.cfg.train
+        if t.ema_decay <= 0:
+            return None
+        return self.add_ema(name, module, t.ema_decay, warmup=t.ema_warmup)
 
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
@@ -283,7 +291,7 @@ class Trainer(ShardingMixin, CheckpointMixin):
 
     def update_emas(self) -> None:
         for ema, module in self.emas.values():
-            ema.update(self.unwrap(module))
+            ema.update(self.unwrap(module), ema.decay_at(self.global_step))
 
     # -- data -----------------------------------------------------------------------
     def _dataloader(self) -> DataLoader:

@@ -273,8 +273,7 @@ class DMD2Trainer(BackboneMixin, Trainer):
         self.student = self.add_optimizer("generator", gen_unet)
         self.fake_score = self.add_optimizer("fake_score", UNetWithHead(fake_unet, head),
                                              lr=d.fake_lr)
-        if cfg.train.ema_decay > 0:
-            self.add_ema("generator", self.student, cfg.train.ema_decay)
+        self.add_eval_ema("generator", self.student)
         self.dm = DistributionMatching(
             self, real=self.real_denoiser, fake_score=self.fake_score,
             t_range=(self.t_lo, self.t_hi), guidance_scale=d.guidance_scale,

@@ -11,14 +11,34 @@ import torch
 from torch import nn
 
 
-class EMA:
-    """Exponential moving average of a module's trainable parameters (fp32 shadow)."""
+def warmed_up_decay(decay: float, step: int) -> float:
+    """The EMA decay used at the ``step``-th update (1-based) with warm-up:
+    min(decay, step / (step + 9)), i.e. (1 + s) / (10 + s) for s = step − 1 — the warm-up
+    diffusers' ``EMAModel`` applies by default (0.1 at the first update, 0.5 at the ninth,
+    0.99 at the 891st). Without it, a run shorter than ~1 / (1 − decay) steps exports an
+    average still dominated by its initial weights."""
+    if step < 1:
+        raise ValueError(f"EMA updates count from 1, got {step}")
+    return min(decay, step / (step + 9.0))
 
-    def __init__(self, module: nn.Module, decay: float):
+
+class EMA:
+    """Exponential moving average of a module's trainable parameters (fp32 shadow).
+
+    ``warmup``: the decay of the n-th update is :func:`warmed_up_decay` (decay, n) instead of
+    ``decay`` (``train.ema_warmup``; only for evaluation / export EMAs — an EMA *target*'s
+    rate is part of its method and keeps its configured value)."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = False):
         self.decay = decay
+        self.warmup = warmup
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
         self.shadow = {n: params[n].detach().float().clone() for n in self.names}
+
+    def decay_at(self, step: int) -> float:
+        """The decay of the ``step``-th update (1-based)."""
+        return warmed_up_decay(self.decay, step) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, module: nn.Module, decay: Optional[float] = None) -> None:

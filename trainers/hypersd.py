@@ -348,8 +348,7 @@ class HyperSDTrainer(BackboneMixin, Trainer):
         target_ema = self.add_ema("target", self.unet, p.target_ema_decay)
         self.target = bb.denoiser(ema_backed_copy(self.unwrap(self.unet), target_ema,
                                                    share_frozen=True))
-        if cfg.train.ema_decay > 0:
-            self.add_ema("unet", self.unet, cfg.train.ema_decay)
+        self.add_eval_ema("unet", self.unet)
 
         self.fake_score = None
         if fake_unet is not None:

@@ -223,8 +223,7 @@ class ICTTrainer(BackboneMixin, Trainer):
             prediction_type="cm", scheduler_config=sched_cfg)
         del bb
         self.unet = self.add_optimizer("unet", unet)
-        if cfg.train.ema_decay > 0:  # for evaluation and export only, never the target
-            self.add_ema("unet", self.unet, cfg.train.ema_decay)
+        self.add_eval_ema("unet", self.unet)  # for evaluation and export only, never the target
         self.student = self.backbone.denoiser(self.unet)  # online (prepared: DDP) network
         # same weights, run outside the update (no DDP reduction; FSDP's wrapper kept)
         self.target = self.backbone.denoiser(self.side_pass(self.unet))

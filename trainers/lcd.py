@@ -251,8 +251,7 @@ class LCDTrainer(BackboneMixin, Trainer):
         else:
             self._build_lora(1.0 if gs is None else gs)
         self.student = self.consistency(bb.denoiser(self.unet))
-        if cfg.train.ema_decay > 0:
-            self.add_ema("unet", self.unet, cfg.train.ema_decay)
+        self.add_eval_ema("unet", self.unet)
 
     def fsdp_unsupported(self) -> Optional[str]:
         if self.cfg.adapter.type == "full":

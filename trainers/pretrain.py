@@ -99,8 +99,7 @@ class PretrainTrainer(BackboneMixin, Trainer):
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.unet = self.add_optimizer("unet", unet)
-        if cfg.train.ema_decay > 0:
-            self.add_ema("unet", self.unet, cfg.train.ema_decay)
+        self.add_eval_ema("unet", self.unet)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         p = self.cfg.pretrain
