@@ -418,17 +418,25 @@ class Backbone:
         tokenizer, the sequence length or the dtype — at the same path — starts a new cache
         instead of serving stale embeddings. Attach after moving the encoders to their final
         dtype and device."""
-        import hashlib
+        from .embedding_cache import EmbeddingCache, tensor_digest
 
-        from .embedding_cache import EmbeddingCache
+        probes = [t for pair in self._encode_uncached(["", "a photo of a cat, 0123"])
+                  for t in pair]
+        digest = tensor_digest(probes, salt=self.kind)
+        self.prompt_disk_cache = EmbeddingCache(cache_dir, f"prompts-{digest[:16]}")
 
-        digest = hashlib.sha1(self.kind.encode())
-        for hidden, pooled in self._encode_uncached(["", "a photo of a cat, 0123"]):
-            for t in (hidden, pooled):
-                if t is not None:
-                    digest.update(str((t.dtype, tuple(t.shape))).encode())
-                    digest.update(t.detach().float().cpu().numpy().tobytes())
-        self.prompt_disk_cache = EmbeddingCache(cache_dir, f"prompts-{digest.hexdigest()[:16]}")
+    def vae_identity(self, resolution: int) -> str:
+        """What the VAE encoder computes, as a digest: the posterior of one fixed probe image
+        (a smooth pattern in [-1, 1] at ``resolution``) in the VAE's dtype — the latent
+        cache's namespace, so a VAE replaced at the same path starts a new cache."""
+        from .embedding_cache import tensor_digest
+
+        self._require_vae()
+        c = int(self.vae.config.in_channels)
+        ramp = torch.linspace(-1.0, 1.0, resolution)
+        probe = torch.stack([torch.outer(ramp, ramp.flip(0)) * (1 - 0.5 * i) for i in range(c)])
+        with torch.no_grad():
+            return tensor_digest([self.encode_moments(probe[None])], salt="vae")
 
     def _from_disk(self, prompts: list[str]) -> list[str]:
         """Fill the memory cache from disk; return the prompts still missing."""

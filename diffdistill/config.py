@@ -63,9 +63,9 @@ class DataConfig:
     caption_key: str = "text"
     limit: Optional[int] = None  # use only the first N items
     num_workers: int = 0
-    # cache VAE latents / prompt embeddings here; prompts are keyed by what the text
-    # encoders compute, latents by (model path, data settings): replacing a model's VAE
-    # in place needs a fresh cache_dir
+    # cache VAE latents / prompt embeddings here, keyed by what the text encoders / the VAE
+    # compute on fixed probes (and the data settings): new weights at the same path start
+    # a new cache
     cache_dir: Optional[str] = None
     shuffle_shards: bool = False  # webdataset: a new shard order every epoch (seed, epoch)
 

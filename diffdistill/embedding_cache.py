@@ -38,6 +38,20 @@ def hash_key(*parts: object) -> str:
     return hashlib.sha1("\x1f".join(str(p) for p in parts).encode()).hexdigest()
 
 
+def tensor_digest(tensors: Sequence[torch.Tensor | None], salt: str = "") -> str:
+    """sha1 hex digest of ``tensors``' dtypes, shapes and bytes (None entries skipped).
+
+    The identity of a network as a cache namespace: the digest of what it *computes* on fixed
+    probe inputs, so new weights, a new dtype or a changed preprocessing at the same path
+    start a new cache instead of serving stale entries."""
+    digest = hashlib.sha1(salt.encode())
+    for t in tensors:
+        if t is not None:
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class EmbeddingCache:
     """Tensors keyed by strings, persisted in ``cache_dir/namespace/*.safetensors``.
 

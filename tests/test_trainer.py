@@ -188,6 +188,7 @@ def test_latent_cache_encodes_each_image_once(sd_dir, tmp_path):
 
     t = PretrainTrainer(cfg(tmp_path / "a", 4))
     t.setup()
+    assert t.latent_cache is not None  # its namespace costs one probe encode, counted apart
     calls = []
     orig = t.backbone.encode_moments
     t.backbone.encode_moments = lambda pix, *a, **k: calls.append(len(pix)) or orig(pix)
@@ -293,6 +294,37 @@ def test_pretrain_target_retrains_an_eps_folder_as_v_prediction(pixel_dir, tmp_p
     assert DDPMScheduler.from_pretrained(str(out / "export"), subfolder="scheduler").config[
         "prediction_type"] == "v_prediction"
     assert load_backbone(out / "export").prediction_type == "v_prediction"
+
+
+def test_latent_cache_namespace_follows_the_vae_weights(sd_dir, tmp_path):
+    """The latent cache is keyed by what the VAE computes, not by the model's path: the same
+    VAE at another path shares it, a VAE replaced in place at the same path does not."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    def namespace(model_dir, out):
+        t = PretrainTrainer(build_config(PretrainConfig, {
+            "method": "pretrain", "output_dir": str(tmp_path / out),
+            "model": {"path": str(model_dir)},
+            "data": {"kind": "fashion_mnist", "resolution": 32, "limit": 8,
+                     "cache_dir": str(tmp_path / "cache")},
+            "train": {"max_steps": 1, "batch_size": 4, "cpu": True},
+            "log": {"progress": False, "tensorboard": False}}))
+        t.setup()
+        return t.latent_cache.directory.name
+
+    a, b = tmp_path / "model_a", tmp_path / "model_b"
+    shutil.copytree(sd_dir, a)
+    shutil.copytree(sd_dir, b)
+    first = namespace(a, "o1")
+    assert first.startswith("vae-") and namespace(b, "o2") == first
+    (weights,) = (b / "vae").glob("*.safetensors")
+    w = load_file(str(weights))
+    key = next(k for k in w if k.startswith("encoder.") and k.endswith(".weight"))
+    w[key] = w[key] * 1.01
+    save_file(w, str(weights))
+    assert namespace(b, "o3") != first
 
 
 def test_warmed_up_decay_is_the_diffusers_emamodel_warmup():

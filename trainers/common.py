@@ -127,8 +127,8 @@ class BackboneMixin:
             from diffdistill.embedding_cache import EmbeddingCache, hash_key
 
             d = self.cfg.data
-            ns = "vae-" + hash_key(str(self.backbone.path), d.kind, d.path, d.resolution,
-                                   d.center_crop)[:16]
+            ns = "vae-" + hash_key(self.backbone.vae_identity(d.resolution), d.kind, d.path,
+                                   d.resolution, d.center_crop)[:16]
             self._latent_cache = EmbeddingCache(d.cache_dir, ns)
         return self._latent_cache
 
