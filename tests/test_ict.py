@@ -478,7 +478,7 @@ def test_shipped_configs_run_one_step(name, pixel_dir, uncond_pixel_dir, tmp_pat
     c = cfg.ict
     assert (c.p_mean, c.p_std, c.s0, c.s1, c.sigma_min, c.sigma_max, c.rho, c.loss) == \
         (-1.1, 2.0, 10, 1280, 0.002, 80.0, 7.0, "pseudo_huber")
-    paper = {"toy_scratch": ("scratch", None, 0.996, 1e-3, 24),
+    paper = {"toy_scratch": ("scratch", None, 0.999, 1e-3, 24),  # the pixel teacher's EMA
              "cifar10": ("scratch", 0.3, 0.99993, 1e-4, 24),
              "imagenet64": ("scratch", 0.2, 0.99997, 1e-4, 22)}
     if name in paper:
@@ -490,3 +490,17 @@ def test_shipped_configs_run_one_step(name, pixel_dir, uncond_pixel_dir, tmp_pat
     if c.dropout is not None:
         assert t.unwrap(t.unet).config.dropout == c.dropout
     assert (out / "export" / "model_index.json").exists()
+
+
+def test_scratch_config_gets_the_pixel_teachers_budget():
+    """configs/ict/toy_scratch.yaml trains with what the shipped pixel teacher got (world.json):
+    its step count (an iCT step at half the batch costs about one pretraining step), its
+    learning rate and its export EMA — the comparison the iCT-from-scratch goal is about."""
+    from diffdistill.trainers import load_run_config
+
+    world = json.loads((ROOT / "diffdistill" / "world" / "assets" / "world.json").read_text())
+    teacher = world["stages"]["teacher_pixel"]["metrics"]
+    _, cfg = load_run_config(ROOT / "configs" / "ict" / "toy_scratch.yaml", [])
+    t = cfg.train
+    assert (t.max_steps, t.batch_size * 2, t.lr, t.ema_decay) == (
+        teacher["max_steps"], teacher["batch_size"], teacher["lr"], teacher["ema_decay"])
