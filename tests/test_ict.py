@@ -217,6 +217,37 @@ def test_loss_decreases_on_fixed_batch_pixel(pixel_dir, tmp_path):
     assert after < 0.9 * before, (before, after)
 
 
+def test_scratch_can_widen_and_deepen_the_folders_architecture(pixel_dir, tmp_path):
+    """ict.block_out_channels / layers_per_block: the folder's UNet config with exactly those
+    keys changed, initialised like any scratch run (seeded by cfg.seed)."""
+    from diffusers import UNet2DModel
+
+    from diffdistill.backbone import load_backbone
+
+    t = ICTTrainer(ict_cfg(pixel_dir, tmp_path / "w", ict={
+        "init": "scratch", "block_out_channels": [64, 96], "layers_per_block": 2}))
+    t.setup()
+    folder = dict(load_backbone(pixel_dir).unet.config)
+    assert list(folder["block_out_channels"]) != [64, 96] and folder["layers_per_block"] == 1
+    mine = t.unwrap(t.unet)
+    changed = {k for k in folder if k[0] != "_" and mine.config[k] != folder[k]
+               and not (isinstance(folder[k], (list, tuple))
+                        and list(mine.config[k]) == list(folder[k]))}
+    assert changed == {"block_out_channels", "layers_per_block"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        expected = UNet2DModel.from_config(
+            dict(folder, block_out_channels=[64, 96], layers_per_block=2)).state_dict()
+    got = mine.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(expected[k], v) for k, v in got.items())
+    assert got["conv_in.weight"].shape[0] == 64
+    # the wider net trains (one step) and its export records the new widths
+    t.fit()
+    exported = json.loads((tmp_path / "w" / "export" / "unet" / "config.json").read_text())
+    assert (exported["block_out_channels"], exported["layers_per_block"]) == ([64, 96], 2)
+
+
 def test_loss_decreases_on_fixed_batch_latent(sd_dir, tmp_path):
     t = ICTTrainer(ict_cfg(sd_dir, tmp_path / "l", res=32, batch_size=4, lr=3e-3, max_steps=30,
                            ict={"init": "pretrained"}))
@@ -444,9 +475,17 @@ def test_config_validation_names_the_key(pixel_dir, tmp_path):
                      ({"p_std": 0.0}, "ict.p_std"), ({"s0": 20, "s1": 10}, "ict.s0"),
                      ({"dropout": 1.0}, "ict.dropout"), ({"huber_c": -1.0}, "ict.huber_c"),
                      ({"sigma_min": 90.0}, "ict.sigma_min"),
-                     ({"total_steps": 0}, "ict.total_steps")]:
+                     ({"total_steps": 0}, "ict.total_steps"),
+                     ({"init": "pretrained", "layers_per_block": 2}, "ict.block_out_channels"),
+                     ({"block_out_channels": [32, 0]}, "ict.block_out_channels"),
+                     ({"layers_per_block": 0}, "ict.layers_per_block")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             ict_cfg(pixel_dir, tmp_path, ict=ict)
+    for widths, why in [([32, 64, 64], "has 2 blocks, got 3 widths"),
+                        ([32, 40], "multiple of the UNet's norm_num_groups")]:
+        t = ICTTrainer(ict_cfg(pixel_dir, tmp_path / "bad", ict={"block_out_channels": widths}))
+        with pytest.raises(ConfigError, match=why):
+            t.setup()
     with pytest.raises(ConfigError, match="adapter.type=lora"):
         build_config(ICTConfig, {"method": "ict", "model": {"path": "x"},
                                  "adapter": {"type": "lora"}, "ict": {"init": "scratch"}})

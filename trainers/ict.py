@@ -36,7 +36,9 @@ x_{i+1} = x0 + σ_{i+1} z, and the consistency-training loss with the Sec. 3 cha
 
 Initialisation (``ict.init``): ``scratch`` re-initialises the UNet of ``model.path`` (only its
 architecture is used) with a seeded init — the paper's setting; ``pretrained`` keeps the
-folder's weights (consistency tuning). A VP ε / v teacher reused this way is read in the CM
+folder's weights (consistency tuning). A scratch run may also widen or deepen that architecture
+(``ict.block_out_channels``, ``ict.layers_per_block``): a one-step map from noise to data asks
+more of a network than a denoiser used over 50 steps does. A VP ε / v teacher reused this way is read in the CM
 parameterisation from step 0, so its first steps re-learn what the output F means (the
 architecture and features transfer, the output head does not); expect a short phase where
 the loss is high before it falls below what scratch training reaches at the same step.
@@ -145,6 +147,9 @@ class ICTSection:
     s1: int = 1280
     total_steps: int | None = None  # K of N(k); None: train.max_steps (pin it to extend a run)
     dropout: float | None = None  # None: the UNet config's; paper 0.3 (CIFAR-10)
+    # scratch only — the architecture of model.path with these changed (None: the folder's)
+    block_out_channels: list[int] | None = None  # e.g. [32, 64, 128, 128]: a wider net
+    layers_per_block: int | None = None
     two_step_index: int | None = None  # σ_mid on the 40-point CM grid; None: stock (20)
 
 
@@ -173,6 +178,15 @@ class ICTConfig(BaseConfig):
                               f"got {c.huber_c}")
         if c.dropout is not None and not 0.0 <= c.dropout < 1.0:
             raise ConfigError(f"ict.dropout must be in [0, 1) (or null), got {c.dropout}")
+        if c.init != "scratch" and (c.block_out_channels or c.layers_per_block):
+            raise ConfigError("ict.block_out_channels / ict.layers_per_block change the "
+                              "architecture, which only ict.init=scratch can: set "
+                              "ict.init=scratch or leave them null")
+        if c.block_out_channels is not None and min(c.block_out_channels, default=0) < 1:
+            raise ConfigError(f"ict.block_out_channels must be positive widths, got "
+                              f"{c.block_out_channels}")
+        if c.layers_per_block is not None and c.layers_per_block < 1:
+            raise ConfigError(f"ict.layers_per_block must be >= 1, got {c.layers_per_block}")
         if c.two_step_index is not None and not 0 < c.two_step_index < CM_GRID_POINTS:
             raise ConfigError(f"ict.two_step_index must lie in 1..{CM_GRID_POINTS - 1} (an "
                               f"index of the stock CM scheduler's grid), got {c.two_step_index}")
@@ -198,7 +212,8 @@ _LPIPS_ENV = "DIFFDISTILL_LPIPS_BACKBONE"
 class ICTTrainer(BackboneMixin, Trainer):
     method = "ict"
     config_class = ICTConfig
-    resume_must_match = Trainer.resume_must_match + ("ict.init", "ict.s0", "ict.s1")
+    resume_must_match = Trainer.resume_must_match + (
+        "ict.init", "ict.s0", "ict.s1", "ict.block_out_channels", "ict.layers_per_block")
 
     def build(self) -> None:
         cfg, c = self.cfg, self.cfg.ict
@@ -230,15 +245,28 @@ class ICTTrainer(BackboneMixin, Trainer):
         self.lpips = self._build_lpips() if c.loss == "lpips" else None
 
     def _student_unet(self, unet):
-        """The folder's UNet, rebuilt with ``ict.dropout`` and/or re-initialised (scratch)."""
+        """The folder's UNet, rebuilt with ``ict.dropout`` and/or re-initialised (scratch),
+        with the widths / depth of ``ict.block_out_channels`` / ``ict.layers_per_block``."""
         c = self.cfg.ict
         if c.dropout is None and c.init == "pretrained":
             return unet
         config = dict(unet.config)
-        if c.dropout is not None:
-            if "dropout" not in config:
-                raise ConfigError(f"ict.dropout: {type(unet).__name__} has no dropout setting")
-            config["dropout"] = c.dropout
+        changes = {"dropout": c.dropout, "block_out_channels": c.block_out_channels,
+                   "layers_per_block": c.layers_per_block}
+        for key, value in changes.items():
+            if value is None:
+                continue
+            if key not in config:
+                raise ConfigError(f"ict.{key}: {type(unet).__name__} has no {key} setting")
+            if key == "block_out_channels" and len(value) != len(config[key]):
+                raise ConfigError(f"ict.block_out_channels: the folder's UNet has "
+                                  f"{len(config[key])} blocks, got {len(value)} widths")
+            config[key] = list(value) if isinstance(value, list) else value
+        groups = config.get("norm_num_groups")
+        if groups and any(w % groups for w in config.get("block_out_channels", ())):
+            raise ConfigError(f"ict.block_out_channels: every width must be a multiple of the "
+                              f"UNet's norm_num_groups ({groups}), got "
+                              f"{config['block_out_channels']}")
         # A seeded init independent of whatever drew from the global RNG before.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
