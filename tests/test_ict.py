@@ -501,11 +501,17 @@ def uncond_pixel_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name", ["toy", "toy_scratch", "cifar10", "imagenet64"])
+WORLD = ROOT / "diffdistill" / "world" / "assets"
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_scratch", "toy_scratch_wide", "cifar10",
+                                  "imagenet64"])
 def test_shipped_configs_run_one_step(name, pixel_dir, uncond_pixel_dir, tmp_path):
     from diffdistill.trainers import load_run_config
 
-    model = uncond_pixel_dir if name == "cifar10" else pixel_dir
+    # the wide config names widths for the world teacher's four levels: its real folder
+    model = {"cifar10": uncond_pixel_dir, "toy_scratch_wide": WORLD / "teacher_pixel"}.get(
+        name, pixel_dir)
     out = tmp_path / name
     cls, cfg = load_run_config(ROOT / "configs" / "ict" / f"{name}.yaml", [
         f"model.path={model}", f"output_dir={out}", "data.kind=fashion_mnist", "data.path=",
@@ -518,6 +524,7 @@ def test_shipped_configs_run_one_step(name, pixel_dir, uncond_pixel_dir, tmp_pat
     assert (c.p_mean, c.p_std, c.s0, c.s1, c.sigma_min, c.sigma_max, c.rho, c.loss) == \
         (-1.1, 2.0, 10, 1280, 0.002, 80.0, 7.0, "pseudo_huber")
     paper = {"toy_scratch": ("scratch", None, 0.999, 1e-3, 24),  # the pixel teacher's EMA
+             "toy_scratch_wide": ("scratch", None, 0.999, 5e-4, 24),
              "cifar10": ("scratch", 0.3, 0.99993, 1e-4, 24),
              "imagenet64": ("scratch", 0.2, 0.99997, 1e-4, 22)}
     if name in paper:
@@ -528,6 +535,12 @@ def test_shipped_configs_run_one_step(name, pixel_dir, uncond_pixel_dir, tmp_pat
     assert math.isfinite(last["loss"]) and last["num_scales"] == 11
     if c.dropout is not None:
         assert t.unwrap(t.unet).config.dropout == c.dropout
+    if name == "toy_scratch_wide":  # twice the teacher's widths (world.json), same depth
+        world = json.loads((WORLD / "world.json").read_text())["stages"]["teacher_pixel"]
+        teacher = world["settings"]["unet"]
+        unet = t.unwrap(t.unet).config
+        assert list(unet.block_out_channels) == [2 * w for w in teacher["channels"]]
+        assert unet.layers_per_block == teacher["layers_per_block"]
     assert (out / "export" / "model_index.json").exists()
 
 
@@ -537,7 +550,7 @@ def test_scratch_config_gets_the_pixel_teachers_budget():
     learning rate and its export EMA — the comparison the iCT-from-scratch goal is about."""
     from diffdistill.trainers import load_run_config
 
-    world = json.loads((ROOT / "diffdistill" / "world" / "assets" / "world.json").read_text())
+    world = json.loads((WORLD / "world.json").read_text())
     teacher = world["stages"]["teacher_pixel"]["metrics"]
     _, cfg = load_run_config(ROOT / "configs" / "ict" / "toy_scratch.yaml", [])
     t = cfg.train
