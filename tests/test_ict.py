@@ -17,6 +17,8 @@ from diffdistill.trainers.ict import (
     ICTConfig,
     ICTTrainer,
     cm_grid_sigmas,
+    ect_r,
+    ect_stage,
     ict_loss_weight,
     ict_num_scales,
 )
@@ -157,6 +159,115 @@ def test_train_step_loss_is_the_ict_objective(pixel_dir, tmp_path):
     with torch.no_grad():
         out = t.student(x, 0.002, t.backbone.class_cond([1, 2], guidance=False)).x0
     assert torch.allclose(out, x, atol=1e-6)
+
+
+def test_ect_mapping_and_stages_match_their_formulas():
+    """ECT (Geng et al. 2024, Sec. 3): r = max(0, t(1 − n(t)/q^(s+1))), n = 1 + k·sigmoid(−bt)."""
+    assert [ect_stage(k, 16, 8) for k in range(0, 20, 2)] == [0, 1, 2, 3, 4, 5, 6, 7, 7, 7]
+    assert [ect_stage(k, 3, 8) for k in range(4)] == [0, 2, 5, 7]  # more stages than steps
+    with pytest.raises(ValueError):
+        ect_stage(0, 10, 0)
+    for t in (0.01, 0.5, 1.0, 3.0, 20.0, 80.0):
+        for stage, q, k, b in [(0, 2.0, 8.0, 1.0), (3, 2.0, 8.0, 1.0), (1, 4.0, 4.0, 2.0)]:
+            n = 1 + k / (1 + math.exp(b * t))
+            want = max(0.0, t * (1 - n / q ** (stage + 1)))
+            got = float(ect_r(torch.tensor(t, dtype=torch.float64), stage, q, k, b))
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    t = torch.tensor([0.1, 1.0, 1.9, 2.0, 10.0, 80.0], dtype=torch.float64)
+    # stage 0 is denoising wherever n(t) >= q = 2, i.e. t <= ln 7
+    assert ((ect_r(t, 0) == 0) == (t <= math.log(7))).all()
+    # every stage halves Δt once r is off the clamp (large t: n ≈ 1, Δt ≈ t / 2^(s+1))
+    gaps = [float(80 - ect_r(torch.tensor(80.0, dtype=torch.float64), s)) for s in range(4)]
+    assert gaps == pytest.approx([80 / 2 ** (s + 1) for s in range(4)], rel=1e-6)
+
+
+def test_ect_train_step_loss_is_the_ect_objective(pixel_dir, tmp_path):
+    """The ECT curriculum's loss by hand: lognormal t, r(t), x0 target below σ_min, 1/(t−r)."""
+    cfg = ict_cfg(pixel_dir, tmp_path / "e", batch_size=8, max_steps=4,
+                  ict={"init": "pretrained", "curriculum": "ect"})
+    t = ICTTrainer(cfg)
+    t.setup()
+    t.global_step = 1  # stage ⌊1·8/4⌋ = 2
+    assert t.ect_stage() == 2
+    batch = next(t._batches())
+    unet0 = copy.deepcopy(t.unwrap(t.unet))
+    state = t.generator.get_state()
+    out = t.train_step(batch)
+    assert out["ect_stage"] == 2 and "num_scales" not in out
+
+    g = torch.Generator().set_state(state)
+    x0, labels = batch["pixel_values"].float(), batch["class_label"]
+    ts = (-1.1 + 2.0 * torch.randn(8, generator=g, dtype=torch.float64)).exp().clamp(0.002, 80)
+    rs = torch.tensor([max(0.0, v * (1 - (1 + 8 / (1 + math.exp(v))) / 8)) for v in ts.tolist()],
+                      dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g)
+    boundary = rs <= 0.002
+    assert boundary.any() and not boundary.all()  # both kinds of target in this batch
+
+    def f(sigma, x):  # Song et al. 2023 App. C with sigma_min 0.002, sigma_data 0.5
+        s = sigma.float().reshape(-1, 1, 1, 1)
+        raw = unet0(x / torch.sqrt(s**2 + 0.25), (250 * torch.log(sigma)).float(),
+                    class_labels=labels).sample
+        return 0.25 / ((s - 0.002) ** 2 + 0.25) * x + 0.5 * (s - 0.002) / torch.sqrt(
+            s**2 + 0.25) * raw
+
+    with torch.no_grad():
+        a = f(ts, x0 + ts.float().reshape(-1, 1, 1, 1) * noise)
+        r_net = rs.clamp(min=0.002)
+        b = f(r_net, x0 + rs.float().reshape(-1, 1, 1, 1) * noise)
+        b = torch.where(boundary.reshape(-1, 1, 1, 1), x0, b)
+    c = 0.00054 * math.sqrt(3 * 16 * 16)
+    d = torch.sqrt(((a - b) ** 2).sum((1, 2, 3)) + c * c) - c
+    want = float((d / (ts - rs).float()).mean())
+    assert float(out["loss"]) == pytest.approx(want, rel=1e-4)
+
+
+def test_ect_resume_is_bit_identical_and_resume_refuses_a_changed_curriculum(pixel_dir,
+                                                                              tmp_path):
+    kw = {"checkpoint_every": 2, "ict": {"curriculum": "ect", "dropout": 0.1}}
+    a = tmp_path / "a"
+    ICTTrainer(ict_cfg(pixel_dir, a, **kw)).fit()
+
+    class Crash(ICTTrainer):
+        def train_step(self, batch):
+            if self.global_step == 2:
+                raise KeyboardInterrupt
+            return super().train_step(batch)
+
+    b = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        Crash(ict_cfg(pixel_dir, b, **kw)).fit()
+    for change, key in [({"curriculum": "discrete"}, "ict.curriculum"),
+                        ({"curriculum": "ect", "ect_q": 4.0}, "ict.ect_q"),
+                        ({"curriculum": "ect", "block_out_channels": [32, 64]},
+                         "ict.block_out_channels")]:
+        with pytest.raises(ConfigError, match=f"was trained with {key.replace('.', '[.]')}="):
+            ICTTrainer(ict_cfg(pixel_dir, b, checkpoint_every=2, ict=change)).fit(
+                resume="latest")
+    ICTTrainer(ict_cfg(pixel_dir, b, **kw)).fit(resume="latest")
+    ma, mb = metrics(a), metrics(b)
+    assert [m["ect_stage"] for m in ma] == [0, 2, 4, 6]  # K = 4 steps, 8 stages
+    assert [m["loss"] for m in mb] == [m["loss"] for m in ma]
+    wa = load_file(str(list_checkpoints(a)[-1] / "model.safetensors"))
+    wb = load_file(str(list_checkpoints(b)[-1] / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_checkpoint_older_than_a_must_match_key_resumes_at_its_default(pixel_dir, tmp_path):
+    """A checkpoint written before ict.curriculum existed ran the discrete curriculum: it
+    resumes under the default, and refuses a run that sets the key otherwise."""
+    out = tmp_path / "old"
+    ICTTrainer(ict_cfg(pixel_dir, out, max_steps=2, checkpoint_every=2)).fit()
+    state = list_checkpoints(out)[-1] / "trainer_state.json"
+    meta = json.loads(state.read_text())
+    for key in ("curriculum", "ect_stages", "ect_q", "ect_k", "ect_b"):
+        del meta["config"]["ict"][key]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="ict.curriculum='discrete'.*'ect'"):
+        ICTTrainer(ict_cfg(pixel_dir, out, max_steps=3, ict={"curriculum": "ect"})).fit(
+            resume="latest")
+    ICTTrainer(ict_cfg(pixel_dir, out, max_steps=3)).fit(resume="latest")
+    assert [m["step"] for m in metrics(out)][-1] == 3
 
 
 def test_online_and_target_share_the_dropout_mask(pixel_dir, tmp_path):
@@ -478,7 +589,9 @@ def test_config_validation_names_the_key(pixel_dir, tmp_path):
                      ({"total_steps": 0}, "ict.total_steps"),
                      ({"init": "pretrained", "layers_per_block": 2}, "ict.block_out_channels"),
                      ({"block_out_channels": [32, 0]}, "ict.block_out_channels"),
-                     ({"layers_per_block": 0}, "ict.layers_per_block")]:
+                     ({"layers_per_block": 0}, "ict.layers_per_block"),
+                     ({"ect_q": 1.0}, "ict.ect_"), ({"ect_stages": 0}, "ict.ect_"),
+                     ({"curriculum": "ecm"}, "ict.curriculum")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             ict_cfg(pixel_dir, tmp_path, ict=ict)
     for widths, why in [([32, 64, 64], "has 2 blocks, got 3 widths"),

@@ -180,9 +180,13 @@ class CheckpointMixin:
         if meta.get("method") != self.method:
             raise ConfigError(f"checkpoint {path} is from method {meta.get('method')!r}, "
                               f"not {self.method!r}")
-        mine = config_to_dict(self.cfg)
+        mine, theirs = config_to_dict(self.cfg), meta.get("config", {})
+        defaults = None
         for key in self.resume_must_match:
-            a, b = _dig(meta.get("config", {}), key), _dig(mine, key)
+            a, b = _dig(theirs, key, _ABSENT), _dig(mine, key)
+            if a is _ABSENT:  # a key newer than the checkpoint: it ran with the default
+                defaults = defaults or config_to_dict(type(self.cfg)())
+                a = _dig(defaults, key)
             if a != b:
                 raise ConfigError(f"checkpoint {path} was trained with {key}={a!r}, but this "
                                   f"run has {key}={b!r}; use the same value to resume")
@@ -197,9 +201,13 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _dig(d: dict, dotted: str):
+_ABSENT = object()
+
+
+def _dig(d: dict, dotted: str, absent=None):
+    """``d[a][b]...`` for ``dotted`` = "a.b...", or ``absent`` where a key is missing."""
     for p in dotted.split("."):
-        if not isinstance(d, dict):
-            return None
-        d = d.get(p)
+        if not isinstance(d, dict) or p not in d:
+            return absent
+        d = d[p]
     return d

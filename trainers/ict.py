@@ -23,6 +23,16 @@ x_{i+1} = x0 + σ_{i+1} z, and the consistency-training loss with the Sec. 3 cha
   function of the step, so a resumed run continues the curriculum exactly. Raising
   ``train.max_steps`` on resume stretches the curriculum from then on unless
   ``ict.total_steps`` pins K.
+* ``ict.curriculum: ect`` replaces the discrete grid with the continuous-time curriculum of
+  ECT (Geng et al. 2024, "Consistency Models Made Easy", Sec. 3, the mapping p(r | t)):
+  t ~ lognormal(P_mean, P_std) (clamped to [σ_min, σ_max]), r = t·(1 − n(t)/q^(s+1)) with
+  n(t) = 1 + k·sigmoid(−b t), clamped at 0, for stage s = ⌊k_step·S/K⌋ of S stages; the
+  target is x0 itself where r ≤ σ_min (f(x, σ_min) = x: the boundary condition), and
+  λ = 1/(t − r). Stage 0 is nearly denoising (r = 0 wherever n(t) ≥ q, i.e. small t), and
+  each stage halves Δt (q = 2): a scratch run first learns a denoiser in the CM
+  parameterisation, then tightens it into a consistency function (:func:`ect_r`,
+  :func:`ect_stage`). ECT applies it as tuning from a diffusion model; here it is also the
+  curriculum of a scratch run.
 * f_θ is the consistency-model parameterisation f = c_skip(σ) x + c_out(σ) F_θ(c_in x, 250 log σ)
   with c_skip = σd²/((σ−σ_min)²+σd²), c_out = σd(σ−σ_min)/sqrt(σ²+σd²), σd = 0.5
   (Song et al. 2023, App. C) — :class:`~diffdistill.denoiser.Denoiser` with
@@ -110,6 +120,22 @@ def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
     return min(s0 * 2**doublings, s1) + 1
 
 
+def ect_stage(step: int, total_steps: int, stages: int) -> int:
+    """ECT's stage s = ⌊step·S/K⌋, capped at S − 1 (S stages over K steps)."""
+    if step < 0 or total_steps < 1 or stages < 1:
+        raise ValueError(f"need step >= 0, total_steps >= 1, stages >= 1; got "
+                         f"{step}, {total_steps}, {stages}")
+    return min(step * stages // total_steps, stages - 1)
+
+
+def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0
+          ) -> torch.Tensor:
+    """ECT's mapping r(t) = max(0, t·(1 − n(t)/q^(stage+1))), n(t) = 1 + k·sigmoid(−b t)
+    (Geng et al. 2024, Sec. 3: Δt = t − r shrinks by q per stage, more at small t)."""
+    n = 1.0 + k * torch.sigmoid(-b * t)
+    return (t * (1.0 - n / q ** (stage + 1))).clamp(min=0.0)
+
+
 def ict_loss_weight(sigma_cur: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """λ(σ_i) = 1 / (σ_{i+1} − σ_i) (iCT Sec. 3.1)."""
     return 1.0 / (sigma_next - sigma_cur)
@@ -151,6 +177,12 @@ class ICTSection:
     block_out_channels: list[int] | None = None  # e.g. [32, 64, 128, 128]: a wider net
     layers_per_block: int | None = None
     two_step_index: int | None = None  # σ_mid on the 40-point CM grid; None: stock (20)
+    # "discrete": iCT's N(k) grid; "ect": ECT's continuous t and r(t) (module docstring)
+    curriculum: Literal["discrete", "ect"] = "discrete"
+    ect_stages: int = 8  # S: stages over K steps; Δt shrinks by ect_q per stage
+    ect_q: float = 2.0
+    ect_k: float = 8.0  # n(t) = 1 + k·sigmoid(−b t)
+    ect_b: float = 1.0
 
 
 @dataclass
@@ -190,6 +222,10 @@ class ICTConfig(BaseConfig):
         if c.two_step_index is not None and not 0 < c.two_step_index < CM_GRID_POINTS:
             raise ConfigError(f"ict.two_step_index must lie in 1..{CM_GRID_POINTS - 1} (an "
                               f"index of the stock CM scheduler's grid), got {c.two_step_index}")
+        if c.ect_stages < 1 or c.ect_q <= 1 or c.ect_k < 0 or c.ect_b <= 0:
+            raise ConfigError(f"ict.ect_*: need ect_stages >= 1, ect_q > 1, ect_k >= 0, "
+                              f"ect_b > 0; got {c.ect_stages}, {c.ect_q}, {c.ect_k}, "
+                              f"{c.ect_b}")
         if c.lpips_resize < 0:
             raise ConfigError(f"ict.lpips_resize must be >= 0, got {c.lpips_resize}")
         if c.loss == "lpips" and not (c.lpips_weights or os.environ.get(_LPIPS_ENV)):
@@ -213,7 +249,8 @@ class ICTTrainer(BackboneMixin, Trainer):
     method = "ict"
     config_class = ICTConfig
     resume_must_match = Trainer.resume_must_match + (
-        "ict.init", "ict.s0", "ict.s1", "ict.block_out_channels", "ict.layers_per_block")
+        "ict.init", "ict.s0", "ict.s1", "ict.block_out_channels", "ict.layers_per_block",
+        "ict.curriculum", "ict.ect_stages", "ict.ect_q", "ict.ect_k", "ict.ect_b")
 
     def build(self) -> None:
         cfg, c = self.cfg, self.cfg.ict
@@ -293,6 +330,20 @@ class ICTTrainer(BackboneMixin, Trainer):
         return ict_num_scales(self.global_step if step is None else step,
                               c.total_steps or self.cfg.train.max_steps, c.s0, c.s1)
 
+    def ect_stage(self, step: int | None = None) -> int:
+        """ECT's stage at ``step`` (default: the current step)."""
+        c = self.cfg.ict
+        return ect_stage(self.global_step if step is None else step,
+                         c.total_steps or self.cfg.train.max_steps, c.ect_stages)
+
+    def draw_ect_sigmas(self, n: int, step: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, t) per sample: t lognormal in [σ_min, σ_max], r = :func:`ect_r` (float64)."""
+        c = self.cfg.ict
+        z = torch.randn(n, generator=self.generator, dtype=torch.float64)
+        t = (c.p_mean + c.p_std * z).exp().clamp(c.sigma_min, c.sigma_max)
+        return ect_r(t, self.ect_stage(step), c.ect_q, c.ect_k, c.ect_b), t
+
     def grid(self, step: int | None = None) -> torch.Tensor:
         """The ascending Karras grid σ_1 < ... < σ_N(k) of step ``step`` (float64)."""
         c = self.cfg.ict
@@ -348,19 +399,28 @@ class ICTTrainer(BackboneMixin, Trainer):
         x0 = self.encode_x0(batch).float()
         cond = self.cond_for_batch(batch)
         n = x0.shape[0]
-        sigma_cur, sigma_next = self.draw_sigmas(n)
+        ect = self.cfg.ict.curriculum == "ect"
+        sigma_cur, sigma_next = self.draw_ect_sigmas(n) if ect else self.draw_sigmas(n)
         noise = self.randn(*x0.shape)
         shape = (n,) + (1,) * (x0.ndim - 1)
         s_cur = sigma_cur.to(self.device, torch.float32).reshape(shape)
         s_next = sigma_next.to(self.device, torch.float32).reshape(shape)
-        online, target = self.online_and_target(x0 + s_next * noise, sigma_next,
-                                                x0 + s_cur * noise, sigma_cur, cond)
+        # ECT's r may fall below σ_min (to 0): there the target is x0 (the boundary condition);
+        # the target network then runs at σ_min, where the CM parameterisation is defined.
         weight = ict_loss_weight(sigma_cur, sigma_next).to(self.device, torch.float32)
+        at_boundary = sigma_cur <= self.cfg.ict.sigma_min
+        online, target = self.online_and_target(
+            x0 + s_next * noise, sigma_next, x0 + s_cur * noise,
+            sigma_cur.clamp(min=self.cfg.ict.sigma_min), cond)
+        if ect and bool(at_boundary.any()):
+            target = torch.where(at_boundary.to(self.device).reshape(shape), x0, target)
         return (weight * self.distance(online, target)).mean()
 
     def train_step(self, batch: dict) -> dict[str, float]:
         loss = self.consistency_loss(batch)
         self.step("unet", loss)
+        if self.cfg.ict.curriculum == "ect":
+            return {"loss": loss.detach(), "ect_stage": self.ect_stage()}
         return {"loss": loss.detach(), "num_scales": self.num_scales()}
 
     # -- sampling and export ----------------------------------------------------------
@@ -401,7 +461,9 @@ class ICTTrainer(BackboneMixin, Trainer):
                                  f"{same} (σ_mid = {sigma_mid:.4g})",
             "initialisation": c.init, "loss": c.loss,
             "EMA decay (export)": self.cfg.train.ema_decay,
-            "curriculum": f"s0={c.s0}, s1={c.s1}, K={c.total_steps or self.cfg.train.max_steps}",
+            "curriculum": (f"ECT: {c.ect_stages} stages, q={c.ect_q}, k={c.ect_k}, b={c.ect_b}"
+                           if c.curriculum == "ect" else f"s0={c.s0}, s1={c.s1}")
+                          + f", K={c.total_steps or self.cfg.train.max_steps}",
             "parameterisation": f"CM (σ_min={c.sigma_min}, σ_max={c.sigma_max}, "
                                 f"σ_data={c.sigma_data})",
         }
@@ -421,6 +483,8 @@ __all__ = [
     "ICTSection",
     "ICTTrainer",
     "cm_grid_sigmas",
+    "ect_r",
+    "ect_stage",
     "ict_loss_weight",
     "ict_num_scales",
 ]
