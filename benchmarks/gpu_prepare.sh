@@ -10,7 +10,8 @@
 #                 field), and DeepSpeed's source archive with pydantic;
 #   ./gpu_fmnist  (5 MB) Fashion-MNIST's test split and the first 2000 training images as IDX
 #                 files (the training stages' data; gpu_check.sh uses the folder when
-#                 DIFFDISTILL_FMNIST is unset).
+#                 DIFFDISTILL_FMNIST is unset); FMNIST_TRAIN_IMAGES=60000 writes the whole
+#                 training split instead (26 MB: benchmarks/gpu_ict_scratch.sh needs it).
 # Both are git-ignored; carry them to the GPU machine with the checkout.
 #
 #     bash benchmarks/gpu_prepare.sh [PYVER]       # PYVER: the GPU machine's Python, e.g. 3.12
@@ -32,11 +33,13 @@ $PIP download -q --no-deps "${plat[@]}" -d wheels \
 $PIP download -q --no-deps --no-binary=:all: -d wheels deepspeed==0.19.8
 ls wheels
 python - <<'PY'
+import os
 from pathlib import Path
 
 from diffdistill.data import find_fashion_mnist, load_fashion_mnist, write_idx
 
-src, out, n = find_fashion_mnist(), Path("gpu_fmnist"), 2000
+src, out = find_fashion_mnist(), Path("gpu_fmnist")
+n = int(os.environ.get("FMNIST_TRAIN_IMAGES", 2000))  # 60000: the whole split (26 MB)
 out.mkdir(exist_ok=True)
 for split, prefix, limit in (("test", "t10k", None), ("train", "train", n)):
     x, y = load_fashion_mnist(split, src)
