@@ -222,10 +222,9 @@ def test_ect_train_step_loss_is_the_ect_objective(pixel_dir, tmp_path):
     assert float(out["loss"]) == pytest.approx(want, rel=1e-4)
 
 
-def test_ect_resume_is_bit_identical_and_resume_refuses_a_changed_curriculum(pixel_dir,
-                                                                              tmp_path):
-    kw = {"checkpoint_every": 2, "ict": {"curriculum": "ect", "dropout": 0.1}}
-    a = tmp_path / "a"
+def _full_run_and_a_run_killed_at_step_2(pixel_dir, tmp_path, kw):
+    """Run ``kw`` to the end in tmp_path/a, and in tmp_path/b until a crash at step 2."""
+    a, b = tmp_path / "a", tmp_path / "b"
     ICTTrainer(ict_cfg(pixel_dir, a, **kw)).fit()
 
     class Crash(ICTTrainer):
@@ -234,9 +233,15 @@ def test_ect_resume_is_bit_identical_and_resume_refuses_a_changed_curriculum(pix
                 raise KeyboardInterrupt
             return super().train_step(batch)
 
-    b = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         Crash(ict_cfg(pixel_dir, b, **kw)).fit()
+    return a, b
+
+
+def test_ect_resume_is_bit_identical_and_resume_refuses_a_changed_curriculum(pixel_dir,
+                                                                              tmp_path):
+    kw = {"checkpoint_every": 2, "ict": {"curriculum": "ect", "dropout": 0.1}}
+    a, b = _full_run_and_a_run_killed_at_step_2(pixel_dir, tmp_path, kw)
     for change, key in [({"curriculum": "discrete"}, "ict.curriculum"),
                         ({"curriculum": "ect", "ect_q": 4.0}, "ict.ect_q"),
                         ({"curriculum": "ect", "block_out_channels": [32, 64]},
@@ -371,18 +376,7 @@ def test_resume_continues_curriculum_and_ema_bit_identically(pixel_dir, tmp_path
     # s0=2, s1=8, K=4: K' = 1 and N(k) = 3, 5, 9, 9; dropout makes the global RNG matter too
     kw = {"ema_decay": 0.9, "checkpoint_every": 2,
           "ict": {"init": "pretrained", "s0": 2, "s1": 8, "dropout": 0.1}}
-    a = tmp_path / "a"
-    ICTTrainer(ict_cfg(pixel_dir, a, **kw)).fit()
-
-    class Crash(ICTTrainer):
-        def train_step(self, batch):
-            if self.global_step == 2:
-                raise KeyboardInterrupt
-            return super().train_step(batch)
-
-    b = tmp_path / "b"
-    with pytest.raises(KeyboardInterrupt):
-        Crash(ict_cfg(pixel_dir, b, **kw)).fit()
+    a, b = _full_run_and_a_run_killed_at_step_2(pixel_dir, tmp_path, kw)
     assert [p.name for p in list_checkpoints(b)] == ["checkpoint-2"]
     ICTTrainer(ict_cfg(pixel_dir, b, **kw)).fit(resume="latest")
     ma, mb = metrics(a), metrics(b)
