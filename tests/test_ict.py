@@ -663,3 +663,23 @@ def test_scratch_config_gets_the_pixel_teachers_budget():
     t = cfg.train
     assert (t.max_steps, t.batch_size * 2, t.lr, t.ema_decay) == (
         teacher["max_steps"], teacher["batch_size"], teacher["lr"], teacher["ema_decay"])
+
+
+def test_gpu_ict_scratch_script_parses_and_its_overrides_validate():
+    """benchmarks/gpu_ict_scratch.sh (run only on a GPU) stays in step with the config: valid
+    bash, and the train command's overrides, with its defaults filled in, validate."""
+    import re
+    import subprocess
+
+    from diffdistill.trainers import load_run_config
+
+    script = ROOT / "benchmarks" / "gpu_ict_scratch.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    train = text[text.index("diffdistill.app.cli train"):text.index("${ICT_DEVICE_ARGS")]
+    train = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", train.replace("\\\n", " "))
+    keys = re.findall(r"([a-z_]+\.[a-z_.]+=\S+)", train.replace('"', "").replace("'", ""))
+    assert len(keys) >= 10 and any(k.startswith("train.batch_size=1024") for k in keys)
+    cls, cfg = load_run_config(ROOT / "configs" / "ict" / "toy_scratch_wide.yaml",
+                               keys)
+    assert cls is ICTTrainer and cfg.train.batch_size == 1024 and cfg.ict.init == "scratch"
