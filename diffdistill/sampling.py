@@ -28,7 +28,8 @@ Algorithms (each matches the named diffusers scheduler step for step; see the te
   ODE solver of the consistency-distillation trainers (LCD, Hyper-SD).
 * :func:`sample_euler`, :func:`sample_heun` — Karras et al. 2022 ("EDM"), Alg. 1 with the
   Euler step / Alg. 2 deterministic 2nd-order Heun, stepping the probability-flow ODE in the
-  VE-equivalent sigma (x_ve = x_native / alpha_t, k-diffusion's convention).
+  VE-equivalent sigma (x_ve = x_native / alpha_t, k-diffusion's convention); on a
+  rectified flow, in the flow's own sigma s (dx/ds = v), finite at s = 1.
 
 Timestep grids that reproduce the stock schedulers' ``.timesteps``: :func:`lcm_timesteps`,
 :func:`tcd_timesteps`, :func:`ddim_timesteps`, :func:`karras_timesteps`, :func:`cm_timesteps`;
@@ -321,8 +322,11 @@ def _ve_grid(model: DenoiserBase, timesteps) -> tuple[list[float], list[float]]:
 def _karras_ode(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond],
                 guidance_scale: float, callback: Callback, second_order: bool) -> Tensor:
     """dx/dσ = (x − D(x; σ))/σ stepped in VE-equivalent sigma (Karras et al. 2022, Alg. 1/2):
-    an Euler step, plus Heun's correction at the next grid point when ``second_order``."""
+    an Euler step, plus Heun's correction at the next grid point when ``second_order``.
+    A flow schedule is stepped in its own sigma instead: its VE sigma is infinite at s = 1."""
     schedule = model.schedule
+    if schedule.kind == "flow":
+        return _flow_ode(model, x, timesteps, cond, guidance_scale, callback, second_order)
     ts, sigmas = _ve_grid(model, timesteps)
     x_ve = _work(x) / _alpha_sigma(schedule, ts[0])[0]
     for i, t in enumerate(ts):
@@ -346,6 +350,34 @@ def _karras_ode(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond],
         d_next = (x_pred - x0_next) / sigma_next
         x_ve = x_ve + (sigma_next - sigma) * 0.5 * (d + d_next)
     return x_ve
+
+
+def _flow_ode(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond],
+              guidance_scale: float, callback: Callback, second_order: bool) -> Tensor:
+    """The same ODE on a rectified flow x = (1 − s) x0 + s ε, in s itself: dx/ds = v =
+    (x − x0̂)/s, finite at s = 1 where the VE form divides by α = 0. Its Euler step is
+    ``flow_euler``'s (FlowMatchEulerDiscreteScheduler.step); Heun adds the correction."""
+    ts = _times(timesteps)
+    T = float(model.schedule.num_train_timesteps)
+    s_grid = [t / T for t in ts] + [0.0]
+    x = _work(x)
+    for i, t in enumerate(ts):
+        x0, _ = _denoise(model, x, t, cond, guidance_scale)
+        if callback is not None:
+            callback(i, t, x, x0)
+        s, s_next = s_grid[i], s_grid[i + 1]
+        if s_next == 0 and second_order:  # Alg. 2 line 8: no correction on the last step
+            x = x0
+            continue
+        d = (x - x0) / s
+        x_pred = x + (s_next - s) * d
+        if not second_order:
+            x = x_pred
+            continue
+        x0_next, _ = _denoise(model, x_pred, ts[i + 1], cond, guidance_scale)
+        d_next = (x_pred - x0_next) / s_next
+        x = x + (s_next - s) * 0.5 * (d + d_next)
+    return x
 
 
 def sample_euler(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,
