@@ -112,7 +112,9 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [1, 4])
     guidance_scale: float = 1.0
     detector: str = "fmnist-net"  # feature network (diffdistill.eval.features registry)
-    reference: str = "fashion_mnist_test"  # or a folder of images, or a FeatureStats .npz
+    # what the periodic metric (and so the choice of a checkpoint) is measured against:
+    # the validation images; fashion_mnist_test, a folder of images, or a FeatureStats .npz
+    reference: str = "fashion_mnist_val"
 
 
 @dataclass

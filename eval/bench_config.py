@@ -31,10 +31,12 @@ class BenchPrompts:
 
 @dataclass
 class BenchReference:
-    kind: Literal["fashion_mnist_test", "folder"] = "fashion_mnist_test"
+    # fashion_mnist_test reports results; fashion_mnist_val (training images 50000-59999)
+    # is for choosing knobs and checkpoints; folder: your own images
+    kind: Literal["fashion_mnist_test", "fashion_mnist_val", "folder"] = "fashion_mnist_test"
     images: str = ""  # folder: reference images (sorted, recursive)
     captions: str = ""  # folder: the captions the models are prompted with (COCO)
-    resolution: int | None = None  # evaluation resolution (fashion_mnist_test: 32)
+    resolution: int | None = None  # evaluation resolution (Fashion-MNIST kinds: 32)
     max_images: int | None = None  # use only the first N reference images
     fmnist_root: str = ""  # Fashion-MNIST IDX folder (default: $DIFFDISTILL_FMNIST, Debian's)
     stats: dict = field(default_factory=dict)  # detector name -> precomputed FeatureStats .npz

@@ -60,8 +60,10 @@ from diffdistill.eval.generation import generate_for_eval
 from diffdistill.eval.precision_recall import precision_recall
 from diffdistill.eval.prompts import EvalPrompts, build_eval_prompts
 from diffdistill.eval.reference import (
+    FMNIST_REFERENCES,
     _check_reference_size,
     _eval_resolution,
+    fmnist_reference,
     reference_count,
     reference_features,
     reference_statistics,
@@ -117,7 +119,7 @@ def _build_clip(c: BenchClip | None, options: dict, device, ref: BenchReference 
     if c is None:
         return None
     if c.detector == "auto":
-        if ref is None or ref.kind != "fashion_mnist_test":
+        if ref is None or fmnist_reference(ref) is None:
             return None
         return _build_detector(WORLD_JUDGE, options, device)
     if c.detector:
@@ -130,8 +132,8 @@ def _build_clip(c: BenchClip | None, options: dict, device, ref: BenchReference 
 
 def _world_classifier(detectors, cfg: BenchConfig, prompts: EvalPrompts, device):
     """The world's Fashion-MNIST classifier for class agreement: only when the prompts are
-    the world's classes and the reference is its test split (else None)."""
-    if cfg.reference.kind != "fashion_mnist_test" or prompts.captions is not None:
+    the world's classes and the reference is Fashion-MNIST (else None)."""
+    if fmnist_reference(cfg.reference) is None or prompts.captions is not None:
         return None
     for d in detectors:
         if d.name == "fmnist-net":
@@ -161,8 +163,9 @@ def _protocol(cfg: BenchConfig, prompts: EvalPrompts, ref_count: int, detectors,
 
     r = cfg.reference
     res = _eval_resolution(r)
-    if r.kind == "fashion_mnist_test":
-        ref_text = (f"Fashion-MNIST test split ({ref_count} images, padded to 32 px"
+    fm = fmnist_reference(r)
+    if fm is not None:
+        ref_text = (f"{fm.text} ({ref_count} images, padded to 32 px"
                     + (f", resized to {res} px)" if res != 32 else ")"))
     else:
         ref_text = f"{ref_count} images from {r.images}"
@@ -177,6 +180,7 @@ def _protocol(cfg: BenchConfig, prompts: EvalPrompts, ref_count: int, detectors,
         "seeds": [cfg.seeds_start, cfg.seeds_start + cfg.num_samples],
         "prompts": prompts_text,
         "reference": ref_text,
+        "reference_kind": r.kind,
         "reference_count": ref_count,
         "evaluation_resolution": res,
         "fd": {metric_name(d): f"Fréchet distance on {d.name} features ({d.resize_mode} resize)"
@@ -238,7 +242,7 @@ def run_bench(cfg: BenchConfig, *, accelerator=None, command: str | None = None)
     ref = cfg.reference
     ref_count = reference_count(ref)
     _check_reference_size(ref_count, cfg.num_samples, ref,
-                          "the Fashion-MNIST test split" if ref.kind == "fashion_mnist_test"
+                          f"the {fmnist_reference(ref).text}" if fmnist_reference(ref)
                           else f"reference.images {ref.images}")
     _check_model_paths(cfg)  # before minutes of reference features
     res = _eval_resolution(ref)
@@ -350,12 +354,13 @@ def _metric_key(metric: str) -> str:
 
 
 def _quick_reference(spec: str, detector_name: str, resolution: int) -> BenchReference:
-    """``eval.reference``: fashion_mnist_test, a folder of images, or a FeatureStats .npz."""
+    """``eval.reference``: fashion_mnist_val / fashion_mnist_test, a folder of images, or a
+    FeatureStats .npz."""
     p = Path(spec)
-    if spec == "fashion_mnist_test":
-        return BenchReference(resolution=resolution)
-    if p.suffix == ".npz":
-        return BenchReference(resolution=resolution, stats={detector_name: str(p)})
+    if spec in FMNIST_REFERENCES:
+        return BenchReference(kind=spec, resolution=resolution)
+    if p.suffix == ".npz":  # whatever it was computed from (its metadata says)
+        return BenchReference(kind="folder", resolution=resolution, stats={detector_name: str(p)})
     return BenchReference(kind="folder", images=str(p), resolution=resolution)
 
 

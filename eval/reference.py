@@ -1,9 +1,16 @@
 """The reference set of a bench: how many images, and its feature statistics (precomputed,
-shipped with the world, or computed and cached)."""
+shipped with the world, or computed and cached).
+
+Two references of the embedded world: ``fashion_mnist_test`` (the test split, which reports
+results) and ``fashion_mnist_val`` (training images 50000–59999, against which knobs and
+checkpoints are chosen). Statistics carry their source in their metadata and a reference of
+one kind refuses statistics of the other, so a choice can never be made on the test split by
+passing its file where validation statistics are expected (or the other way round)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffdistill.eval.bench_config import BenchReference
@@ -14,17 +21,40 @@ log = logging.getLogger("diffdistill.eval")
 
 #: ``source`` metadata of Fashion-MNIST test-split statistics (as the world ships them)
 FMNIST_SOURCE = "fashion-mnist/test"
+#: ``source`` metadata of the validation images' statistics (diffdistill.fmnist.VAL_RANGE)
+FMNIST_VAL_SOURCE = "fashion-mnist/train[50000:60000]"
 
 
-def _world_stats_file(detector_name: str) -> Path | None:
-    """The embedded world's shipped test-split statistics for this detector, if present."""
+@dataclass(frozen=True)
+class FmnistReference:
+    split: str  # diffdistill.fmnist split
+    source: str  # FeatureStats ``source`` metadata
+    text: str  # how results name it
+
+
+#: the Fashion-MNIST reference kinds of a bench (``reference.kind``)
+FMNIST_REFERENCES = {
+    "fashion_mnist_test": FmnistReference("test", FMNIST_SOURCE, "Fashion-MNIST test split"),
+    "fashion_mnist_val": FmnistReference(
+        "val", FMNIST_VAL_SOURCE,
+        "Fashion-MNIST validation images (training images 50000-59999)"),
+}
+
+
+def fmnist_reference(ref: BenchReference) -> FmnistReference | None:
+    """The Fashion-MNIST reference a bench reference names (None for a folder)."""
+    return FMNIST_REFERENCES.get(ref.kind)
+
+
+def _world_stats_file(detector_name: str, split: str = "test") -> Path | None:
+    """The embedded world's shipped statistics of ``split`` for this detector, if present."""
     try:
         from diffdistill.world import REF_STATS, ref_stats_path
     except ImportError:  # pragma: no cover - the world is part of the package
         return None
     for key, name in REF_STATS.items():
         if name == detector_name:
-            path = ref_stats_path(key)
+            path = ref_stats_path(key, split=split)
             return path if path.is_file() else None
     return None
 
@@ -32,15 +62,35 @@ def _world_stats_file(detector_name: str) -> Path | None:
 def _eval_resolution(ref: BenchReference) -> int | None:
     if ref.resolution is not None:
         return int(ref.resolution)
-    return 32 if ref.kind == "fashion_mnist_test" else None
+    return 32 if fmnist_reference(ref) is not None else None
+
+
+def _check_stats_source(path, fm: FmnistReference, kind: str) -> None:
+    """Refuse statistics of another reference (e.g. test-split statistics given to a
+    validation reference): their ``source`` metadata must be this kind's."""
+    import json
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            source = json.loads(str(data["meta_json"])).get("source")
+    except (OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"reference.stats: {path} is not a FeatureStats file ({e})") from None
+    if source != fm.source:
+        raise ConfigError(
+            f"reference.stats: {path} holds statistics of {source!r}, but reference.kind="
+            f"{kind} is {fm.source!r}; validation and test statistics never mix (choose on "
+            "fashion_mnist_val, report on fashion_mnist_test)")
 
 
 def reference_count(ref: BenchReference) -> int:
     """How many reference images the statistics are computed from."""
-    if ref.kind == "fashion_mnist_test":
+    fm = fmnist_reference(ref)
+    if fm is not None:
         from diffdistill.fmnist import load_fashion_mnist
 
-        n = len(load_fashion_mnist("test", ref.fmnist_root or None)[1])
+        n = len(load_fashion_mnist(fm.split, ref.fmnist_root or None)[1])
     else:
         from diffdistill.image_folder import list_images
 
@@ -72,20 +122,23 @@ def reference_statistics(detector, ref: BenchReference, *, cache_dir=None,
     res = _eval_resolution(ref)
     expected = {"extractor": detector.name, "resize_mode": detector.resize_mode,
                 "resolution": res if res is not None else "native"}
+    fm = fmnist_reference(ref)
     if detector.name in ref.stats:
+        if fm is not None:
+            _check_stats_source(ref.stats[detector.name], fm, ref.kind)
         return FeatureStats.load(ref.stats[detector.name], **expected)
-    if ref.kind == "fashion_mnist_test":
-        shipped = _world_stats_file(detector.name)
+    if fm is not None:
+        shipped = _world_stats_file(detector.name, fm.split)
         if shipped is not None and ref.max_images is None:
             try:
-                return FeatureStats.load(shipped, source=FMNIST_SOURCE, **expected)
+                return FeatureStats.load(shipped, source=fm.source, **expected)
             except ValueError as e:
                 log.info("not using the shipped statistics: %s", e)
         from diffdistill.fmnist import fashion_mnist_uint8
 
-        images = fashion_mnist_uint8("test", res, root=ref.fmnist_root or None,
+        images = fashion_mnist_uint8(fm.split, res, root=ref.fmnist_root or None,
                                      limit=ref.max_images)
-        return reference_stats(detector, images, cache_dir, source_id=FMNIST_SOURCE,
+        return reference_stats(detector, images, cache_dir, source_id=fm.source,
                                resolution=res, batch_size=batch_size, progress=progress,
                                accelerator=accelerator)
     return reference_stats(detector, ref.images, cache_dir, resolution=res,
@@ -109,7 +162,8 @@ def reference_features(detector, ref: BenchReference, count: int, *, cache_dir=N
     from diffdistill.image_folder import list_images
 
     res = _eval_resolution(ref)
-    source = FMNIST_SOURCE if ref.kind == "fashion_mnist_test" else str(Path(ref.images).resolve())
+    fm = fmnist_reference(ref)
+    source = fm.source if fm is not None else str(Path(ref.images).resolve())
     key = {"extractor": detector.name, "resize_mode": detector.resize_mode,
            "resolution": res if res is not None else "native", "count": int(count),
            "source": source}
@@ -124,13 +178,13 @@ def reference_features(detector, ref: BenchReference, count: int, *, cache_dir=N
             with np.load(path) as f:
                 return torch.from_numpy(f["features"].astype(np.float32))
     rank, world = _rank_world(accelerator)
-    if ref.kind == "fashion_mnist_test":
+    if fm is not None:
         from diffdistill.fmnist import fashion_mnist_uint8
 
-        images = fashion_mnist_uint8("test", res, root=ref.fmnist_root or None,
+        images = fashion_mnist_uint8(fm.split, res, root=ref.fmnist_root or None,
                                      limit=min(count, ref.max_images or count))
         if len(images) < count:
-            raise ConfigError(f"reference: the Fashion-MNIST test split has {len(images)} "
+            raise ConfigError(f"reference: the {fm.text} has {len(images)} "
                               f"images, precision / recall needs {count}")
         items = images[rank::world]
     else:

@@ -277,6 +277,70 @@ def test_fashion_mnist_reference_equals_test_split(tmp_path):
     assert reference_count(BenchReference()) == 10000
 
 
+def test_validation_reference_is_its_own_images_and_never_mixes_with_test(tmp_path):
+    from diffdistill.eval.harness import _protocol, _quick_reference
+    from diffdistill.eval.reference import FMNIST_VAL_SOURCE
+
+    from diffdistill.config import EvalConfig
+    from diffdistill.fmnist import VAL_RANGE, load_fashion_mnist
+
+    # the validation images are training images 50000-59999, none of the test split's
+    train, train_labels = load_fashion_mnist("train")
+    val, val_labels = load_fashion_mnist("val")
+    assert VAL_RANGE == (50000, 60000) and len(val) == 10000
+    assert np.array_equal(val, train[50000:]) and np.array_equal(val_labels, train_labels[50000:])
+    det = ConvStandIn()
+    ref = BenchReference(kind="fashion_mnist_val", resolution=16, max_images=24)
+    stats = reference_statistics(det, ref, cache_dir=tmp_path)
+    want = stats_of(det, fashion_mnist_uint8("train", 16)[50000:50024])
+    assert stats.count == 24 and reference_count(ref) == 24
+    assert torch.allclose(stats.mean(), want.mean(), atol=1e-6)
+    assert stats.meta["source"] == FMNIST_VAL_SOURCE == "fashion-mnist/train[50000:60000]"
+    assert reference_count(BenchReference(kind="fashion_mnist_val")) == 10000
+    # statistics of one kind given to a reference of the other are refused, both ways
+    val_file = stats.save(tmp_path / "val.npz")
+    test_file = reference_statistics(det, BenchReference(resolution=16, max_images=24)).save(
+        tmp_path / "test.npz")
+    with pytest.raises(ConfigError, match="never mix"):
+        reference_statistics(det, BenchReference(resolution=16, stats={det.name: str(val_file)}))
+    with pytest.raises(ConfigError, match="never mix"):
+        reference_statistics(det, BenchReference(kind="fashion_mnist_val", resolution=16,
+                                                 stats={det.name: str(test_file)}))
+    assert reference_statistics(det, BenchReference(
+        kind="fashion_mnist_val", resolution=16, stats={det.name: str(val_file)})).count == 24
+    # a training run's periodic metric (which picks checkpoints) is measured on validation
+    assert EvalConfig().reference == "fashion_mnist_val"
+    assert _quick_reference("fashion_mnist_val", det.name, 16).kind == "fashion_mnist_val"
+    # the bench's result says which reference it used
+    from diffdistill.eval.bench_config import BenchConfig
+    from diffdistill.eval.prompts import build_eval_prompts
+
+    cfg = BenchConfig(reference=BenchReference(kind="fashion_mnist_val"))
+    proto = _protocol(cfg, build_eval_prompts(cfg), 10000, [det], None)
+    assert proto["reference_kind"] == "fashion_mnist_val"
+    assert proto["reference"].startswith("Fashion-MNIST validation images")
+
+
+@pytest.mark.world_assets
+def test_shipped_validation_statistics_are_the_validation_images():
+    from diffdistill.eval.features import get_detector
+    from diffdistill.eval.reference import FMNIST_VAL_SOURCE
+
+    from diffdistill.world import load_ref_stats
+
+    shipped = load_ref_stats("fmnist-net", split="val", source=FMNIST_VAL_SOURCE,
+                             resolution=32, extractor="fmnist-net")
+    det = get_detector("fmnist-net", device="cpu")
+    recomputed = FeatureStats.for_detector(det, resolution=32)
+    images = fashion_mnist_uint8("val", 32)
+    for i in range(0, len(images), 500):
+        recomputed.update(det(images[i:i + 500]))
+    assert shipped.count == recomputed.count == 10000
+    assert fid_from_stats(shipped, recomputed) < 1e-6
+    test = load_ref_stats("fmnist-net", source="fashion-mnist/test")
+    assert fid_from_stats(shipped, test) > 1e-3  # another set of images
+
+
 # ----------------------------------------------------------------------------- 2 processes
 
 

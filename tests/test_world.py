@@ -236,6 +236,12 @@ def test_ref_stats_metadata_and_values(world):
         torch.testing.assert_close(stats.cov(), torch.cov(feats.T), rtol=1e-5, atol=1e-8)
         with pytest.raises(ValueError, match="resolution"):
             FeatureStats.load(out / "ref_stats" / f"{key}.npz", resolution=64)
+        # the validation images' statistics: training images 50000-, never the test split's
+        val = load_ref_stats(key, out, split="val", extractor=det.name, resolution=32,
+                             count=32, source="fashion-mnist/train[50000:60000]")
+        vfeats = det(fashion_mnist_uint8("val", 32, limit=32)).double()
+        torch.testing.assert_close(val.mean(), vfeats.mean(0), rtol=1e-6, atol=1e-8)
+        assert not torch.allclose(val.mean(), stats.mean())
 
 
 def test_rebuild_skips_done_stages_and_force_is_deterministic(world, tmp_path):
@@ -350,6 +356,8 @@ def test_shipped_world_accuracies_and_stats():
     assert info["accuracies"]["clip_judge_zero_shot_train_accuracy"] >= 0.5
     for key in ("fmnist-net", "clip"):
         assert load_ref_stats(key, source="fashion-mnist/test", resolution=32).count == 10000
+        assert load_ref_stats(key, split="val", source="fashion-mnist/train[50000:60000]",
+                              resolution=32).count == 10000
 
 
 @pytest.mark.world_assets

@@ -127,7 +127,8 @@ RECIPES: dict[str, dict] = {
         # the judge: 18 epochs of the 10k test images; accuracy on 10k training images
         "clip_judge": dict(steps=700, batch_size=256, lr=2e-3, config="judge",
                            test_limit=10000),
-        "ref_stats": dict(extractors=("fmnist-net", "clip"), test_limit=None, floor_train=10000),
+        "ref_stats": dict(extractors=("fmnist-net", "clip"), test_limit=None, floor_train=10000,
+                          val_limit=None),
         "vae": dict(**VAE, steps=1200, batch_size=32, lr=1e-3, kl_weight=1e-5,
                     test_limit=2000),
         "teacher_pixel": dict(config="toy_pixel.yaml", unet=PIXEL_UNET, overrides={}),
@@ -146,7 +147,8 @@ RECIPES: dict[str, dict] = {
                      test_limit=32),
         "clip_judge": dict(steps=2, batch_size=8, lr=2e-3, config="judge-tiny", limit=64,
                            test_limit=32),
-        "ref_stats": dict(extractors=("fmnist-net", "clip"), test_limit=32, floor_train=32),
+        "ref_stats": dict(extractors=("fmnist-net", "clip"), test_limit=32, floor_train=32,
+                          val_limit=32),
         "vae": dict(VAE, channels=(16, 16, 16), steps=2, batch_size=4, lr=1e-3,
                     kl_weight=1e-5, limit=256, test_limit=8, scale_images=16),
         "teacher_pixel": dict(config="toy_pixel.yaml", overrides=TINY_TRAIN,
@@ -227,7 +229,8 @@ def stage_outputs(stage: str, ctx: BuildContext) -> list[Path]:
 
         return [out / "clip_judge" / WEIGHTS_FILE, out / "clip_judge" / f"{JUDGE_MODEL_NAME}.json"]
     if stage == "ref_stats":
-        return [out / "ref_stats" / f"{k}.npz" for k in ctx.recipe["ref_stats"]["extractors"]]
+        return [out / "ref_stats" / f"{k}{suffix}.npz" for k in ctx.recipe["ref_stats"]["extractors"]
+                for suffix in ("", "_val")]
     if stage == "vae":
         return [ctx.work / "vae" / "diffusion_pytorch_model.safetensors"]
     if stage in ("teacher_pixel", "teacher_latent", "teacher_flow"):
@@ -337,19 +340,29 @@ def run_ref_stats(ctx: BuildContext) -> dict:
     _require(ctx, "classifier", "ref_stats")
     _require(ctx, "clip", "ref_stats")
     r = ctx.recipe["ref_stats"]
+    from diffdistill.eval.reference import FMNIST_SOURCE, FMNIST_VAL_SOURCE
+
     test = fashion_mnist_uint8("test", 32, root=ctx.root, limit=r["test_limit"])
     train = fashion_mnist_uint8("train", 32, root=ctx.root, limit=r["floor_train"])
-    metrics: dict = {"test_images": len(test), "floor_train_images": len(train)}
+    val = fashion_mnist_uint8("val", 32, root=ctx.root, limit=r.get("val_limit"))
+    metrics: dict = {"test_images": len(test), "floor_train_images": len(train),
+                     "val_images": len(val)}
     for key in r["extractors"]:
         det = _detector(key, ctx)
-        ref = _stats(det, test, "fashion-mnist/test")
+        ref = _stats(det, test, FMNIST_SOURCE)
         path = ref.save(ctx.out / "ref_stats" / f"{key}.npz")
         floor = fid_from_stats(_stats(det, train, "fashion-mnist/train"), ref, check_meta=True)
+        # the validation images' statistics, for choosing knobs (never the test split)
+        val_ref = _stats(det, val, FMNIST_VAL_SOURCE)
+        val_path = val_ref.save(ctx.out / "ref_stats" / f"{key}_val.npz")
         metrics[key] = {"file": str(path.relative_to(ctx.out)), "extractor": det.name,
                         "feature_dim": det.feature_dim, "count": ref.count,
-                        "train_vs_test_fd": floor}
+                        "train_vs_test_fd": floor,
+                        "val_file": str(val_path.relative_to(ctx.out)), "val_count": val_ref.count,
+                        "val_vs_test_fd": fid_from_stats(val_ref, ref)}
         ctx.log(f"  ref stats {key}: {ref.count} test images, {det.feature_dim}-d; "
-                f"train({len(train)}) vs test Fréchet distance {floor:.3f}")
+                f"train({len(train)}) vs test Fréchet distance {floor:.3f}; "
+                f"validation ({val_ref.count}) vs test {metrics[key]['val_vs_test_fd']:.3f}")
     return metrics
 
 

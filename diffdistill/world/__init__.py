@@ -23,7 +23,8 @@ two CPU cores, shipped as fp16 safetensors in ``diffdistill/world/assets/``:
 ``clip_judge/``                the independent CLIP judge (``"world-clip-judge"``): another
                                architecture, seed and image set; what the bench scores with.
 ``ref_stats/*.npz``            test-split feature statistics per extractor
-                               (``diffdistill.eval.fid.FeatureStats``).
+                               (``diffdistill.eval.fid.FeatureStats``); ``*_val.npz``:
+                               the validation images' (training images 50000–59999).
 ``world.json``                 what was built: command, seeds, CPU time per stage, metrics.
 =============================  ===========================================================
 
@@ -48,6 +49,8 @@ WORLD_DIR_ENV = "DIFFDISTILL_WORLD_DIR"
 TEACHERS = ("teacher_latent", "teacher_pixel", "teacher_flow")
 #: ref_stats file stem -> detector registry name
 REF_STATS = {"fmnist-net": "fmnist-net", "clip": "world-clip"}
+#: the splits shipped for each: the test split (reports) and the validation images (choices)
+REF_SPLITS = ("test", "val")
 #: the build's stages, in order (:mod:`diffdistill.app.world_build` runs them)
 STAGES = ("classifier", "clip", "ref_stats", "vae", "teacher_pixel", "teacher_latent",
           "clip_judge", "teacher_flow", "report")
@@ -92,19 +95,24 @@ def world_info(assets: Optional[Union[str, Path]] = None) -> dict:
     return json.loads(path.read_text())
 
 
-def ref_stats_path(key: str, assets: Optional[Union[str, Path]] = None) -> Path:
-    """``ref_stats/<key>.npz``; key in :data:`REF_STATS` (``"fmnist-net"``, ``"clip"``)."""
+def ref_stats_path(key: str, assets: Optional[Union[str, Path]] = None,
+                   split: str = "test") -> Path:
+    """``ref_stats/<key>.npz`` (test split) or ``ref_stats/<key>_val.npz`` (the validation
+    images, :data:`diffdistill.fmnist.VAL_RANGE`); key in :data:`REF_STATS`."""
     if key not in REF_STATS:
         raise KeyError(f"unknown reference statistics {key!r}; choose from {sorted(REF_STATS)}")
-    return asset_path("ref_stats", assets) / f"{key}.npz"
+    if split not in REF_SPLITS:
+        raise KeyError(f"unknown reference split {split!r}; choose from {REF_SPLITS}")
+    return asset_path("ref_stats", assets) / f"{key}{'' if split == 'test' else '_' + split}.npz"
 
 
-def load_ref_stats(key: str, assets: Optional[Union[str, Path]] = None, **expected):
-    """The shipped test-split statistics (a ``FeatureStats``); ``expected`` metadata is
+def load_ref_stats(key: str, assets: Optional[Union[str, Path]] = None, split: str = "test",
+                   **expected):
+    """The shipped statistics of one split (a ``FeatureStats``); ``expected`` metadata is
     checked (e.g. ``extractor="fmnist-net"``)."""
     from diffdistill.eval.fid import FeatureStats
 
-    return FeatureStats.load(ref_stats_path(key, assets), **expected)
+    return FeatureStats.load(ref_stats_path(key, assets, split), **expected)
 
 
 def save_safetensors_fp16(state: dict, path: Union[str, Path],
