@@ -171,3 +171,18 @@ class UNetWithHead(nn.Module):
     def remove_hooks(self) -> None:
         if self.tap is not None:
             self.tap.remove()
+
+
+def roc_auc(scores_real: Tensor, scores_fake: Tensor) -> float:
+    """Area under the ROC curve of a discriminator that calls "real" above a threshold:
+    P(score of a random real sample > score of a random generated one), ties counted as one
+    half (the Mann–Whitney U statistic divided by n_real · n_fake). 0.5 is chance, 1 a perfect
+    separation, below 0.5 a discriminator that has it backwards."""
+    r = scores_real.detach().double().flatten().cpu()
+    f = scores_fake.detach().double().flatten().cpu()
+    if r.numel() == 0 or f.numel() == 0:
+        raise ValueError("roc_auc needs at least one real and one generated score")
+    greater = (r[:, None] > f[None, :]).double().sum()
+    ties = (r[:, None] == f[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (r.numel() * f.numel()))
+

@@ -146,6 +146,70 @@ def test_discriminator_sees_real_as_real_and_generated_as_fake(pixel_dir, tmp_pa
     assert float(logs["d_real"]) == pytest.approx(float(d_real.mean()), rel=1e-5, abs=1e-6)
 
 
+def test_roc_auc_is_the_mann_whitney_statistic():
+    from diffdistill.gan import roc_auc
+
+    # by hand: of the 9 (real, fake) pairs, 3>0, 3>2, 1>0, 2>0 win and 2=2 ties: 4.5 / 9
+    assert roc_auc(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.0, 2.0, 5.0])) == 0.5
+    assert roc_auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0, 1.5])) == 1.0
+    assert roc_auc(torch.tensor([0.0]), torch.tensor([1.0, 2.0])) == 0.0
+    # 1 beats 0; 4 beats 2, 3 and 0: 4 of 6 pairs
+    assert roc_auc(torch.tensor([1.0, 4.0]), torch.tensor([2.0, 3.0, 0.0])) == 4 / 6
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randint(0, 5, (40,), generator=g), torch.randint(0, 5, (30,), generator=g)
+    wins = sum((r > f) + 0.5 * (r == f) for r in real.tolist() for f in fake.tolist())
+    assert roc_auc(real.float(), fake.float()) == pytest.approx(wins / 1200, abs=1e-12)
+    with pytest.raises(ValueError):
+        roc_auc(torch.tensor([]), torch.tensor([1.0]))
+
+
+def test_discriminator_probe_is_the_heads_auc_and_leaves_training_unchanged(pixel_dir,
+                                                                           tmp_path):
+    """eval/d_auc: the head's logits on the fixed probe (the dataset's last items vs the online
+    generator's samples from fixed seeds, pair i noised at the same t_i) recomputed by two
+    separate forwards; a run that logs it trains bit-identically to one that does not."""
+    from diffdistill.gan import roc_auc
+    from diffdistill.sampling import generate
+
+    class NoQuickEval(DMD2Trainer):
+        def eval_spec(self, unet=None):
+            return None if unet is None else super().eval_spec(unet)
+
+    probe = {"dmd2": {"d_probe_samples": 6}, "eval": {"every": 1}}
+    tr = fit(pixel_dir, tmp_path / "probe", 16, trainer=NoQuickEval, **probe)
+    rows = [r for r in metrics(tmp_path / "probe") if "eval/d_auc" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["eval/d_auc"] <= 1.0 for r in rows)
+    # the number, by hand
+    p = tr._d_probe
+    ds = tr.dataset
+    assert torch.equal(p["x_real"], torch.stack([ds[i]["pixel_values"]
+                                                 for i in range(len(ds) - 6, len(ds))]))
+    x_fake = generate(tr.generator_denoiser(tr.student), seeds=p["seeds"], shape=tr.shape,
+                      cond_fn=p["cond"].index, sampler="lcm",
+                      timesteps=torch.tensor(tr.timesteps), output="latents", progress=False)
+    sched, fake, t = tr.backbone.schedule, tr.unwrap(tr.fake_score), p["t"]
+
+    def logits(x0, noise):
+        with torch.no_grad():
+            fake(sched.add_noise(x0, noise, t), t.float(), class_labels=p["cond"].class_labels)
+        return fake.logits
+
+    d_real, d_fake = logits(p["x_real"], p["noise_real"]), logits(x_fake, p["noise_fake"])
+    got = tr.eval_diagnostics()
+    assert got["eval/d_auc"] == pytest.approx(roc_auc(d_real, d_fake), abs=1e-12)
+    assert got["eval/d_logit_real"] == pytest.approx(float(d_real.mean()), rel=1e-5, abs=1e-6)
+    assert got["eval/d_auc"] == pytest.approx(rows[-1]["eval/d_auc"], abs=1e-12)
+    # logging the probe draws nothing from the run's randomness
+    plain = fit(pixel_dir, tmp_path / "plain", 16, trainer=NoQuickEval,
+                dmd2={"d_probe_samples": 0}, eval={"every": 1})
+    assert not any("eval/d_auc" in r for r in metrics(tmp_path / "plain"))
+    for a, b in zip(tr.unwrap(tr.student).parameters(), plain.unwrap(plain.student).parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="d_probe_samples"):
+        make_cfg(pixel_dir, tmp_path / "bad", 16, dmd2={"d_probe_samples": 1})
+
+
 # ----------------------------------------------------------------------------- update order
 
 

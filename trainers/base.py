@@ -484,14 +484,22 @@ class Trainer(ShardingMixin, CheckpointMixin):
     def periodic_eval(self, logger: Optional["MetricsLogger"] = None) -> dict[str, float]:
         """The quick metric through the evaluation harness (every rank must call it)."""
         spec = self.eval_spec()
-        if spec is None:
-            return {}
-        from diffdistill.eval.harness import quick_eval
+        values: dict[str, float] = {}
+        if spec is not None:
+            from diffdistill.eval.harness import quick_eval
 
-        values = quick_eval(self, spec)
+            values.update(quick_eval(self, spec))
+        values.update(self.eval_diagnostics())
+        if not values:
+            return {}
         if logger is not None:  # with the training time so far: convergence vs wall time
             logger.log(self.global_step, {**values, "train_wall_s": self.train_wall_s})
         return values
+
+    def eval_diagnostics(self) -> dict[str, float]:
+        """Method-specific measures logged with the periodic metric (e.g. a discriminator's
+        held-out AUC); they must not draw from ``self.generator``. Default: none."""
+        return {}
 
     def save_grid(self) -> Optional[Path]:
         from diffdistill.images import save_grid

@@ -183,3 +183,30 @@ class DistributionMatching:
             loss = loss + penalty
             logs["loss_d_penalty"] = penalty.detach()
         return loss, logs
+
+    # -- a held-out measure of the discriminator ------------------------------------------
+    @torch.no_grad()
+    def discriminator_probe(self, x_real: Tensor, x_fake: Tensor, cond: Cond, t: Tensor,
+                            noise_real: Tensor, noise_fake: Tensor) -> dict[str, float]:
+        """How well the head tells noised real from noised generated samples that it has not
+        been trained on at this step: ROC AUC over the fixed probe (pair i shares t_i), the
+        AUC on the lower and upper half of the probe's timesteps, and the mean logits. Only
+        for logging: uses no trainer randomness and changes no weight."""
+        from diffdistill.gan import roc_auc
+
+        n = x_real.shape[0]
+        xr_t = self.add_noise(x_real, noise_real, t)
+        xf_t = self.add_noise(x_fake, noise_fake, t)
+        plain = cond.replace(uncond=None)
+        self.fake_denoiser(self.fake_score).raw(torch.cat([xf_t, xr_t]), torch.cat([t, t]),
+                                                Cond.cat([plain, plain]))
+        lf, lr = self.logits().float().chunk(2)
+        low = t <= t.median()
+        out = {"d_auc": roc_auc(lr, lf), "d_logit_real": float(lr.mean()),
+               "d_logit_fake": float(lf.mean())}
+        if 0 < int(low.sum()) < n:
+            low = low.to(lr.device)
+            out["d_auc_low_t"] = roc_auc(lr[low], lf[low])
+            out["d_auc_high_t"] = roc_auc(lr[~low], lf[~low])
+        return out
+
