@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo demo-all test test-world lint clean report-shot
+.PHONY: setup data demo demo-all test test-world lint docs clean report-shot
 
 setup: $(STAMP)
 
@@ -39,15 +39,23 @@ demo-all: setup data
 # The whole suite, the shipped-world checks included (`make test-world`: those alone). Tests
 # run one torch thread each (tests/conftest.py), so TEST_JOBS workers (pytest-xdist) use that
 # many cores; the 25 slowest tests are listed at the end.
+# The documentation site is built last (a few seconds): a broken link fails `make test` too.
 TEST_JOBS ?= 2
 test: setup data
 	$(PY) -m pytest -q -n $(TEST_JOBS) --durations=25 tests
+	$(MAKE) --no-print-directory docs
 
 test-world: setup data
 	$(PY) -m pytest -q tests -m world_assets
 
 lint: setup
 	$(VENV)/bin/ruff check diffdistill trainers eval tests
+
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict: a broken link, a
+# missing anchor or a page left out of the nav is an error.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --quiet
+	@echo "docs: build/site/index.html"
 
 # Look at runs/demo/report.html as a person would: headless Chromium (Debian's package, not
 # installed by `make test`) screenshots it at desktop and phone widths.
