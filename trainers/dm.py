@@ -180,7 +180,11 @@ class DistributionMatching:
                 "d_fake": logits_fake.detach().mean()}
         penalty = self.penalty_fn(x_real_t, t, cond) if self.penalty_fn is not None else None
         if penalty is not None:
-            loss = loss + penalty
+            # A penalty of the discriminator (R1) is part of its loss, so it carries the
+            # discriminator's weight: γ sets R1 against L_D, as in the papers. Unweighted, it
+            # was 1/gan_discriminator_weight (100×) stronger than γ says and pinned the
+            # logits near 0, so r = exp(D) ≈ 1 and every f-divergence weighted alike.
+            loss = loss + self.gan_discriminator_weight * penalty
             logs["loss_d_penalty"] = penalty.detach()
         return loss, logs
 

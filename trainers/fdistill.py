@@ -58,7 +58,9 @@ class FDistillSection:
     ratio_bins: int = 10  # timestep bins for the running mean (paper: 10)
     ratio_ema: float = 0.9  # EMA rate of the bin means (our default; not given in the paper)
     normalize_weight: bool = True  # h / mean(h) over the global batch
-    r1_gamma: float = 0.0  # R1 on noised real samples: 1 (CIFAR-10, SD1.5), 0 (IN-64)
+    # R1 on noised real samples, γ/2·‖∇ₓD‖² added to the discriminator's loss (and so
+    # weighted with it by dmd2.gan_discriminator_weight): 1 (CIFAR-10, SD1.5), 0 (IN-64)
+    r1_gamma: float = 0.0
 
 
 @dataclass
