@@ -16,6 +16,7 @@ TRAINERS = {
     "dmd2": ("diffdistill.trainers.dmd2", "DMD2Trainer"),
     "fdistill": ("diffdistill.trainers.fdistill", "FDistillTrainer"),
     "hypersd": ("diffdistill.trainers.hypersd", "HyperSDTrainer"),
+    "scm": ("diffdistill.trainers.scm", "SCMTrainer"),
 }
 
 
