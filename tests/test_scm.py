@@ -234,7 +234,8 @@ def test_bad_configs_are_refused_in_one_line(pixel_dir, tmp_path):
             ({"jvp": "forward"}, {}, "scm.jvp="), ({"jvp_fd_eps": 0.0}, {}, "scm.jvp_fd_eps"),
             ({"two_step_t_hat": 1.6}, {}, "scm.two_step_t_hat"),
             ({"mode": "cd", "guidance_scale": 0.5}, {}, "scm.guidance_scale"),
-            ({"mode": "dc"}, {}, "scm.mode")]:
+            ({"mode": "dc"}, {}, "scm.mode"),
+            ({}, {"compile": True}, "train.compile=true with method scm")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")) as e:
             scm_cfg(pixel_dir, tmp_path, scm=scm, train=train_kw)
         assert "\n" not in str(e.value)
@@ -244,6 +245,29 @@ def test_bad_configs_are_refused_in_one_line(pixel_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- runs
+
+
+def test_lora_scd_on_a_latent_cross_attention_teacher_trains(sd_dir, tmp_path):
+    """sCD with a LoRA student on an SD-structured latent teacher: the teacher pass is the same
+    UNet with its LoRA disabled, the JVP runs through cross-attention (math SDPA), only the
+    LoRA and the weight head change."""
+    data = scm_data(sd_dir, tmp_path, scm={"mode": "cd", "guidance_scale": 2.0,
+                                           "tangent_warmup_steps": 0},
+                    train={"max_steps": 2, "lr": 1e-2})
+    data["data"]["resolution"] = 32
+    data["adapter"] = {"type": "lora", "rank": 4}
+    t = SCMTrainer(build_config(SCMConfig, data))
+    last = t.fit()
+    assert math.isfinite(last["loss"]) and last["g_rms"] > 0
+    raw = t.unwrap(t.unet)
+    assert t.teacher_tf.denoiser.unet is raw  # one UNet: the teacher is it without the LoRA
+    trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n for n in trainable)
+    # LoRA's B starts at zero: after two steps it is not (the student moved off the teacher)
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in raw.named_parameters()
+               if "lora_B" in n)
+    head = t.unwrap(t.logvar)
+    assert float(head.linear.weight.detach().abs().sum()) > 0  # the weight head was updated
 
 
 def _rows(out: Path) -> dict[int, dict]:

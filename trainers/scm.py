@@ -205,6 +205,10 @@ class SCMConfig(BaseConfig):
         if not 0 < c.two_step_t_hat < math.pi / 2:
             raise ConfigError(f"scm.two_step_t_hat must lie in (0, π/2), got "
                               f"{c.two_step_t_hat}")
+        if self.train.compile:
+            raise ConfigError("train.compile=true with method scm: the θ⁻ JVP "
+                              "(torch.func.jvp) through a compiled network has not run in this "
+                              "toolkit yet; set train.compile=false")
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -252,6 +256,10 @@ class SCMTrainer(BackboneMixin, Trainer):
             else:
                 self.teacher_tf = TrigFlow(bb.denoiser(), c.sigma_data)
         self.t_range = (self.student_tf.t_hat_min, self.student_tf.t_hat_max)
+
+    def fsdp_unsupported(self) -> Optional[str]:
+        return ("the θ⁻ JVP (torch.func.jvp) through an FSDP-sharded network has not run in "
+                "this toolkit yet; use configs/accelerate/multi_gpu.yaml (DDP)")
 
     def _scratch(self, unet: nn.Module) -> nn.Module:
         """The folder's architecture, re-initialised with a seeded init (independent of what
