@@ -734,6 +734,39 @@ def test_regression_warmup_fits_the_teachers_ddim_solution(sd_dir, tmp_path):
     assert "loss_regression" in logs and "loss_dm" not in logs and "loss_fake" in logs
 
 
+def test_regression_term_is_added_to_every_generator_update(sd_dir, tmp_path):
+    """dmd2.regression_weight: the generator's loss is L_DM + λ·‖G(z) − ODE_teacher(z)‖²,
+    with z the generator's own noise (checked with the DM term stubbed to 0), on generator
+    updates after the warm-up; multi-step generators are refused."""
+    tr, batch = ready(sd_dir, tmp_path / "rw", 32, dmd2={
+        "timesteps": [599], "regression_weight": 0.25, "regression_ode_steps": 3,
+        "gan_generator_weight": 0.0, "gan_discriminator_weight": 0.0})
+    assert tr.is_generator_step()
+    tr.distribution_matching_loss = lambda x, cond: (x.sum() * 0, {})
+    gen_state = tr.generator.get_state()
+    seen = {}
+    step = tr.step
+
+    def spy(name, loss):
+        if name == "generator":
+            g = torch.Generator().set_state(gen_state)
+            noise = torch.randn(2, *tr.shape, generator=g)
+            cond = tr.cond_for_batch(batch, with_uncond=True)
+            with torch.no_grad():
+                x = tr.generate(noise, torch.full((2,), 599.0, dtype=torch.float64), cond)
+                seen["want"] = 0.25 * float(tr.regression_loss(noise, x, cond))
+            seen["got"] = float(loss.detach())
+        return step(name, loss)
+
+    tr.step = spy
+    logs = tr.train_step(batch)
+    assert seen["want"] > 1e-4
+    assert seen["got"] == pytest.approx(seen["want"], rel=1e-5)
+    assert float(logs["loss_regression"]) == pytest.approx(seen["want"] / 0.25, rel=1e-5)
+    with pytest.raises(ConfigError, match="one-step"):
+        make_cfg(sd_dir, tmp_path / "bad", 32, dmd2={"timesteps": FOUR, "regression_weight": 1.0})
+
+
 def test_regression_warmup_with_lpips_on_decoded_images(sd_dir, tmp_path):
     import torchvision
     from safetensors.torch import save_file

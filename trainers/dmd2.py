@@ -34,7 +34,8 @@ from pure noise (x0̂ = G(x, t_j), re-noised to t_{j+1} with fresh noise, as LCM
 without it by noising a real image to t_k. One step: ``timesteps: [999]`` (or [399] for the
 SDXL one-step recipe, with the optional regression warm-up: for the first
 ``regression_steps`` steps the generator is fitted to the teacher's DDIM ODE solution from
-the same noise, L2 on latents or LPIPS on decoded images — DMD (Yin et al. 2023), Sec. 3.3).
+the same noise, L2 on latents or LPIPS on decoded images — DMD (Yin et al. 2023), Sec. 3.3);
+``regression_weight`` keeps that term on for the whole run, weighted, as DMD itself does (eq. 8).
 
 Sampling and export (our choice, measured): the generator predicts x0 directly, without
 LCM's boundary condition. The stock ``LCMScheduler`` applies x0' = c_skip·x + c_out·x0̂ with
@@ -103,6 +104,11 @@ class DMD2Section:
     regression_loss: Literal["l2", "lpips"] = "l2"  # lpips: on decoded images
     regression_ode_steps: int = 25  # DDIM steps of the teacher's ODE solution
     regression_guidance_scale: Optional[float] = None  # None: guidance_scale
+    # λ_reg: keep DMD's regression term on beside L_DM on every generator update (DMD, Yin
+    # et al. 2023, eq. 8: L = L_KL + λ_reg L_reg, λ_reg 0.25): each noise is pulled towards
+    # the teacher's own image for it, a mode-covering anchor against DM's mode seeking. One
+    # step only; 0: off
+    regression_weight: float = 0.0
     lpips_weights: str = ""  # torchvision alexnet state dict for lpips (or the env variable)
     # what the generator's UNet output means (None: the teacher's type); "sample" / "v_prediction"
     # keep x0̂ well conditioned at t ≈ T, where ε's x0 = (x − σε̂)/α magnifies errors by σ/α
@@ -159,6 +165,12 @@ class DMD2Config(BaseConfig):
                               "differently")
         if d.regression_steps < 0:
             raise ConfigError("dmd2.regression_steps must be >= 0")
+        if d.regression_weight < 0:
+            raise ConfigError("dmd2.regression_weight must be >= 0 (0: off)")
+        if d.regression_weight > 0 and len(ts) > 1:
+            raise ConfigError("dmd2.regression_weight is for one-step generators (its target "
+                              "is the teacher's ODE solution from the generator's own noise); "
+                              f"dmd2.timesteps has {len(ts)} steps")
         if d.regression_ode_steps < 1:
             raise ConfigError("dmd2.regression_ode_steps must be >= 1")
         if d.fake_lr is not None and d.fake_lr <= 0:
@@ -426,6 +438,10 @@ class DMD2Trainer(BackboneMixin, Trainer):
                 x_in, t_in = self.generator_inputs(noise, cond, x_real)
                 x = self.generate(x_in, t_in, cond)
                 loss, glogs = self.distribution_matching_loss(x, cond)
+                if d.regression_weight > 0:  # one step: x_in is the noise itself
+                    reg = self.regression_loss(x_in, x, cond)
+                    loss = loss + d.regression_weight * reg
+                    glogs["loss_regression"] = reg.detach()
                 self.step("generator", loss)
             logs.update(glogs)
         else:
