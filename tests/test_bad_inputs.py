@@ -17,6 +17,7 @@ from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
 from PIL import Image
 
 from diffdistill.config import ConfigError, build_config
+from diffdistill.errors import RunError
 
 
 def cfg_for(model_dir, out, data=None, **train):
@@ -204,8 +205,9 @@ def test_disk_full_during_checkpoint_keeps_previous(pixel_dir, tmp_path):
         return real(path, *a, **k)
 
     t.accelerator.save_state = failing
-    with pytest.raises(OSError, match="checkpoint-1 is intact"):
+    with pytest.raises(RunError, match="checkpoint-1 is intact") as caught:
         t.fit()
+    assert isinstance(caught.value.__cause__, OSError)  # the reason, shown by -v
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     # and the intact checkpoint resumes

@@ -1,13 +1,16 @@
-"""Every trainer, killed with SIGKILL after a few checkpoints (as close to a checkpoint write as
-the poll can land), resumes with ``diffdistill train CFG --resume latest`` and ends
-bit-identical to an uninterrupted run: every tensor of the final checkpoint (weights, EMAs /
-θ⁻, method state tensors, RNG states, optimizer states), the per-step logged values, and the
-method's phase (DMD2 / f-distill's two time-scale counter, f-distill's ratio bins, Hyper-SD's
-stage, iCT's curriculum). A half-written checkpoint is never "latest".
+"""Every trainer, stopped by SIGTERM in the middle of step 2 (it finishes the step, writes
+checkpoint-2 and exits 75), resumed with ``--resume latest`` in another process that is then
+killed with SIGKILL after a few checkpoints (as close to a checkpoint write as the poll can
+land), and resumed again, ends bit-identical to an uninterrupted run: every tensor of the
+final checkpoint (weights, EMAs / θ⁻, method state tensors, RNG states, optimizer states),
+the per-step logged values, and the method's phase (DMD2 / f-distill's two time-scale
+counter, f-distill's ratio bins, Hyper-SD's stage, iCT's curriculum). A half-written
+checkpoint is never "latest"; the lock the killed process left is taken over with a warning.
 
-The killed run is a separate process; the reference and the resumed run go through the same
-CLI entry point in this process (one thread, as the killed process), which also shows the
-computation does not depend on the process it runs in.
+The killed run is a separate process; the SIGTERM-stopped run, the reference and the last
+resumed run go through the same CLI entry point in this process (one thread, as the killed
+process), which also shows the computation does not depend on the process it runs in. The
+SIGTERM is a real signal (``os.kill`` of this process) sent from inside the step's update.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ import pytest
 import torch
 import yaml
 from diffdistill.trainers.checkpointing import list_checkpoints
+from diffdistill.trainers.run_guard import LOCK_NAME
 from helpers import ALL_METHODS, LATENT_METHODS, method_run_data
 from safetensors.torch import load_file
 from standins import TINY_CLIP, make_tiny_clip
 
 from diffdistill.cli import main as cli
+from diffdistill.errors import STOPPED_EXIT_CODE
 
 #: method -> (train.max_steps, kill once checkpoint-N exists)
 PLAN = {"pretrain": (10, 4), "ict": (10, 5), "lcd": (8, 3), "rglcd": (8, 4), "dmd2": (10, 4),
         "fdistill": (10, 5), "hypersd": (10, 4)}
 HYPERSD_STAGE_STEPS = 3  # stages 4 segments [0, 3), 2 + reward [3, 6), 1 + DM [6, 10)
+STOP_STEP = 2  # SIGTERM arrives during this step (before every PLAN kill point)
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +175,48 @@ def expected_phase(method: str, steps: int) -> dict:
     return exp
 
 
+def sigterm_during_step(monkeypatch, step: int) -> list[int]:
+    """Send this process SIGTERM from inside the first optimizer update of ``step`` (after
+    the forward pass, before backward): the run must finish that step. Returns a list that
+    holds the global step at the moment the signal was sent."""
+    from diffdistill.trainers.base import Trainer
+
+    real, sent = Trainer.step, []
+
+    def step_with_a_signal(self, name, loss):
+        if not sent and self.global_step == step - 1:
+            sent.append(self.global_step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, name, loss)
+
+    monkeypatch.setattr(Trainer, "step", step_with_a_signal)
+    return sent
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_sigkill_then_resume_latest_is_bit_identical(method, sd_dir, pixel_dir, reward_section,
-                                                     tmp_path):
+def test_sigterm_then_sigkill_then_resume_latest_is_bit_identical(
+        method, sd_dir, pixel_dir, reward_section, tmp_path, monkeypatch, capfd, caplog):
     steps, kill_after = PLAN[method]
     model_dir = sd_dir if method in LATENT_METHODS else pixel_dir
     ref, out = tmp_path / "ref", tmp_path / "crash"
     cfg = write_run(tmp_path, method, model_dir, out, reward_section, steps)
 
-    proc = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", "train", str(cfg)],
+    # SIGTERM mid-step: the step completes, its checkpoint is written (checkpoint_every would
+    # not write one there), the command exits 75 with one line saying where to continue
+    with monkeypatch.context() as m:
+        sent = sigterm_during_step(m, STOP_STEP)
+        assert cli(["train", str(cfg), "train.checkpoint_every=100"]) == STOPPED_EXIT_CODE
+    assert sent == [STOP_STEP - 1]
+    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{STOP_STEP}"]
+    assert sorted(rows_by_step(out)) == list(range(1, STOP_STEP + 1))
+    stopped = [line for line in capfd.readouterr().err.splitlines() if "stopped by" in line]
+    assert stopped == [f"stopped by SIGTERM after step {STOP_STEP} of {steps}: checkpoint "
+                       f"{out / 'checkpoints' / f'checkpoint-{STOP_STEP}'}; continue with "
+                       "--resume latest"]
+    assert not (out / LOCK_NAME).exists()
+
+    proc = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", "train", str(cfg),
+                             "--resume", "latest"],
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -201,7 +240,10 @@ def test_sigkill_then_resume_latest_is_bit_identical(method, sd_dir, pixel_dir, 
     if method == "hypersd":
         assert killed_at >= HYPERSD_STAGE_STEPS  # resumes in a later stage than the first
 
+    assert (out / LOCK_NAME).is_file()  # the killed process could not release its lock
+    caplog.clear()
     assert cli(["train", str(cfg), "--resume", "latest"]) == 0
+    assert f"taking over the lock of a run that is gone (pid {proc.pid} " in caplog.text
     assert cli(["train", str(write_run(tmp_path, method, model_dir, ref, reward_section,
                                        steps))]) == 0
 

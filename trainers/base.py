@@ -12,9 +12,15 @@ Exact resume: all randomness a method draws goes through ``self.generator`` (one
 of (seed, epoch, position) and the position is saved, and accelerate saves optimizer and
 scheduler states. A run cut at step k and resumed continues bit-identically on CPU.
 
-Checkpoints: ``OUTPUT_DIR/checkpoints/checkpoint-<step>`` written to a temporary folder and
-renamed when complete (the rename is atomic), so "latest" is never half-written. Only
-trainable parameters are saved (a LoRA checkpoint holds the adapter, not the base model).
+Checkpoints: ``OUTPUT_DIR/checkpoints/checkpoint-<step>`` written to a temporary folder,
+fsynced and renamed when complete (the rename is atomic), so "latest" is never half-written;
+the export is replaced the same way. Only trainable parameters are saved (a LoRA checkpoint
+holds the adapter, not the base model).
+
+The ways real runs end (``docs/reliability.md``): :meth:`Trainer.fit` holds the folder's lock
+and refuses to mix into another run's files (:mod:`.run_guard`); SIGTERM / SIGINT stop it
+after the current step with a checkpoint (:mod:`.stopping`); a failed checkpoint or export
+write (a full disk) leaves the previous one intact and stops every rank with one line.
 """
 
 from __future__ import annotations
@@ -31,17 +37,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from diffdistill.config import BaseConfig, ConfigError, config_to_dict, save_config
+from diffdistill.errors import RunError, TrainingStopped
 
 from .batches import ShardedBatchSampler, _to_device
 from .checkpointing import CheckpointMixin
 from .ema import EMA
 from .metrics_log import Heartbeat, LogWindow, MetricsLogger
+from .run_guard import agree, guard_output_dir
 from .sharding import ShardingMixin
+from .stopping import StopSignals
 
 log = logging.getLogger("diffdistill.train")
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RunError):
+    """Too many non-finite losses in a row: the run stops, naming the last good checkpoint."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -374,12 +383,30 @@ class Trainer(ShardingMixin, CheckpointMixin):
         if resume:
             self.resume(resume)
 
-    def fit(self, resume: Optional[str] = None) -> dict[str, float]:
+    def fit(self, resume: Optional[str] = None, overwrite: bool = False) -> dict[str, float]:
         """Run training to ``train.max_steps``; returns the last logged line (each key's mean
-        over the steps since the line before, see :class:`~.metrics_log.LogWindow`)."""
+        over the steps since the line before, see :class:`~.metrics_log.LogWindow`).
+
+        ``resume``: "latest" or a checkpoint folder. The run holds ``output_dir``'s lock and
+        refuses a folder holding another run unless ``overwrite`` (old files moved to
+        ``previous-<time>/``), see :mod:`.run_guard`. A first SIGTERM / SIGINT ends it after
+        the current step with a checkpoint and :class:`~diffdistill.errors.TrainingStopped`.
+        """
+        stop = StopSignals().install()
+        try:
+            with guard_output_dir(self.accelerator, self.out, resume=resume,
+                                  overwrite=overwrite):
+                self.setup(resume)
+                return self._train(stop)
+        except TrainingStopped:
+            self.accelerator.wait_for_everyone()  # no rank exits before the lock is released
+            raise
+        finally:
+            stop.restore()
+
+    def _train(self, stop: StopSignals) -> dict[str, float]:
         from tqdm.auto import tqdm
 
-        self.setup(resume)
         acc, t = self.accelerator, self.cfg.train
         logger = MetricsLogger(self.out, enabled=acc.is_main_process,
                                tensorboard=self.cfg.log.tensorboard, wandb=self.cfg.log.wandb,
@@ -393,6 +420,8 @@ class Trainer(ShardingMixin, CheckpointMixin):
                 if self.cfg.log.heartbeat_s > 0 and acc.is_main_process else None)
         last: dict[str, float] = {}
         t0, steps0 = time.perf_counter(), self.global_step
+        if stop.requested(acc):  # during start-up: nothing new to save
+            self._stop(stop, logger, bar)
         while self.global_step < t.max_steps:
             tick = time.perf_counter()
             self.log_window.add(self.train_iteration(batches))
@@ -414,6 +443,8 @@ class Trainer(ShardingMixin, CheckpointMixin):
             if (t.checkpoint_every and self.global_step % t.checkpoint_every == 0
                     and self.nonfinite_in_row == 0):
                 self.checkpoint()
+            if self.global_step < t.max_steps and stop.requested(acc):
+                self._stop(stop, logger, bar)
         bar.close()
         self.verify_replicas()
         if t.checkpoint_every and (self.last_checkpoint is None or
@@ -421,13 +452,52 @@ class Trainer(ShardingMixin, CheckpointMixin):
             self.checkpoint()
         acc.wait_for_everyone()
         self._gather_full_weights()  # a collective under FSDP: before the main-only export
+        error = None
         if acc.is_main_process:
-            path = self.export(self.out / "export")
-            if path:
-                log.info("exported to %s", path)
-        acc.wait_for_everyone()
+            try:
+                path = self.write_export(self.out / "export")
+                if path:
+                    log.info("exported to %s", path)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it
+                error = e
         logger.close()
+        agree(acc, error)
         return last
+
+    def write_export(self, out_dir: Path) -> Optional[Path]:
+        """:meth:`export` into a temporary folder swapped in when complete: a failed write (a
+        full disk) leaves the previous export intact and raises a one-line RunError."""
+        from diffdistill.atomic import describe_write_error, write_folder_atomically
+
+        try:
+            return write_folder_atomically(Path(out_dir), self.export)
+        except (ConfigError, RunError):
+            raise
+        except Exception as e:
+            ckpt = self.last_checkpoint
+            redo = (f"; the trained weights are in {ckpt}: export them again with "
+                    f"'diffdistill export {self.out}'" if ckpt else "")
+            raise RunError(f"writing the export {out_dir} failed "
+                           f"({describe_write_error(e, Path(out_dir))}); the previous export, "
+                           f"if any, is intact{redo}") from e
+
+    def _stop(self, stop: StopSignals, logger: MetricsLogger, bar) -> None:
+        """A stop signal reached some process: checkpoint this step (unless it is already,
+        or a non-finite streak is under way) and raise TrainingStopped on every rank."""
+        bar.close()
+        saved = self.last_checkpoint is not None and \
+            self.last_checkpoint.name.endswith(f"-{self.global_step}")
+        if not saved and self.global_step > 0 and self.nonfinite_in_row == 0:
+            self.checkpoint()
+        logger.close()
+        ckpt = self.last_checkpoint
+        where = (f"checkpoint {ckpt}; continue with --resume latest" if ckpt else
+                 "no checkpoint (nothing trained yet); start again to train")
+        raise TrainingStopped(
+            f"stopped by {stop.name()} after step {self.global_step} of "
+            f"{self.cfg.train.max_steps}: {where}",
+            checkpoint=str(ckpt) if ckpt else None, step=self.global_step,
+            main_process=self.accelerator.is_main_process)
 
     def train_iteration(self, batches: Iterator[dict]) -> dict[str, float]:
         """One optimizer step of :meth:`fit`: ``train.grad_accum`` micro-batches through

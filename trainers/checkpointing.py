@@ -1,8 +1,10 @@
 """Atomic checkpoints and exact resume (a mixin of :class:`~diffdistill.trainers.base.Trainer`).
 
-``OUTPUT_DIR/checkpoints/checkpoint-<step>`` is written to a temporary folder and renamed
-when complete (the rename is atomic), so "latest" is never half-written; old ones are
-discarded by renaming them out of the names resume looks at first. Only trainable parameters
+``OUTPUT_DIR/checkpoints/checkpoint-<step>`` is written to a temporary folder, fsynced and
+renamed when complete (the rename is atomic), so "latest" is never half-written; old ones are
+discarded by renaming them out of the names resume looks at first. A write that fails on any
+process (a full disk) removes the temporary folder, keeps the previous checkpoint and stops
+every process with one line (:class:`~diffdistill.errors.RunError`). Only trainable parameters
 are saved (a LoRA checkpoint holds the adapter, not the base model). Resume refuses another
 method, another value of a key that must match, another process count, and names a damaged
 checkpoint with a way out.
@@ -19,7 +21,9 @@ from typing import Optional
 
 import torch
 
+from diffdistill.atomic import describe_write_error, fsync_path, fsync_tree
 from diffdistill.config import ConfigError, config_to_dict
+from diffdistill.errors import RunError
 
 log = logging.getLogger("diffdistill.train")
 
@@ -76,11 +80,17 @@ class CheckpointMixin:
         root = self.out / "checkpoints"
         final = root / f"{CKPT_PREFIX}{self.global_step}"
         tmp = root / f".tmp-{CKPT_PREFIX}{self.global_step}"
+        error = None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = e
         acc.wait_for_everyone()
         try:
+            if error is not None:
+                raise error
             acc.save_state(str(tmp))
             save_file({"generator": self.generator.get_state(),
                        "torch_rng": torch.get_rng_state(),
@@ -94,22 +104,45 @@ class CheckpointMixin:
                     save_file({k: v.contiguous() for k, v in tensors.items()},
                               str(tmp / "trainer_tensors.safetensors"))
                 (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state(), indent=1))
-        except OSError as e:
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            prev = self.last_checkpoint or "none"
-            raise OSError(f"writing checkpoint {final} failed ({e}); the previous checkpoint "
-                          f"{prev} is intact") from e
-        acc.wait_for_everyone()
+        except Exception as e:  # noqa: BLE001 - a full disk, an I/O error: every rank must know
+            error = e
+        if self.world > 1:
+            acc.wait_for_everyone()  # every rank's files written (or failed)
+        if acc.is_main_process and error is None:
+            try:  # the data on disk before the name points to it
+                fsync_tree(tmp)
+            except OSError as e:
+                error = e
+        self._agree_on_write(error, tmp, final)
         if acc.is_main_process:
             if final.exists():  # re-writing a step (resumed from an older checkpoint)
                 _discard(final)
             os.replace(tmp, final)  # atomic: "latest" is always complete
+            fsync_path(root)
             for old in list_checkpoints(self.out)[:-self.cfg.train.keep_checkpoints]:
                 _discard(old)
         acc.wait_for_everyone()
         self.last_checkpoint = final
         return final
+
+    def _agree_on_write(self, error: Optional[BaseException], tmp: Path, final: Path) -> None:
+        """Every rank learns whether any rank's write failed; if so the temporary folder is
+        removed and every rank raises (the failing one with the reason)."""
+        from .run_guard import agree
+
+        prev = self.last_checkpoint or "none"
+        if error is not None and not isinstance(error, RunError):
+            cause, error = error, RunError(
+                f"writing checkpoint {final} failed ({describe_write_error(error, tmp)}); the "
+                f"previous checkpoint {prev} "
+                "is intact; the run stopped (free space, then continue with --resume latest)")
+            error.__cause__ = cause
+        try:
+            agree(self.accelerator, error)
+        except BaseException:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def resolve_checkpoint(self, resume: str) -> Optional[Path]:
         if resume == "latest":
@@ -166,11 +199,11 @@ class CheckpointMixin:
         self.on_resume()
         log.info("resumed from %s at step %d", path, self.global_step)
 
-    def _damaged(self, path: Path, err: Exception) -> RuntimeError:
+    def _damaged(self, path: Path, err: Exception) -> RunError:
         others = [p for p in list_checkpoints(self.out) if p.name != path.name]
         hint = f", e.g. --resume {others[-1]}" if others else ""
         first = (str(err).splitlines() or [""])[0][:200]
-        return RuntimeError(f"checkpoint {path} cannot be read ({type(err).__name__}: {first}); "
+        return RunError(f"checkpoint {path} cannot be read ({type(err).__name__}: {first}); "
                             f"it is damaged or incomplete: resume from another checkpoint{hint}")
 
     def on_resume(self) -> None:

@@ -2,6 +2,11 @@
 
 ``diffdistill train CONFIG [key=value ...]`` runs one process; for several, use
 ``accelerate launch -m diffdistill.train CONFIG [key=value ...]`` (same arguments).
+
+Failures a user can act on (a bad key, a folder in use, a damaged checkpoint, a full disk)
+print one line and no traceback (``-v`` adds it); the exit status tells them apart (0
+finished, 1 run failed, 2 bad input, 75 stopped by SIGTERM / SIGINT with a checkpoint — see
+:mod:`diffdistill.errors` and ``docs/reliability.md``).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 EPILOG_TRAIN = """\
@@ -36,6 +42,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest checkpoint in output_dir, or from PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 even if output_dir holds another run: its files "
+                   "are moved into output_dir/previous-<time>/ (nothing is deleted)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. configs/bench/world_teachers.yaml)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny batches and few samples: checks the path, measures nothing")
+    for command in sub.choices.values():  # -v also after the command (python -m ...train)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging; tracebacks for errors")
     return ap
 
 
@@ -150,7 +162,7 @@ def cmd_train(args) -> int:
     from diffdistill.trainers import load_run_config
 
     cls, cfg = load_run_config(args.config, args.overrides)
-    cls(cfg).fit(resume=args.resume)
+    cls(cfg).fit(resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -165,15 +177,21 @@ def cmd_export(args) -> int:
     if not cfg_file.exists():
         print(f"error: {run} has no config.yaml; is it a training output_dir?", file=sys.stderr)
         return 2
+    from diffdistill.trainers.checkpointing import list_checkpoints
+    from diffdistill.trainers.run_guard import guard_output_dir
+
+    if args.checkpoint == "latest" and not list_checkpoints(run):
+        print(f"error: no checkpoint found in {run / 'checkpoints'}", file=sys.stderr)
+        return 2
     data = yaml.safe_load(cfg_file.read_text())
     cls = get_trainer_class(data["method"])
     cfg = build_config(cls.config_class, data)
+    cfg.output_dir = str(run)
     trainer = cls(cfg)
-    trainer.setup(resume=args.checkpoint)
-    if trainer.last_checkpoint is None:
-        print(f"error: no checkpoint found in {run / 'checkpoints'}", file=sys.stderr)
-        return 2
-    out = trainer.export(Path(args.out) if args.out else run / "export")
+    # the run's lock: no export while a run trains into this folder
+    with guard_output_dir(trainer.accelerator, run, check_reuse=False):
+        trainer.setup(resume=args.checkpoint)
+        out = trainer.write_export(Path(args.out) if args.out else run / "export")
     print(f"exported {trainer.last_checkpoint} -> {out}")
     return 0
 
@@ -252,15 +270,36 @@ def main(argv=None) -> int:
     if not args.verbose:
         logging.getLogger("diffdistill").setLevel(logging.INFO)
     from diffdistill.config import ConfigError
+    from diffdistill.errors import MirroredError, RunError, TrainingStopped
 
     handlers = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample,
                 "demo": cmd_demo, "world": cmd_world, "bench": cmd_bench,
                 "convergence": cmd_convergence}
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except TrainingStopped as e:  # not a failure: where to continue from (main process)
+        if args.verbose:
+            traceback.print_exc()
+        if e.main_process:
+            print(str(e), file=sys.stderr)
+        return e.exit_code
+    except MirroredError as e:  # another process failed and printed why
+        if args.verbose:
+            traceback.print_exc()
+        return e.exit_code
+    except (ConfigError, FileNotFoundError, RunError, OSError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1 if isinstance(e, RunError) or not isinstance(
+            e, (ConfigError, FileNotFoundError)) else 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The message as one line (an OSError without one: its errno text and file)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = text or type(e).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 if __name__ == "__main__":
