@@ -2,7 +2,9 @@
 step logged once, every rank holding the same weights, EMAs and method state at the end, data
 shards that never overlap, checkpoints (with one RNG file per rank) and one export written
 once, and a resume under 2 processes with a larger ``train.max_steps`` that continues from
-the last step with the batches an uninterrupted run would have drawn.
+the last step with the batches an uninterrupted run would have drawn. A SIGTERM that reaches
+one rank stops both after the same step with a checkpoint, and the run resumes bit-identically;
+a folder whose lock is held is refused on both ranks.
 
 The launched script is ``diffdistill.train`` plus a probe (written below) that records, per
 rank, the dataset indices of every batch and a digest of the trainable weights, EMA shadows
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +195,121 @@ def test_two_processes_agree_shard_checkpoint_once_and_resume(run, runs):
     if method in ("dmd2", "fdistill"):  # TTUR ratio 3 / 2: generator on steps 0 / 0, 2
         gen = [row["step"] for row in rows if "loss_dm" in row]
         assert gen == ([1] if method == "dmd2" else [1, 3])
+
+
+# ----------------------------------------------------------------------------- stop signal
+
+STOP_PROBE = '''
+import json, os, sys
+from pathlib import Path
+from diffdistill.cli import main
+rank, tag = int(os.environ["RANK"]), sys.argv[1]
+jobs, report = json.load(open(sys.argv[2])), Path(sys.argv[3])
+(report / f"{tag}-pid-rank{rank}").write_text(str(os.getpid()))
+codes = [main(["train", *argv]) for argv in jobs]
+(report / f"{tag}-rc-rank{rank}.json").write_text(json.dumps(codes))
+sys.exit(codes[-1])
+'''
+
+
+def start_launch(root: Path, tag: str, jobs: list[list[str]]) -> subprocess.Popen:
+    probe, job_file = root / "stop_probe.py", root / f"{tag}.json"
+    probe.write_text(STOP_PROBE)
+    job_file.write_text(json.dumps(jobs))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    accel = Path(sys.executable).with_name("accelerate")
+    return subprocess.Popen([str(accel), "launch", "--config_file",
+                             str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+                             "--main_process_port", str(free_port()), str(probe), tag,
+                             str(job_file), str(root)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_bit_identically(pixel_dir,
+                                                                               tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks stop after the same step (the stop flag is
+    all-reduced every step), write that step's checkpoint together and exit 75; the lock was
+    rank 0's. Resumed under 2 processes the run ends bit-identical to an uninterrupted one.
+    A run into a folder whose lock is held refuses on both ranks before any work."""
+    import time
+
+    import torch
+    from diffdistill.trainers.run_guard import LOCK_NAME, RunLock
+    from safetensors.torch import load_file
+
+    from diffdistill.errors import STOPPED_EXIT_CODE
+
+    steps = 24
+    cfgs = {}
+    for name in ("stop", "ref", "locked"):
+        data = method_run_data("pretrain", pixel_dir, tmp_path / name, steps=steps,
+                               train={"checkpoint_every": 0, "batch_size": BATCH},
+                               data={"limit": LIMIT})
+        cfgs[name] = tmp_path / f"{name}.yaml"
+        cfgs[name].write_text(yaml.safe_dump(data))
+    out = tmp_path / "stop"
+
+    launch = start_launch(tmp_path, "a", [[str(cfgs["stop"])]])
+    try:
+        deadline = time.time() + 300
+        while not ((out / "metrics.jsonl").exists()
+                   and len((out / "metrics.jsonl").read_text().splitlines()) >= 2
+                   and (tmp_path / "a-pid-rank1").exists()):
+            assert launch.poll() is None, launch.stderr.read()[-4000:]
+            assert time.time() < deadline, "the 2-process run did not start"
+            time.sleep(0.01)
+        pids = [int((tmp_path / f"a-pid-rank{r}").read_text()) for r in (0, 1)]
+        assert json.loads((out / LOCK_NAME).read_text())["pid"] == pids[0]  # rank 0's lock
+        os.kill(pids[1], signal.SIGTERM)
+        err = launch.communicate(timeout=180)[1]
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    codes = [json.loads((tmp_path / f"a-rc-rank{r}.json").read_text()) for r in (0, 1)]
+    assert codes == [[STOPPED_EXIT_CODE], [STOPPED_EXIT_CODE]], err[-4000:]
+    rows = metrics(out)
+    stop_step = rows[-1]["step"]
+    assert 2 <= stop_step < steps and {r["world_size"] for r in rows} == {2}
+    assert [r["step"] for r in rows] == list(range(1, stop_step + 1))
+    (ckpt,) = list_checkpoints(out)
+    assert ckpt.name == f"checkpoint-{stop_step}"
+    assert sorted(p.name for p in ckpt.glob("trainer_rng_*")) == [
+        "trainer_rng_0.safetensors", "trainer_rng_1.safetensors"]
+    assert err.count("SIGTERM received") == 1  # rank 1 only
+    assert [line for line in err.splitlines() if line.startswith("stopped by")] == [
+        f"stopped by a stop signal to another process after step {stop_step} of {steps}: "
+        f"checkpoint {ckpt}; continue with --resume latest"]  # printed once, by rank 0
+    assert not (out / LOCK_NAME).exists() and not (out / "export").exists()
+
+    (tmp_path / "locked").mkdir()
+    held = RunLock(tmp_path / "locked")
+    held.acquire()
+    try:
+        last = f"train.checkpoint_every={steps}"  # the final checkpoint, to compare
+        launch = start_launch(tmp_path, "b", [[str(cfgs["locked"])],
+                                              [str(cfgs["stop"]), last, "--resume", "latest"],
+                                              [str(cfgs["ref"]), last]])
+        err = launch.communicate(timeout=600)[1]
+    finally:
+        held.release()
+    codes = [json.loads((tmp_path / f"b-rc-rank{r}.json").read_text()) for r in (0, 1)]
+    assert codes == [[2, 0, 0], [2, 0, 0]], err[-4000:]
+    refusals = [line for line in err.splitlines() if "is in use by another run" in line]
+    assert len(refusals) == 1 and f"pid {os.getpid()} on host" in refusals[0]  # rank 0's
+    assert sorted(p.name for p in (tmp_path / "locked").iterdir()) == []  # nothing written
+    final, final_ref = list_checkpoints(out)[-1], list_checkpoints(tmp_path / "ref")[-1]
+    assert final.name == final_ref.name == f"checkpoint-{steps}"
+    names = sorted(p.name for p in final_ref.glob("*.safetensors"))
+    assert {"model.safetensors", "trainer_rng_0.safetensors",
+            "trainer_rng_1.safetensors"} <= set(names)
+    assert names == sorted(p.name for p in final.glob("*.safetensors"))
+    for name in names:
+        a, b = load_file(str(final / name)), load_file(str(final_ref / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def logged(folder):  # per step, the last row of a step logged twice wins
+        return {r["step"]: {k: v for k, v in r.items() if k != "it_per_s"}
+                for r in metrics(folder)}
+
+    assert logged(out) == logged(tmp_path / "ref")
+    assert sorted(logged(out)) == list(range(1, steps + 1))

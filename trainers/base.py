@@ -346,7 +346,7 @@ class Trainer(ShardingMixin, CheckpointMixin):
                 self.epoch_batches += 1
                 yield _to_device(batch, self.device)
             if given == 0:
-                raise RuntimeError(
+                raise RunError(
                     f"a whole pass over the dataset ({type(ds).__name__}, epoch "
                     f"{self.data_epoch}) gave no batch of train.batch_size="
                     f"{self.cfg.train.batch_size} on process {self.rank}: add data or lower "
