@@ -307,6 +307,8 @@ class Denoiser(DenoiserBase):
             out = self.unet(x.to(dt), timestep=timestep, **kwargs)
         else:
             out = self.unet(x.to(dt), timestep, **kwargs)
+        if torch.is_tensor(out):  # a plain network (out[0] would be its first sample)
+            return out
         return out.sample if hasattr(out, "sample") else out[0]
 
     def _flux_call(self, x: Tensor, timestep: Tensor, cond: Optional[Cond]) -> Tensor:
