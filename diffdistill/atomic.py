@@ -90,6 +90,9 @@ def write_folder_atomically(final: Path, write: Callable[[Path], Any]) -> Any:
     tmp.mkdir(parents=True)
     try:
         result = write(tmp)
+        if result is None and not any(tmp.iterdir()):  # nothing to write: keep what is there
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
         _retarget_paths(tmp, final)
         fsync_tree(tmp)
     except BaseException as e:

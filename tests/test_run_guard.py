@@ -409,3 +409,29 @@ def test_an_export_replacement_cut_short_is_recovered(tmp_path):
         write_folder_atomically(final, fails)
     assert (final / "README.md").read_text() == f"load {final}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_without_flock_the_pid_decides(tmp_path, monkeypatch, caplog):
+    """On a filesystem without flock (ENOLCK), a lock whose process is alive on this host is
+    refused and one whose process is gone is taken over with a warning."""
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for pid, refused in ((os.getppid(), True), (gone.pid, False)):
+        (tmp_path / LOCK_NAME).write_text(json.dumps(
+            {"pid": pid, "host": socket.gethostname(), "started": "t", "command": "c"}))
+        lock = RunLock(tmp_path)
+        if refused:
+            with pytest.raises(ConfigError, match=f"in use by another run: pid {pid} "):
+                lock.acquire()
+        else:
+            caplog.clear()
+            assert lock.acquire()["pid"] == pid
+            assert f"taking over the lock of a run that is gone (pid {pid} " in caplog.text
+            assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+            lock.release()

@@ -6,6 +6,8 @@
   naming the holder; a lock left by a process that is gone (same host: the ``flock`` is free)
   is taken over with a warning. A lock naming another host is never taken over: its process
   cannot be checked from here (the message says to delete the file if that run is over).
+  Where the filesystem has no ``flock`` (some network mounts), whether the named PID is alive
+  decides instead.
 * :func:`check_start` — a run that starts from step 0 into a folder holding another run's
   checkpoints or export refuses (continue it with ``--resume latest``, pick a new
   ``output_dir``, or ``--overwrite``); ``--overwrite`` moves the old files into
@@ -87,11 +89,18 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alive = False
             except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                    # a filesystem without flock (some network mounts): the PID decides
+                    holder = self._read(fd)
+                    alive = (holder.get("host") == host and holder.get("pid") != os.getpid()
+                             and isinstance(holder.get("pid"), int) and _pid_alive(holder["pid"]))
+                else:
+                    alive = True
+            if alive:
                 holder = self._read(fd)
                 os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                    raise
                 raise ConfigError(
                     f"output_dir {self.folder} is in use by another run: "
                     f"{describe_holder(holder)}; wait for it to end or choose another "
