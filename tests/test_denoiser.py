@@ -60,16 +60,19 @@ def test_vp_denoiser_recovers_x0_for_every_prediction_type(kind):
 def test_a_network_returning_a_bare_tensor_keeps_every_sample():
     """raw() of a plain nn.Module (no ``.sample``): the whole batch, not out[0]."""
     class Bare(nn.Module):
+        def __init__(self, as_tuple: bool):
+            super().__init__()
+            self.scale, self.as_tuple = nn.Parameter(torch.tensor(2.0)), as_tuple
+
         def forward(self, x, timestep, **kw):
-            return 2 * x
+            return (self.scale * x,) if self.as_tuple else self.scale * x
 
     sched = VPSchedule.from_config(SD_SCHEDULER)
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    out = Denoiser(Bare(), sched, "epsilon").raw(x, torch.full((3,), 500.0), None)
-    assert torch.equal(out, 2 * x)
-    tup = Denoiser(type("T", (nn.Module,), {"forward": lambda self, x, timestep, **k: (x,)})(),
-                   sched, "epsilon").raw(x, torch.full((3,), 500.0), None)
-    assert torch.equal(tup, x)  # diffusers' return_dict=False tuples still give their first entry
+    t = torch.full((3,), 500.0)
+    assert torch.equal(Denoiser(Bare(False), sched, "epsilon").raw(x, t, None), 2 * x)
+    # diffusers' return_dict=False tuples still give their first entry
+    assert torch.equal(Denoiser(Bare(True), sched, "epsilon").raw(x, t, None), 2 * x)
 
 
 def test_cm_denoiser_recovers_x0_and_feeds_diffusers_timestep():
