@@ -53,14 +53,14 @@ def _digest(tensors):
     return h.hexdigest()
 
 
-def _probe_fit(self, resume=None):
+def _probe_fit(self, resume=None, **kw):
     start_step = None
     def _setup_then_note(*a, _orig=self.setup, **k):
         nonlocal start_step
         _orig(*a, **k)
         start_step = self.global_step
     self.setup = _setup_then_note
-    result = _fit(self, resume)
+    result = _fit(self, resume, **kw)
     report = {
         "rank": self.rank, "world": self.world, "start_step": start_step,
         "global_step": self.global_step, "indices": seen, "state": self.state,

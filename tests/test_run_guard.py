@@ -142,7 +142,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_one_run_holds_a_fold
     # the stale lock (its process is gone, same host) is taken over with a warning
     last = int(list_checkpoints(out)[-1].name.split("-")[1])
     caplog.clear()
-    assert cli(["train", str(cfg), f"train.max_steps={last + 1}", "--resume", "latest"]) == 0
+    # (an override may also follow the options)
+    assert cli(["train", str(cfg), "--resume", "latest", f"train.max_steps={last + 1}"]) == 0
     assert f"taking over the lock of a run that is gone (pid {again.pid} on host" in caplog.text
     assert not (out / LOCK_NAME).exists() and (out / "export" / "model_index.json").is_file()
 

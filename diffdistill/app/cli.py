@@ -23,6 +23,9 @@ Public keys: model.path output_dir seed train.max_steps train.batch_size train.l
 train.grad_accum train.mixed_precision(no|fp16|bf16) train.checkpoint_every
 adapter.type(lora|full) adapter.rank adapter.alpha.  Multi-GPU:
   accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m diffdistill.train CONFIG
+SIGTERM / Ctrl-C: the step finishes, a checkpoint is written, exit status 75 (a second
+signal aborts at once); continue with --resume latest.  Exit status: 0 finished, 1 the run
+failed, 2 bad input (nothing trained), 75 stopped.  One run per output_dir (a lock file).
 """
 
 
@@ -259,7 +262,14 @@ def cmd_world(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (... --resume latest train.max_steps=9)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from diffdistill.quiet import quiet_libraries
 
     quiet_libraries(verbose=args.verbose)  # libraries' bars and chatter: only with -v
