@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# iCT from scratch at the paper's batch, on one offline GPU (the one-step issue's last goal:
-# one step <= 2x the world's pixel teacher, 1.32 at 50 steps / 1000 samples). On the 2-core
-# VM the same config runs batch 32 and plateaus at FID 16-25 (docs/one_step.md, "iCT from
-# scratch"); the paper trains batch 1024 for 400k steps.
+# iCT from scratch at the paper's batch, on one offline GPU (target: one step <= 2x the
+# world's pixel teacher, 1.32 at 50 steps / 1000 samples). On a 2-core CPU the same config
+# runs batch 32 and plateaus at FID 16-25 (docs/one_step.md, "iCT from scratch"); the paper
+# trains batch 1024 for 400k steps.
 #
 #     bash benchmarks/gpu_ict_scratch.sh          # results in $OUT (./gpu_ict_out)
 #

@@ -63,7 +63,7 @@ steps) and the loss drift (largest relative difference of the logged losses, com
 eager, over the warm-up and over the whole run: the two runs see the same batches and noise,
 so this is the compiled arithmetic's effect on the training trajectory).
 
-The goal of the performance issue is step/floor <= 1.15.
+The target is step/floor <= 1.15.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Case:
 LORA = ("adapter.type=lora", "adapter.rank=16", "adapter.alpha=16", "adapter.conv=true",
         "adapter.ff=true")
 
-#: name -> the toy config it runs. DEFAULT_CASES are the issue's rows; the rest are opt-in.
+#: name -> the toy config it runs. DEFAULT_CASES run by default; the rest are opt-in.
 CASES: dict[str, Case] = {
     # the world's latent teacher trained on; its latent cache off, so that it encodes every
     # batch as all the other latent toys do (cache hits would take the VAE out of its step)

@@ -103,7 +103,28 @@ def machine_info(device=None, num_processes: int = 1) -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
+    commit = _git_commit()
+    if commit:
+        info["commit"] = commit
     return info
+
+
+def _git_commit() -> str:
+    """The checkout's commit (with ``+dirty`` when files differ from it), or "" outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 # ----------------------------------------------------------------------------- files
@@ -160,7 +181,7 @@ def table_parts(results: BenchResults) -> tuple[str, list[str], list[list[str]],
     m = results.machine
     notes.append(f"machine: {m.get('gpu') or m.get('cpu')}, {m.get('num_processes')} "
                  f"process(es), torch {m.get('torch')}, diffusers {m.get('diffusers')}; "
-                 f"{results.date}.")
+                 f"{results.date}" + (f"; commit {m['commit']}." if m.get("commit") else "."))
     notes.append(f"command: `{results.command}`")
     return intro, head, rows, notes
 

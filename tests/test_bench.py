@@ -394,3 +394,16 @@ out: {tmp_path / 'out'}
     assert _build_clip(default.clip, {}, "cpu", BenchReference(kind="folder")) is None
     assert load_bench_config(_write(tmp_path, "models: [{name: a, path: x}]\nclip: null"
                                     )).clip is None
+
+
+def test_machine_info_records_the_checkout_commit():
+    """Every results.json names the commit it was measured at (clean or +dirty)."""
+    import re
+    import subprocess
+
+    from diffdistill.eval.report import machine_info
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    commit = machine_info()["commit"]
+    assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?", commit) and commit.startswith(head)

@@ -12,7 +12,7 @@
 4. prints the diffusers lines that load the best student.
 
 Everything is written under ``--out`` (default ``runs/demo``); ``results.md`` there is the
-table the README quotes. Training resumes from its checkpoints, so a second run only
+results table. Training resumes from its checkpoints, so a second run only
 re-evaluates. ``--all`` runs every method; ``--methods a,b`` picks some.
 """
 
@@ -67,8 +67,8 @@ METHODS: dict[str, DemoMethod] = {
                             teacher="teacher_flow"),
     "lcd-flow": DemoMethod("LCD (flow)", "lcd/toy_flow.yaml", 400, (1, 2, 4, 8),
                            teacher="teacher_flow", eval_steps=(1, 4)),
-    # Ablations the method issues ask for (`--methods NAME`; not part of --all), each the
-    # main method's demo budget with one thing changed.
+    # Ablations (`--methods NAME`; not part of --all), each the main method's demo budget
+    # with one thing changed.
     "dmd2-t999": DemoMethod("DMD2 (t = 999)", "dmd2/toy.yaml", DMD2_STEPS, (1,),
                             overrides=("dmd2.timesteps=[999]",), variant=True),
     "dmd2-nogan": DemoMethod("DMD2 (no GAN)", "dmd2/toy.yaml", DMD2_STEPS, (1,),
