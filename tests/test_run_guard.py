@@ -171,6 +171,7 @@ def test_a_fresh_run_into_a_used_folder_refuses_and_overwrite_moves_it_aside(
     out = tmp_path / "run"
     cfg = write_cfg(tmp_path, pixel_dir, out, 2)
     assert cli(["train", str(cfg)]) == 0
+    (out / "notes.txt").write_text("not the run's")  # a file of the user's
     before = digest(out)
     capsys.readouterr()
 
@@ -187,13 +188,15 @@ def test_a_fresh_run_into_a_used_folder_refuses_and_overwrite_moves_it_aside(
     caplog.clear()
     assert cli(["train", str(cfg), "--overwrite"]) == 0
     (previous,) = out.glob("previous-*")
-    assert digest(previous) == before  # moved aside whole, nothing deleted
+    run_files = {k: v for k, v in before.items() if k != "notes.txt"}
+    assert digest(previous) == run_files  # the run moved aside whole, nothing deleted
+    assert (out / "notes.txt").read_text() == "not the run's"  # the user's file stays
     assert f"moved to {previous}" in caplog.text
     assert steps_logged(out) == [1, 2]  # the new run's own log only
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     # "latest" is this run's, never the moved one's
     assert cli(["train", str(cfg), "train.max_steps=3", "--resume", "latest"]) == 0
-    assert steps_logged(out) == [1, 2, 3] and digest(previous) == before
+    assert steps_logged(out) == [1, 2, 3] and digest(previous) == run_files
 
     # --resume latest with no checkpoint (a run that never wrote one) starts over, moving the
     # old export and logs aside instead of writing into them

@@ -10,7 +10,8 @@
   decides instead.
 * :func:`check_start` — a run that starts from step 0 into a folder holding another run's
   checkpoints or export refuses (continue it with ``--resume latest``, pick a new
-  ``output_dir``, or ``--overwrite``); ``--overwrite`` moves the old files into
+  ``output_dir``, or ``--overwrite``); ``--overwrite`` moves the old run's files (those a run
+  writes: :data:`RUN_ENTRIES`; anything else in the folder stays) into
   ``OUTPUT_DIR/previous-<UTC time>/`` rather than deleting them. Logs of a run that left no
   checkpoint (``metrics.jsonl``, sample grids) are moved there too, with a warning, so a new
   run's logs hold only its own steps.
@@ -44,6 +45,10 @@ LOCK_NAME = "diffdistill.lock"
 PREVIOUS_PREFIX = "previous-"
 #: what a run writes besides checkpoints and its export (moved aside with them)
 LOG_NAMES = ("metrics.jsonl", "samples", "tensorboard")
+#: everything a run writes into its output_dir: what --overwrite moves aside (a folder that
+#: also holds other files, e.g. output_dir=., keeps them)
+RUN_ENTRIES = ("checkpoints", "export", ".old-export", ".tmp-export", "config.yaml", "wandb",
+               *LOG_NAMES)
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -187,11 +192,8 @@ def check_start(out: Path, resume: Optional[str], overwrite: bool) -> None:
             f"output_dir {out} holds another run ({_what(ckpts, has_export)}); continue it "
             "with --resume latest, choose a new output_dir, or add --overwrite to move its "
             f"files into {out}/{PREVIOUS_PREFIX}<time>/")
-    if overwrite:
-        old = [p for p in out.iterdir()
-               if p.name != LOCK_NAME and not p.name.startswith(PREVIOUS_PREFIX)]
-    else:
-        old = [out / n for n in ("checkpoints", "export", *LOG_NAMES) if (out / n).exists()]
+    names = RUN_ENTRIES if overwrite else ("checkpoints", "export", *LOG_NAMES)
+    old = [out / n for n in names if (out / n).exists()]
     if old:
         dest = move_aside(out, old)
         log.warning("output_dir %s: the previous run's %s moved to %s", out,
