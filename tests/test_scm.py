@@ -234,11 +234,15 @@ def test_bad_configs_are_refused_in_one_line(pixel_dir, tmp_path):
             ({"jvp": "forward"}, {}, "scm.jvp="), ({"jvp_fd_eps": 0.0}, {}, "scm.jvp_fd_eps"),
             ({"two_step_t_hat": 1.6}, {}, "scm.two_step_t_hat"),
             ({"mode": "cd", "guidance_scale": 0.5}, {}, "scm.guidance_scale"),
-            ({"mode": "dc"}, {}, "scm.mode"),
+            ({"mode": "dc"}, {}, "scm.mode"), ({"export_steps": 4}, {}, "scm.export_steps"),
             ({}, {"compile": True}, "train.compile=true with method scm")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")) as e:
             scm_cfg(pixel_dir, tmp_path, scm=scm, train=train_kw)
         assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="data.kind='prompts'") as e:
+        build_config(SCMConfig, {**scm_data(pixel_dir, tmp_path),
+                                 "data": {"kind": "prompts", "path": "p.txt"}})
+    assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="adapter.type=lora"):
         build_config(SCMConfig, {**scm_data(pixel_dir, tmp_path, scm={"init": "scratch"}),
                                  "adapter": {"type": "lora", "rank": 4}})
@@ -370,3 +374,101 @@ def test_shipped_configs_run_a_few_steps(name, pixel_dir, tmp_path):
     last = cls(cfg).fit()
     assert math.isfinite(last["loss"]) and last["g_rms"] > 0
     assert list((out / "samples").glob("*.png"))
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def _by_hand(export, labels, seeds, timesteps):
+    """The exported UNet2DModel stepped by the exported stock LCMScheduler."""
+    from diffusers import LCMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(str(export), subfolder="unet").eval()
+    sched = LCMScheduler.from_pretrained(str(export), subfolder="scheduler")
+    outs = []
+    for label, seed in zip(labels, seeds):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((1, 3, 16, 16), generator=g)
+        sched.set_timesteps(timesteps=timesteps)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                out = unet(x, t, class_labels=torch.tensor([label])).sample
+                x = sched.step(out, t, x, generator=g).prev_sample
+        outs.append(x)
+    return torch.cat(outs)
+
+
+def test_pixel_export_is_the_stock_scheduler_reproducing_the_trainers_samples(
+        pixel_dir, tmp_path, monkeypatch):
+    """sCD's student exported (full): the stock UNet2DModel + LCMScheduler at the native grid
+    [999] / [999, t(1.1)] reproduce the trainer's own 1- and 2-step samples (1e-4, as DMD2's
+    exports), and the model card's code, run as written, gives its 2-step image."""
+    from diffdistill.export import card_code
+
+    t = SCMTrainer(scm_cfg(pixel_dir, tmp_path / "run", scm={"mode": "cd",
+                                                             "guidance_scale": 2.0},
+                           train={"lr": 1e-2}))
+    t.fit()
+    export = tmp_path / "run" / "export"
+    info = json.loads((export / "diffdistill_export.json").read_text())
+    two = [int(v) for v in t.sample_timesteps(2).tolist()]
+    assert info["sampler"] == "lcm" and info["steps"] == 2 and info["timesteps"] == two
+    assert info["timesteps_by_steps"] == {"1": [999]}
+    labels = [3, 7]
+    cond = t.backbone.class_cond(torch.tensor(labels), guidance=False)
+    for steps in (1, 2):
+        ours = t.sample_latents([1, 2], cond, steps)
+        stock = _by_hand(export, labels, [1, 2], t.sample_timesteps(steps).long().tolist())
+        assert _rel(stock, ours) < 1e-4 and float(ours.std()) > 0.1, steps
+    # the student moved off the teacher: its samples are not the teacher's
+    from diffdistill.backbone import load_backbone
+
+    teacher = load_backbone(str(pixel_dir)).unet.state_dict()
+    moved = t.unwrap(t.unet).state_dict()
+    assert any(not torch.equal(moved[k], teacher[k]) for k in teacher)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(card_code(export / "README.md"), scope)
+    mine = t.sample_latents([0], t.backbone.class_cond(torch.tensor([0]), guidance=False), 2)
+    expected = ((mine.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert (scope["image"].int() - expected.int()).abs().max() <= 1
+
+
+def test_lora_export_loads_in_the_teachers_stock_pipeline(sd_dir, tmp_path, monkeypatch):
+    """A LoRA sCD student on an SD-structured teacher: the diffusers and kohya LoRA files load
+    into the teacher's stock StableDiffusionPipeline, whose LCMScheduler called with the
+    student's timesteps reproduces the trainer's 1- and 2-step samples; the card's code runs."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from helpers import run_model_card_code
+
+    from diffdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+
+    data = scm_data(sd_dir, tmp_path / "run", scm={"mode": "cd", "guidance_scale": 2.0,
+                                                   "tangent_warmup_steps": 0},
+                    train={"lr": 1e-2})
+    data["data"]["resolution"] = 32
+    data["adapter"] = {"type": "lora", "rank": 4}
+    t = SCMTrainer(build_config(SCMConfig, data))
+    t.fit()
+    export = tmp_path / "run" / "export"
+    prompts = ["a photo of a bag", "a photo of a sneaker"]
+    cond = t.backbone.encode_prompts(prompts, with_uncond=False)
+    for weight in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
+        pipe.load_lora_weights(str(export), weight_name=weight)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        for steps in (1, 2):
+            ts = t.sample_timesteps(steps).long().tolist()
+            gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+            with torch.no_grad():
+                stock = pipe(prompts, timesteps=ts, guidance_scale=1.0, height=32, width=32,
+                             generator=gens, output_type="latent").images
+            ours = t.sample_latents([5, 6], cond, steps)
+            assert _rel(stock, ours) < 1e-4 and float(ours.std()) > 0.1, (weight, steps)
+    card = (export / "README.md").read_text()
+    assert "timesteps=" in card and "LCMScheduler" in card
+    run_model_card_code(export, tmp_path, monkeypatch)

@@ -41,9 +41,20 @@ at t̂_mid = ``scm.two_step_t_hat`` (1.1 in the paper). Since f_θ is the networ
 native time, this is the toolkit's consistency sampler (``lcm``) on the native grid
 [t_max, t(t̂_mid)] (rounded to an integer timestep on a VP table).
 
-Not here yet: exports (the student is an ordinary pipeline folder; the default
-:meth:`Trainer.export` writes nothing), flow-transformer teachers (the TrigFlow conversion
-and the JVP support them; the trainer is untested on them and refuses), rCM's DMD term.
+Export (:meth:`SCMTrainer.export`): TrigFlow and the teacher's VP schedule are the same
+family of marginals (x_t = x_t̂·α_t/cos t̂), and f_θ is the network's own x0̂ at the native
+time, so the student is an ordinary pipeline folder (full) or LoRA sampled by the stock
+``LCMScheduler`` at the native grid: [t_max] (``original_inference_steps=1``) or
+[t_max, t(t̂_mid)] passed as ``timesteps=[…]``. LCMScheduler applies LCM's boundary condition
+c_skip·x + c_out·x0̂ on top (c_skip = 0.25/((10t)² + 0.25)); at the default grid
+(999 and 255 on the world's pixel teacher, 999 and 349 on its latent one) c_skip ≤ 4e-8,
+so the stock pipeline reproduces the trainer's samples well inside the 1e-4 its tests check
+(as DMD2's export does). The recorded
+number of steps is ``scm.export_steps``; the card lists both grids.
+
+Not here yet: flow-transformer teachers (the TrigFlow conversion and the JVP support them;
+the trainer is untested on them and refuses). rCM (sCD + distribution matching) is
+:mod:`diffdistill.trainers.rcm`.
 """
 
 from __future__ import annotations
@@ -155,6 +166,7 @@ class SCMSection:
     jvp_fd_eps: float = 1e-3  # finite_difference: step along the tangent (cos·sin·ẋ, cos·sin)
     logvar_dim: int = 64  # the weight head's embedding width
     two_step_t_hat: float = 1.1  # the 2-step sampler's middle time (the paper's)
+    export_steps: int = 2  # the steps the export's card and record use (1 or 2; both listed)
 
 
 @dataclass
@@ -205,8 +217,15 @@ class SCMConfig(BaseConfig):
         if not 0 < c.two_step_t_hat < math.pi / 2:
             raise ConfigError(f"scm.two_step_t_hat must lie in (0, π/2), got "
                               f"{c.two_step_t_hat}")
+        if c.export_steps not in (1, 2):
+            raise ConfigError(f"scm.export_steps must be 1 or 2 (the trained samplers), got "
+                              f"{c.export_steps}")
+        if self.data.kind == "prompts":
+            raise ConfigError("data.kind='prompts': sCT and sCD noise data samples x0 (x_t̂ = "
+                              "cos t̂·x0 + sin t̂·z), which a prompts-only dataset has none of; "
+                              "use an image dataset")
         if self.train.compile:
-            raise ConfigError("train.compile=true with method scm: the θ⁻ JVP "
+            raise ConfigError(f"train.compile=true with method {self.method or 'scm'}: the θ⁻ JVP "
                               "(torch.func.jvp) through a compiled network has not run in this "
                               "toolkit yet; set train.compile=false")
 
@@ -366,6 +385,80 @@ class SCMTrainer(BackboneMixin, Trainer):
 
     def grid_step_counts(self) -> list[int]:
         return [1, 2]
+
+    @torch.no_grad()
+    def sample_latents(self, seeds: list[int], cond, steps: int) -> Tensor:
+        """The trainer's own ``steps``-step sampler on the generator (latents / pixels,
+        float32): what an export must reproduce."""
+        from diffdistill.backbone import grid_shape
+        from diffdistill.sampling import generate
+
+        spec = self.eval_spec()
+        return generate(spec.denoiser, seeds=seeds,
+                        shape=grid_shape(self.backbone, self.cfg.data.resolution),
+                        cond_fn=lambda sl: cond.index(sl) if cond is not None else None,
+                        sampler="lcm", timesteps=self.sample_timesteps(steps),
+                        sampler_opts=spec.sampler_opts, output="latents", progress=False)
+
+    def export(self, out_dir):
+        """The student as its teacher's stock pipeline folder (full; pixel LoRA students are
+        merged) or a diffusers + kohya LoRA, sampled by ``LCMScheduler`` at the native grid of
+        :meth:`sample_timesteps` (module docstring: why the boundary condition it applies is
+        negligible there). A pixel class-conditional student gets a scheduler loop in its card
+        (no stock pipeline passes class labels)."""
+        from pathlib import Path
+
+        from diffdistill.backbone import grid_shape
+        from diffdistill.denoiser import lcm_boundary
+        from diffdistill.export import save_generator, write_export_info, write_model_card
+        from diffdistill.world import resolve_model_path
+
+        from .dmd2 import lcm_original_steps, pixel_usage_code
+
+        bb, c, out = self.backbone, self.cfg.scm, Path(out_dir)
+        if bb.schedule.kind != "vp":  # the trainer refuses others at build; keep it explicit
+            return None
+        steps = c.export_steps
+        grids = {n: [int(t) for t in self.sample_timesteps(n).tolist()] for n in (1, 2)}
+        T = bb.schedule.num_train_timesteps
+        ts = grids[steps]
+        ois = lcm_original_steps(ts, T)
+        sched_kwargs: dict = {"original_inference_steps": ois} if ois is not None else {}
+        lora = self.cfg.adapter.type == "lora" and bb.kind != "pixel"
+        if bb.kind == "pixel":  # the trainer's pixel sampler clips x0̂ to [-1, 1]
+            sched_kwargs["clip_sample"] = True
+        if c.student_prediction and c.student_prediction != bb.scheduler_config.get(
+                "prediction_type", "epsilon"):
+            sched_kwargs["prediction_type"] = c.student_prediction
+        call_kwargs = {} if ois is not None else {"timesteps": ts}
+        all_ts = sorted({t for g in grids.values() for t in g})
+        c_skip, c_out = lcm_boundary(torch.tensor(all_ts, dtype=torch.float64))
+        extra = {"training": f"sCM ({'sCD, teacher CFG ' + str(c.guidance_scale) if c.mode == 'cd' else 'sCT'})"
+                 f", TrigFlow σ_d = {c.sigma_data}",
+                 "1-step timesteps": grids[1], "2-step timesteps": f"{grids[2]} "
+                 f"(t̂ = {c.two_step_t_hat} in TrigFlow)",
+                 "note": f"f_θ is the network's own x0̂ at the native time; the stock "
+                         f"LCMScheduler's boundary condition is negligible at these timesteps "
+                         f"(c_skip <= {float(c_skip.max()):.1e}, |1 - c_out| <= "
+                         f"{float((1 - c_out).abs().max()):.1e})"}
+        unet = self.generator_unet()
+        save_generator(bb, unet, out, lora=lora, scheduler="lcm", scheduler_kwargs=sched_kwargs,
+                       adapter_name="default")
+        write_export_info(out, **self.eval_spec(unet).export_info(steps, (1, 2)),
+                          method=self.method)
+        base_model = resolve_model_path(self.cfg.model.path)
+        code = None
+        if bb.kind == "pixel":
+            extra["sampling"] = ("class-conditional UNet2DModel + LCMScheduler; no stock "
+                                 "pipeline passes class labels, so step the scheduler by hand "
+                                 "as above")
+            code = pixel_usage_code(str(out), ts, ois, grid_shape(bb, self.cfg.data.resolution))
+        write_model_card(out, prompt=self.card_prompt(), method=self.method,
+                         base_model=base_model, steps=steps, guidance_scale=1.0,
+                         scheduler="lcm", lora=lora, kind=bb.kind,
+                         scheduler_kwargs=sched_kwargs if lora else None,
+                         call_kwargs=call_kwargs, extra=extra, code=code)
+        return out
 
 
 def _nothing():
