@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from diffdistill.config import BaseConfig, ConfigError
+from diffdistill.denoiser import Cond
 from diffdistill.jvp import JVP_METHODS, jvp
 from diffdistill.trigflow import TrigFlow, native_time, trig_noise, trig_velocity
 
@@ -252,6 +253,7 @@ class SCMTrainer(BackboneMixin, Trainer):
         self.teacher_tf: Optional[TrigFlow] = None
         self.teacher_context: Callable = _nothing
         pred = c.student_prediction or bb.prediction_type
+        self.before_student(bb)
         if cfg.adapter.type == "lora":  # a LoRA on the folder's UNet; the teacher runs without it
             make_trainable(bb.unet, **self.adapter_kwargs(frozen_dtype=self.frozen_dtype))
             unet = bb.unet
@@ -275,6 +277,10 @@ class SCMTrainer(BackboneMixin, Trainer):
             else:
                 self.teacher_tf = TrigFlow(bb.denoiser(), c.sigma_data)
         self.t_range = (self.student_tf.t_hat_min, self.student_tf.t_hat_max)
+
+    def before_student(self, bb) -> None:
+        """Hook: runs on the loaded backbone before the student is made trainable (rCM copies
+        the teacher's structure for its fake score here, before a student LoRA exists)."""
 
     def fsdp_unsupported(self) -> Optional[str]:
         return ("the θ⁻ JVP (torch.func.jvp) through an FSDP-sharded network has not run in "
@@ -308,14 +314,22 @@ class SCMTrainer(BackboneMixin, Trainer):
                                             self.cfg.scm.guidance_scale).float()
 
     def tangent_terms(self, x_hat: Tensor, t_hat: Tensor, dxdt: Tensor, cond, seed: int,
-                      step: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+                      step: Optional[int] = None, extra: Optional[tuple[Tensor, Tensor]] = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
         """(F_θ with gradient, F⁻, normalised g): the student pass and the θ⁻ JVP, both
-        starting from the RNG seed ``seed`` (one dropout mask)."""
+        starting from the RNG seed ``seed`` (one dropout mask). ``extra`` = (x̂', t̂'): more
+        inputs for the same student forward (rCM's generator sample), whose F rows follow
+        the batch's in the returned F (one forward, so one DDP reduction per update)."""
         c = self.cfg.scm
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            f = self.student_tf(x_hat, t_hat, cond)
+            if extra is None:
+                f = self.student_tf(x_hat, t_hat, cond)
+            else:
+                both = None if cond is None else Cond.cat([cond, cond])
+                f = self.student_tf(torch.cat([x_hat, extra[0].to(x_hat.dtype)]),
+                                    torch.cat([t_hat, extra[1].to(t_hat)]), both)
         cs = torch.cos(t_hat) * torch.sin(t_hat)
         tangents = (_b(cs, x_hat) * dxdt.to(x_hat.dtype), cs)
         with torch.random.fork_rng(devices=devices):
@@ -327,8 +341,10 @@ class SCMTrainer(BackboneMixin, Trainer):
         g = normalize_tangent(g, c.tangent_norm_c, c.tangent_norm)
         return f, f_minus.detach(), g.to(f.dtype)
 
-    def loss_terms(self, batch: dict) -> dict[str, Tensor]:
-        """One batch's loss (value, the network's and the head's terms) and its pieces."""
+    def loss_terms(self, batch: dict, extra: Optional[Callable] = None) -> dict[str, Tensor]:
+        """One batch's loss (value, the network's and the head's terms) and its pieces.
+        ``extra(cond) -> (x̂', t̂')``, called after this batch's random draws: inputs that
+        share the student's forward (:meth:`tangent_terms`); their F is ``f_extra``."""
         c = self.cfg.scm
         x0 = self.encode_x0(batch).float()
         guided = self.teacher_tf is not None and c.guidance_scale != 1.0
@@ -340,14 +356,16 @@ class SCMTrainer(BackboneMixin, Trainer):
         x_hat = trig_noise(x0, z, t_hat)
         dxdt = self.velocity(x0, z, x_hat, t_hat, cond)
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        f, f_minus, g = self.tangent_terms(x_hat, t_hat, dxdt, student_cond, seed)
+        ext = extra(student_cond) if extra is not None else None
+        f, f_minus, g = self.tangent_terms(x_hat, t_hat, dxdt, student_cond, seed, extra=ext)
+        f, f_extra = f[:n], (f[n:] if ext is not None else None)
         weight = (1.0 / (c.sigma_data * torch.tan(t_hat))) if c.prior_weighting else None
         logvar = self.logvar(t_hat)
         value, net_term, head_term = scm_loss(f, f_minus, g, logvar, weight)
         return {"loss": value.mean(), "loss_net": net_term.mean(), "loss_head": head_term.mean(),
                 "logvar": logvar.detach().mean(), "t_hat": t_hat.mean(),
                 "g_rms": g.detach().pow(2).mean().sqrt(), "g": g.detach(),
-                "f_minus": f_minus}
+                "f_minus": f_minus, "f_extra": f_extra}
 
     def train_step(self, batch: dict) -> dict[str, float]:
         terms = self.loss_terms(batch)
