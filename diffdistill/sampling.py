@@ -26,6 +26,8 @@ Algorithms (each matches the named diffusers scheduler step for step; see the te
 * :func:`sample_ddim` — DDIM (Song, Meng & Ermon 2021, Eq. 12), eta ≥ 0; ``DDIMScheduler``.
   Its single step, :func:`ddim_solver_step` (α_to x0̂ + σ_to ε̂ at eta = 0), is also the teacher
   ODE solver of the consistency-distillation trainers (LCD, Hyper-SD).
+* :func:`sample_meanflow` — flow-map jumps z_r = z_t − (t − r)·u(z_t, r, t) (MeanFlow, Geng et
+  al. 2025, Eq. 9) over a :class:`~diffdistill.flowmap.FlowMap`; deterministic.
 * :func:`sample_euler`, :func:`sample_heun` — Karras et al. 2022 ("EDM"), Alg. 1 with the
   Euler step / Alg. 2 deterministic 2nd-order Heun, stepping the probability-flow ODE in the
   VE-equivalent sigma (x_ve = x_native / alpha_t, k-diffusion's convention); on a
@@ -67,7 +69,7 @@ Callback = Optional[Callable[[int, float, Tensor, Tensor], None]]
 
 __all__ = [
     "sample_onestep", "sample_lcm", "sample_cm_multistep", "sample_tcd", "sample_ddim",
-    "sample_euler", "sample_heun", "ddim_solver_step", "SAMPLERS", "lcm_timesteps",
+    "sample_euler", "sample_heun", "sample_meanflow", "ddim_solver_step", "SAMPLERS", "lcm_timesteps",
     "tcd_timesteps", "ddim_timesteps", "karras_timesteps", "cm_timesteps", "default_timesteps",
     "initial_sample", "seeded_noise", "to_uint8", "generate",
 ]
@@ -313,6 +315,33 @@ def sample_ddim(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] 
     return x
 
 
+def sample_meanflow(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,
+                    guidance_scale: float = 1.0, generators: Generators = None,
+                    callback: Callback = None, clip_denoised: bool = False) -> Tensor:
+    """Flow-map sampling (MeanFlow, Geng et al. 2025, Eq. 9 / Alg. 2): from native time t_i
+    jump to r = t_{i+1} with z_r = z_t − (t − r)·u(z_t, r, t), the last jump to r = 0 (clean
+    data). ``model`` is a :class:`~diffdistill.flowmap.FlowMap`; on the native grid a jump is
+    the DDIM step with its (x0̂, ε̂) at Δ = t − r (flow times), so one step is x0̂ = ε − u(ε, 0, 1)
+    and no noise is drawn. ``callback`` sees the jump's x0̂ (the sample at the last step)."""
+    from .flowmap import flow_time
+
+    x = _work(x)
+    ts = _times(timesteps)
+    schedule = model.schedule
+    for i, t in enumerate(ts):
+        last = i == len(ts) - 1
+        r = 0.0 if last else float(flow_time(schedule, ts[i + 1]))
+        pred = model.jump(x, _batch_t(t, x), cond, r, guidance_scale)
+        x0, eps = pred.x0.to(x.dtype), pred.eps.to(x.dtype)
+        if callback is not None:
+            callback(i, t, x, x0)
+        if last:
+            return x0.clamp(-1, 1) if clip_denoised else x0
+        a_next, s_next = _alpha_sigma(schedule, ts[i + 1])
+        x = a_next * x0 + s_next * eps
+    raise AssertionError("unreachable")
+
+
 def _ve_grid(model: DenoiserBase, timesteps) -> tuple[list[float], list[float]]:
     ts = _times(timesteps)
     sigmas = [float(model.schedule.sigma_of_t(t)) for t in ts] + [0.0]  # Karras: sigma_N = 0
@@ -406,6 +435,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     # DDIM's α' x0̂ + σ' ε̂ with α = 1 − s, σ = s, since x = (1 − s) x0̂ + s ε̂ — the same
     # step, named for the flow teachers' users. Its default grid is the scheduler's (below).
     "flow_euler": sample_ddim,
+    "meanflow": sample_meanflow,
 }
 
 
@@ -538,6 +568,13 @@ def default_timesteps(sampler: str, schedule: NoiseSchedule, num_steps: int) -> 
     """The grid each sampler is normally run on, for this schedule ("onestep": [t_max])."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    if sampler == "meanflow":  # even in flow time from the schedule's t_max to 0
+        from .flowmap import flow_range, native_time
+
+        flows = torch.linspace(flow_range(schedule)[1], 0.0, num_steps + 1,
+                               dtype=torch.float64)[1:-1]
+        return torch.cat([torch.tensor([schedule.t_max], dtype=torch.float64),
+                          native_time(schedule, flows)])
     if schedule.kind == "flow" and sampler not in ("onestep", "cm", "tcd"):
         return flow_timesteps(schedule, num_steps)  # its scheduler's grid, for every sampler
     vp = schedule.kind == "vp"

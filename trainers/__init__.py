@@ -17,6 +17,7 @@ TRAINERS = {
     "fdistill": ("diffdistill.trainers.fdistill", "FDistillTrainer"),
     "hypersd": ("diffdistill.trainers.hypersd", "HyperSDTrainer"),
     "scm": ("diffdistill.trainers.scm", "SCMTrainer"),
+    "meanflow": ("diffdistill.trainers.meanflow", "MeanFlowTrainer"),
     "rcm": ("diffdistill.trainers.rcm", "RCMTrainer"),
 }
 
