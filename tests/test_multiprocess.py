@@ -9,8 +9,8 @@ a folder whose lock is held is refused on both ranks.
 The launched script is ``diffdistill.train`` plus a probe (written below) that records, per
 rank, the dataset indices of every batch and a digest of the trainable weights, EMA shadows
 and method state tensors after ``fit`` — what the ranks hold is otherwise invisible, since
-only rank 0 writes checkpoints. To pay the start-up of two interpreters twice rather than 14
-times, one launch trains all seven methods one after the other (each with its own
+only rank 0 writes checkpoints. To pay the start-up of two interpreters twice rather than once
+per run, one launch trains every run one after the other (each with its own
 Accelerator and output folder, as separate runs would) and a second launch resumes them.
 """
 
@@ -118,9 +118,14 @@ def snapshot(out: Path, err: str, step: int) -> dict:
     }
 
 
-#: the runs of the two launches: every trainer, and f-distill (GAN head on the MMDiT, R1,
-#: ratio bins) on the SD3-structured flow transformer
-RUNS = (*ALL_METHODS, "fdistill-sd3")
+#: the runs of the two launches: every trainer, f-distill (GAN head on the MMDiT, R1,
+#: ratio bins) on the SD3-structured flow transformer, and sCD / rCM (θ⁻ JVP, weight head;
+#: rCM's fake score and student/fake phases) on the pixel UNet
+RUNS = (*ALL_METHODS, "fdistill-sd3", "scm", "rcm")
+#: the sections of the runs that are not in helpers.ALL_METHODS
+EXTRA = {"scm": {"scm": {"mode": "cd", "guidance_scale": 2.0, "tangent_warmup_steps": 1}},
+         "rcm": {"scm": {"mode": "cd", "guidance_scale": 2.0, "tangent_warmup_steps": 1},
+                 "rcm": {"fake_lr": 1e-3, "fake_updates_per_student_update": 2}}}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +143,7 @@ def runs(sd_dir, sd3_dir, pixel_dir, tmp_path_factory):
         data_section = {"limit": LIMIT, **({"resolution": 32} if sd3 else {})}
         data = method_run_data(m, model, outs[run], steps=2, reward=reward, stage_steps=1,
                                train={"checkpoint_every": 1, "batch_size": BATCH},
-                               data=data_section)
+                               data=data_section, **EXTRA.get(run, {}))
         cfgs[run] = root / f"{run}.yaml"
         cfgs[run].write_text(yaml.safe_dump(data))
     err = launch(root, [[str(cfgs[r])] for r in RUNS], free_port())
@@ -195,6 +200,9 @@ def test_two_processes_agree_shard_checkpoint_once_and_resume(run, runs):
     if method in ("dmd2", "fdistill"):  # TTUR ratio 3 / 2: generator on steps 0 / 0, 2
         gen = [row["step"] for row in rows if "loss_dm" in row]
         assert gen == ([1] if method == "dmd2" else [1, 3])
+    if method == "rcm":  # warm-up step 0 (sCD only), then the student + DM on 1, fake on 2
+        assert [row["step"] for row in rows if "loss_dm" in row] == [2]
+        assert [row["step"] for row in rows if "loss_scd" in row] == [1, 2]
 
 
 # ----------------------------------------------------------------------------- stop signal
