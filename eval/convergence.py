@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Mapping
 
 EVAL_PREFIX = "eval/"
+_STEP_KEY = re.compile(r"_\d+step$")  # eval/fid_fmnist_1step: a metric at a step count
 
 
 def read_curves(run_dir, label: str) -> dict[str, dict]:
-    """The periodic-eval curves of one run: one entry per logged eval key.
+    """The periodic-eval curves of one run: one entry per logged sample-quality key
+    (``eval/<metric>_<N>step``; diagnostics such as ``eval/d_auc`` are not curves of it).
 
     The label gets the key's step count when a run evaluates several (``DMD2 (1 step)``).
     A step logged twice (a run resumed from an earlier checkpoint) keeps its last value.
@@ -36,7 +39,7 @@ def read_curves(run_dir, label: str) -> dict[str, dict]:
         except ValueError:  # a line cut by a crash
             continue
         for key, value in row.items():
-            if key.startswith(EVAL_PREFIX) and value is not None:
+            if key.startswith(EVAL_PREFIX) and value is not None and _STEP_KEY.search(key):
                 rows.setdefault(key, {})[int(row["step"])] = (row.get("train_wall_s"),
                                                                float(value))
     curves = {}

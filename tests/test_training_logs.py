@@ -113,6 +113,8 @@ def test_periodic_eval_lines_carry_the_training_wall_time(pixel_dir, tmp_path, m
     rows = [r for r in _rows(tmp_path / "e") if "eval/fid_x_1step" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert 0 < rows[0]["train_wall_s"] < rows[1]["train_wall_s"]
+    # the discriminator's AUC is logged beside it but is not a convergence curve
+    assert all("eval/d_auc" in r for r in rows)
     assert read_curves(tmp_path / "e", "DMD2")["DMD2"]["wall_s"] == [
         r["train_wall_s"] for r in rows]
 
