@@ -89,6 +89,10 @@ METHODS: dict[str, DemoMethod] = {
                                  (1,), teacher="teacher_pixel", variant=True),
     "rglcd-lrm": DemoMethod("RG-LCD (LRM)", "rglcd/toy_lrm.yaml", 400, (1, 2, 4, 8),
                             variant=True),
+    # experimental, no improvement over the teacher measured yet: by name only
+    "scm": DemoMethod("sCD", "scm/toy.yaml", 200, (1, 2), teacher="teacher_pixel",
+                      variant=True, eval_steps=(1, 2)),
+    "rcm": DemoMethod("rCM", "rcm/toy.yaml", 200, (1, 2), variant=True, eval_steps=(1, 2)),
 }
 #: ``--all``: the main methods (the seven on the VP teachers, two on the flow teacher).
 MAIN_METHODS = tuple(k for k, m in METHODS.items() if not m.variant)
