@@ -325,6 +325,9 @@ def sample_meanflow(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Co
     and no noise is drawn. ``callback`` sees the jump's x0̂ (the sample at the last step)."""
     from .flowmap import flow_time
 
+    if not callable(getattr(model, "jump", None)):
+        raise ValueError(f"sampler 'meanflow' needs a flow map (diffdistill.flowmap.FlowMap: "
+                         f"a network with a second time input), got {type(model).__name__}")
     x = _work(x)
     ts = _times(timesteps)
     schedule = model.schedule

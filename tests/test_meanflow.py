@@ -137,6 +137,8 @@ def test_sampler_jumps_along_the_closed_form():
     two = sample_meanflow(fm, eps, torch.tensor([1000.0, 500.0]))
     mid = eps - 0.5 * u(eps, 0.5, 1)
     assert torch.allclose(two, mid - 0.5 * u(mid, 0, 0.5), atol=1e-6)
+    with pytest.raises(ValueError, match="needs a flow map"):  # a plain denoiser: one line
+        sample_meanflow(fm.denoiser, eps, torch.tensor([1000.0]))
 
 
 def test_flow_time_round_trips_on_a_vp_table():
