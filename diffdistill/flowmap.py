@@ -1,10 +1,10 @@
 """Flow maps u_θ(z, r, t): a second time input on stock diffusers backbones, and MeanFlow's
 average velocity over any toolkit denoiser (Geng et al. 2025, "Mean Flows for One-step
-Generative Modeling", Sec. 3–4).
+Generative Modeling"; equation numbers are the paper's).
 
 **The flow frame.** MeanFlow writes z_t = (1 − t)·x + t·ε, t ∈ [0, 1], with the instantaneous
-velocity v = ε − x and the average velocity u(z_t, r, t) = 1/(t − r)·∫_r^t v(z_τ, τ) dτ (Eq. 3),
-so that z_r = z_t − (t − r)·u(z_t, r, t) (Eq. 9 at r = 0: one step x = ε − u(ε, 0, 1)). Every
+velocity v = ε − x and the average velocity u(z_t, r, t) = 1/(t − r)·∫_r^t v(z_τ, τ) dτ,
+so that z_r = z_t − (t − r)·u(z_t, r, t) (at r = 0, t = 1: one step x = ε − u(ε, 0, 1)). Every
 schedule of the toolkit writes x_τ = α_τ·x + σ_τ·ε at its native time τ; matching the
 signal-to-noise ratio (as :mod:`diffdistill.trigflow` does for TrigFlow):
 
@@ -16,7 +16,7 @@ signal-to-noise ratio (as :mod:`diffdistill.trigflow` does for TrigFlow):
 then z_t = (1 − t)·x0̂ + t·ε̂ holds exactly. So a jump to r is the DDIM step with (x0̂, ε̂):
 x_r = α_r·x0̂ + σ_r·ε̂ on the native grid, and x0̂ itself at r = 0.
 
-**The second time.** MeanFlow embeds (t, t − r) and sums the two embeddings (Sec. 4.3). The
+**The second time.** MeanFlow embeds (t, t − r) and sums the two embeddings (its "conditioning on (r, t)"). The
 backbone's own timestep input keeps t (as the native τ(t), so a teacher's weights keep their
 meaning); the extra input is Δ = t − r, embedded as LCM embeds its guidance scale
 (:func:`delta_embedding`: sinusoids of 1000·Δ, diffusers'
@@ -286,14 +286,14 @@ def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
 
 
 def adaptive_weight(sq_norm: Tensor, p: float = 1.0, c: float = 1e-3) -> Tensor:
-    """w = sg(1/(‖Δ‖² + c)^p) per sample (Geng et al. 2025, Sec. 4.3; p = 1, c = 1e-3)."""
+    """w = sg(1/(‖Δ‖² + c)^p) per sample (Geng et al. 2025, adaptive loss weighting; p = 1, c = 1e-3)."""
     return 1.0 / (sq_norm.detach() + c).pow(p)
 
 
 def meanflow_loss(u: Tensor, target: Tensor, p: float = 1.0, c: float = 1e-3
                   ) -> tuple[Tensor, Tensor]:
     """Per-sample (w·‖u − sg(u_tgt)‖², ‖u − sg(u_tgt)‖²) with ‖·‖² the squared L2 norm
-    (the adaptively weighted loss of Sec. 4.3; p = 0 is plain L2), in float32 at least."""
+    (the adaptively weighted loss; p = 0 is plain L2), in float32 at least."""
     dt = torch.promote_types(u.dtype, torch.float32)
     sq = (u.to(dt) - target.detach().to(dt)).pow(2).flatten(1).sum(dim=1)
     return adaptive_weight(sq, p, c) * sq, sq

@@ -27,7 +27,7 @@ Algorithms (each matches the named diffusers scheduler step for step; see the te
   Its single step, :func:`ddim_solver_step` (α_to x0̂ + σ_to ε̂ at eta = 0), is also the teacher
   ODE solver of the consistency-distillation trainers (LCD, Hyper-SD).
 * :func:`sample_meanflow` — flow-map jumps z_r = z_t − (t − r)·u(z_t, r, t) (MeanFlow, Geng et
-  al. 2025, Eq. 9) over a :class:`~diffdistill.flowmap.FlowMap`; deterministic.
+  al. 2025) over a :class:`~diffdistill.flowmap.FlowMap`; deterministic.
 * :func:`sample_euler`, :func:`sample_heun` — Karras et al. 2022 ("EDM"), Alg. 1 with the
   Euler step / Alg. 2 deterministic 2nd-order Heun, stepping the probability-flow ODE in the
   VE-equivalent sigma (x_ve = x_native / alpha_t, k-diffusion's convention); on a
@@ -318,7 +318,7 @@ def sample_ddim(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] 
 def sample_meanflow(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,
                     guidance_scale: float = 1.0, generators: Generators = None,
                     callback: Callback = None, clip_denoised: bool = False) -> Tensor:
-    """Flow-map sampling (MeanFlow, Geng et al. 2025, Eq. 9 / Alg. 2): from native time t_i
+    """Flow-map sampling (MeanFlow, Geng et al. 2025, its 1-NFE sampling generalised): from native time t_i
     jump to r = t_{i+1} with z_r = z_t − (t − r)·u(z_t, r, t), the last jump to r = 0 (clean
     data). ``model`` is a :class:`~diffdistill.flowmap.FlowMap`; on the native grid a jump is
     the DDIM step with its (x0̂, ε̂) at Δ = t − r (flow times), so one step is x0̂ = ε − u(ε, 0, 1)

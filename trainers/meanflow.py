@@ -1,5 +1,5 @@
 """MeanFlow — one-step flow maps, from data or from a teacher (Geng et al. 2025, "Mean Flows
-for One-step Generative Modeling", Sec. 4; Alg. 1).
+for One-step Generative Modeling", Alg. 1; equation numbers are the paper's).
 
 The student u_θ(z, r, t | c) is the folder's network with a second time input Δ = t − r
 (:mod:`diffdistill.flowmap`: the stock ``time_cond_proj_dim`` path of ``UNet2DConditionModel``,
@@ -11,7 +11,7 @@ of a VP teacher are derived from t, :class:`~diffdistill.flowmap.FlowMap`).
 One step:
 
 * (t, r): two draws of the logit-normal proposal t = sigmoid(n), n ~ N(P_mean, P_std²)
-  (−0.4, 1.0 for ImageNet, Table 4), sorted so t ≥ r; each sample keeps r ≠ t with
+  (−0.4, 1.0 in the paper's ImageNet runs), sorted so t ≥ r; each sample keeps r ≠ t with
   probability ``meanflow.r_neq_t_ratio`` (25 % in the paper's ImageNet runs), else r = t (plain
   flow matching). t is clamped to the flow times the schedule covers (a VP table stops short
   of t = 1), r ≤ t;
@@ -24,7 +24,7 @@ One step:
   ω (ε / v / x0 / flow teachers all through :class:`~diffdistill.denoiser.Denoiser`);
 * du/dt = v·∂_z u_θ + ∂_t u_θ: one JVP of u_θ with tangents (v, 0, 1) over (z, r, t) (Eq. 8),
   without gradient (:func:`diffdistill.jvp.jvp`, autograd or central differences);
-* u_tgt = v − (t − r)·du/dt (Eq. 10), and the adaptively weighted loss (Sec. 4.3)
+* u_tgt = v − (t − r)·du/dt (Eq. 10), and the adaptively weighted loss (its "loss metrics")
 
       L = w·‖u_θ(z_t, r, t) − sg(u_tgt)‖²,     w = sg(1/(‖Δ‖² + c)^p),  p = 1, c = 1e-3.
 
@@ -32,7 +32,7 @@ At r = t the target is v: the loss reduces to flow matching exactly. The JVP pas
 gradient pass start from one RNG seed (one dropout mask), drawn from the trainer's generator:
 resume is bit-identical.
 
-Sampling (Eq. 9; :func:`diffdistill.sampling.sample_meanflow`): one step x = z − t·u(z, 0, t)
+Sampling (:func:`diffdistill.sampling.sample_meanflow`): one step x = z − t·u(z, 0, t)
 from the schedule's t_max (z = ε on a flow; a VP teacher's x_T = ε, as its own samplers
 start), two steps through the flow time ``meanflow.two_step_t`` (0.5).
 
@@ -116,7 +116,7 @@ def _b(v: Tensor, like: Tensor) -> Tensor:
 class MeanFlowSection:
     source: Literal["data", "teacher"] = "data"  # v: the data's conditional velocity | the teacher's
     init: Literal["scratch", "pretrained"] = "pretrained"  # scratch: pixel models, a flow student
-    p_mean: float = -0.4  # logit-normal proposal of t and r (ImageNet, Table 4)
+    p_mean: float = -0.4  # logit-normal proposal of t and r (paper: ImageNet)
     p_std: float = 1.0
     r_neq_t_ratio: float = 0.25  # share of the batch with r ≠ t (the rest: flow matching)
     guidance_scale: float = 1.0  # ω: data: Eq. 19's guided target; teacher: its CFG scale
