@@ -115,6 +115,9 @@ class EvalConfig:
     # what the periodic metric (and so the choice of a checkpoint) is measured against:
     # the validation images; fashion_mnist_test, a folder of images, or a FeatureStats .npz
     reference: str = "fashion_mnist_val"
+    # also improved precision / recall (k = 3) of the samples against the first num_samples
+    # reference images: eval/precision_<N>step, eval/recall_<N>step (fidelity / diversity)
+    precision_recall: bool = False
 
 
 @dataclass
@@ -183,6 +186,10 @@ class BaseConfig:
                                   "(pip install wandb), or set log.wandb=false")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+        if self.eval.precision_recall and self.eval.reference.endswith(".npz"):
+            raise ConfigError("eval.precision_recall needs reference images (fashion_mnist_val, "
+                              "fashion_mnist_test or a folder), not a statistics file: set "
+                              "eval.reference or eval.precision_recall=false")
 
 
 def _positive(v: int, key: str) -> None:

@@ -368,7 +368,10 @@ def quick_eval(trainer, spec: EvalModel) -> dict[str, float]:
     """The Trainer's periodic metric (``cfg.eval``): ``num_samples`` images from seeds
     0..N−1 per step count in ``eval.steps``, Fréchet distance on ``eval.detector`` against the
     reference at ``data.resolution``. Returns e.g. ``{"eval/fid_fmnist_1step": ...}``. The
-    detector and the reference statistics are built once per trainer."""
+    detector and the reference statistics are built once per trainer. With
+    ``eval.precision_recall`` also ``eval/precision_<N>step`` / ``eval/recall_<N>step``
+    against the first ``num_samples`` reference images (features cached in the run's
+    ``eval_cache``)."""
     from diffdistill.eval.fid import fid_from_stats, metric_name
 
     e = trainer.cfg.eval
@@ -382,6 +385,10 @@ def quick_eval(trainer, spec: EvalModel) -> dict[str, float]:
         _check_reference_size(stats.count, e.num_samples, ref, f"eval.reference {e.reference}",
                               fix="Lower eval.num_samples or use a larger eval.reference")
         cache.update(detector=det, reference=stats)
+        if e.precision_recall:
+            cache["reference_features"] = reference_features(
+                det, ref, e.num_samples, cache_dir=Path(trainer.out) / "eval_cache",
+                accelerator=trainer.accelerator)
     det, ref_stats = cache["detector"], cache["reference"]
     seeds = list(range(e.num_samples))
     label = _metric_key(metric_name(det))
@@ -389,6 +396,11 @@ def quick_eval(trainer, spec: EvalModel) -> dict[str, float]:
     for steps in e.steps:
         gen = generate_for_eval(spec, seeds, num_steps=steps, detectors=[det],
                                 resolution=trainer.cfg.data.resolution,
-                                batch_size=min(64, len(seeds)), accelerator=trainer.accelerator)
+                                batch_size=min(64, len(seeds)), accelerator=trainer.accelerator,
+                                keep_features=[det.name] if e.precision_recall else [])
         out[f"eval/{label}_{steps}step"] = fid_from_stats(gen.stats[det.name], ref_stats)
+        if e.precision_recall:
+            pr = precision_recall(cache["reference_features"], gen.features[det.name])
+            out[f"eval/precision_{steps}step"] = pr.precision
+            out[f"eval/recall_{steps}step"] = pr.recall
     return out

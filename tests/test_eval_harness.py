@@ -469,3 +469,42 @@ def test_a_bench_entry_without_steps_runs_what_the_export_serves():
     assert recorded_step_counts({"steps": 4, "served_steps": [1, 2, 4, 8]}) == [1, 2, 4, 8]
     assert recorded_step_counts({"steps": 2}) == [2]
     assert recorded_step_counts({}) == [4]
+
+
+def test_periodic_precision_recall_against_the_validation_images(pixel_dir, tmp_path):
+    """eval.precision_recall: precision / recall of the eval samples against the first
+    num_samples validation images, equal to the metric recomputed from the features."""
+    from diffdistill.eval.harness import quick_eval
+    from diffdistill.eval.precision_recall import precision_recall
+    from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
+
+    class EvalPretrain(PretrainTrainer):
+        def eval_spec(self):
+            bb = self.backbone
+            return EvalModel("student", bb, bb.denoiser(self.generator_unet()), "ddim")
+
+    def cfg(out, ev):
+        return build_config(PretrainConfig, {
+            "method": "pretrain", "output_dir": str(out), "seed": 1,
+            "model": {"path": str(pixel_dir)},
+            "data": {"kind": "fashion_mnist", "resolution": 16, "limit": 32},
+            "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 0,
+                      "cpu": True},
+            "eval": ev, "log": {"every": 1, "progress": False, "tensorboard": False}})
+
+    ev = {"every": 1, "num_samples": 12, "steps": [2], "detector": "dd-test-conv",
+          "reference": "fashion_mnist_val", "precision_recall": True}
+    tr = EvalPretrain(cfg(tmp_path / "run", ev))
+    tr.fit()
+    row = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if "eval/recall_2step" in x][-1]
+    det = ConvStandIn()
+    real = det(fashion_mnist_uint8("val", 16, limit=12)).float()
+    gen = generate_for_eval(tr.eval_spec(), list(range(12)), num_steps=2, detectors=[det],
+                            resolution=16, keep_features=[det.name])
+    want = precision_recall(real, gen.features[det.name])
+    assert row["eval/precision_2step"] == pytest.approx(want.precision, abs=1e-12)
+    assert row["eval/recall_2step"] == pytest.approx(want.recall, abs=1e-12)
+    assert quick_eval(tr, tr.eval_spec())["eval/recall_2step"] == pytest.approx(want.recall)
+    with pytest.raises(ConfigError, match="precision_recall needs reference images"):
+        cfg(tmp_path / "bad", {**ev, "reference": str(tmp_path / "stats.npz")})
