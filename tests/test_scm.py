@@ -472,3 +472,48 @@ def test_lora_export_loads_in_the_teachers_stock_pipeline(sd_dir, tmp_path, monk
     card = (export / "README.md").read_text()
     assert "timesteps=" in card and "LCMScheduler" in card
     run_model_card_code(export, tmp_path, monkeypatch)
+
+
+def test_flow_teacher_config_trains_and_exports_to_the_stock_sd3_pipeline(sd3_dir, tmp_path,
+                                                                          monkeypatch):
+    """configs/scm/toy_flow.yaml on the tiny SD3-structured flow teacher: 3 sCD steps (the θ⁻
+    JVP through the MMDiT), grids σ = [1] / [1, t(1.1)/T]; the exported pipeline with the
+    card's FlowMatchEuler (shift 1, stochastic) called with those sigmas reproduces the
+    trainer's 1- and 2-step samples; the card's code runs."""
+    from diffdistill.trainers import load_run_config
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from helpers import run_model_card_code
+
+    out = tmp_path / "run"
+    cls, cfg = load_run_config(ROOT / "configs" / "scm" / "toy_flow.yaml", [
+        f"model.path={sd3_dir}", f"output_dir={out}", "data.limit=8", "train.max_steps=3",
+        "train.batch_size=2", "train.checkpoint_every=0", "train.cpu=true",
+        "scm.tangent_warmup_steps=1", "log.grid_every=0", "log.progress=false",
+        "log.tensorboard=false"])
+    t = cls(cfg)
+    last = t.fit()
+    assert math.isfinite(last["loss"]) and last["g_rms"] > 0
+    mid = float(t.sample_timesteps(2)[1])
+    assert t.sample_timesteps(1).tolist() == [1000.0] and mid == 496.0  # σ_d tan(1.1) = σ/(1−σ)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out / "export"), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
+    prompts = ["a photo of a bag", "a photo of a sneaker"]
+    cond = t.backbone.encode_prompts(prompts, with_uncond=False)
+    import diffusers.schedulers.scheduling_flow_match_euler_discrete as flow_sched
+
+    for steps, sigmas in ((1, [1.0]), (2, [1.0, mid / 1000])):
+        gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        # the stock SD3 pipeline does not hand its generators to the scheduler's step, whose
+        # re-noising then draws from the global RNG: replay each sample's next draw instead
+        monkeypatch.setattr(flow_sched, "randn_tensor", lambda shape, gens=gens, **kw: torch.cat(
+            [torch.randn((1, *shape[1:]), generator=g) for g in gens]))
+        with torch.no_grad():
+            stock = pipe(prompts, sigmas=sigmas, guidance_scale=1.0, generator=gens,
+                         output_type="latent", height=32, width=32).images
+        ours = t.sample_latents([3, 4], cond, steps)
+        assert _rel(stock, ours) < 1e-4 and float(ours.std()) > 0.1, steps
+    monkeypatch.undo()
+    assert "sigmas=[1.0, 0.496]" in (out / "export" / "README.md").read_text()
+    run_model_card_code(out / "export", tmp_path, monkeypatch)

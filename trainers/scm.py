@@ -39,7 +39,7 @@ as iCT does): resume is bit-identical.
 Sampling (Sec. 5; :meth:`SCMTrainer.eval_spec`): one step f(σ_d z, t̂_max); two steps re-noise
 at t̂_mid = ``scm.two_step_t_hat`` (1.1 in the paper). Since f_θ is the network's x0̂ at the
 native time, this is the toolkit's consistency sampler (``lcm``) on the native grid
-[t_max, t(t̂_mid)] (rounded to an integer timestep on a VP table).
+[t_max, t(t̂_mid)] (rounded to an integer timestep).
 
 Export (:meth:`SCMTrainer.export`): TrigFlow and the teacher's VP schedule are the same
 family of marginals (x_t = x_t̂·α_t/cos t̂), and f_θ is the network's own x0̂ at the native
@@ -52,9 +52,11 @@ so the stock pipeline reproduces the trainer's samples well inside the 1e-4 its 
 (as DMD2's export does). The recorded
 number of steps is ``scm.export_steps``; the card lists both grids.
 
-Not here yet: flow-transformer teachers (the TrigFlow conversion and the JVP support them;
-the trainer is untested on them and refuses). rCM (sCD + distribution matching) is
-:mod:`diffdistill.trainers.rcm`.
+Flow (SD3-class) teachers: the same conversion with α = 1 − σ, σ = t/T (native times in
+[0, T], no shift); the export is the stock pipeline with ``FlowMatchEulerDiscreteScheduler``
+(shift 1, stochastic sampling) called with ``sigmas`` = [1.0] / [1.0, t(t̂_mid)/T]
+(:meth:`SCMTrainer._export_flow`). rCM (sCD + distribution matching) is
+:mod:`diffdistill.trainers.rcm` (VP teachers only).
 """
 
 from __future__ import annotations
@@ -237,6 +239,7 @@ class SCMConfig(BaseConfig):
 class SCMTrainer(BackboneMixin, Trainer):
     method = "scm"
     config_class = SCMConfig
+    trains_flow_transformers = True  # SD3-class flow teachers: sCD through the MMDiT's JVP
     resume_must_match = Trainer.resume_must_match + (
         "scm.mode", "scm.init", "scm.student_prediction", "scm.sigma_data", "scm.logvar_dim")
 
@@ -387,8 +390,7 @@ class SCMTrainer(BackboneMixin, Trainer):
         if steps == 2:
             mid = native_time(sched, torch.tensor([self.cfg.scm.two_step_t_hat]),
                               self.cfg.scm.sigma_data)
-            if sched.kind == "vp":
-                mid = mid.round()
+            mid = mid.round()  # an integer timestep (VP table; flow: σ on a 1/T grid)
             return torch.cat([torch.tensor([sched.t_max], dtype=torch.float64), mid])
         return None
 
@@ -403,6 +405,39 @@ class SCMTrainer(BackboneMixin, Trainer):
 
     def grid_step_counts(self) -> list[int]:
         return [1, 2]
+
+    def _export_flow(self, out):
+        """A flow (SD3-class) student: its teacher's stock pipeline with
+        ``FlowMatchEulerDiscreteScheduler`` at shift 1 with stochastic sampling (x0̂ = x − σ v̂,
+        re-noised along the flow path: the trainer's sampler), called with the native grid
+        as ``sigmas`` = t / T (as DMD2's flow export). The stock SD3 pipeline does not pass its
+        generator to the scheduler's step, so the 2-step re-noising draws from the global RNG:
+        given the same noise the step is the trainer's (tested), seeded per sample it is not."""
+        from diffdistill.export import (
+            flow_usage_code,
+            save_generator,
+            write_export_info,
+            write_model_card,
+        )
+        from diffdistill.world import resolve_model_path
+
+        bb, c = self.backbone, self.cfg.scm
+        T = bb.schedule.num_train_timesteps
+        lora = self.cfg.adapter.type == "lora"
+        grids = {n: [float(t) / T for t in self.sample_timesteps(n).tolist()] for n in (1, 2)}
+        unet, base_model = self.generator_unet(), resolve_model_path(self.cfg.model.path)
+        save_generator(bb, unet, out, lora=lora, scheduler="flow_stochastic",
+                       adapter_name="default")
+        write_export_info(out, **self.eval_spec(unet).export_info(c.export_steps, (1, 2)),
+                          method=self.method)
+        code = flow_usage_code(bb, model_id=str(out), base_model=base_model, lora=lora,
+                               sigmas=grids[c.export_steps], prompt=self.card_prompt())
+        write_model_card(out, prompt=self.card_prompt(), method=self.method,
+                         base_model=base_model, steps=c.export_steps, guidance_scale=1.0,
+                         scheduler="flow_stochastic", lora=lora, kind=bb.kind,
+                         extra={"1-step sigmas": grids[1], "2-step sigmas": f"{grids[2]} "
+                                f"(t̂ = {c.two_step_t_hat} in TrigFlow)"}, code=code)
+        return out
 
     @torch.no_grad()
     def sample_latents(self, seeds: list[int], cond, steps: int) -> Tensor:
@@ -434,7 +469,9 @@ class SCMTrainer(BackboneMixin, Trainer):
         from .dmd2 import lcm_original_steps, pixel_usage_code
 
         bb, c, out = self.backbone, self.cfg.scm, Path(out_dir)
-        if bb.schedule.kind != "vp":  # the trainer refuses others at build; keep it explicit
+        if bb.schedule.kind == "flow":
+            return self._export_flow(out)
+        if bb.schedule.kind != "vp":
             return None
         steps = c.export_steps
         grids = {n: [int(t) for t in self.sample_timesteps(n).tolist()] for n in (1, 2)}
