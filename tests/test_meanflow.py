@@ -191,6 +191,13 @@ def test_zero_initialised_second_time_is_the_teacher_exactly(which, pixel_dir, s
         pred = bb.denoiser(teacher)(xn, tau, cond)
         assert torch.equal(fm.average_velocity(z, tt, tt, cond), pred.eps - pred.x0)
         assert torch.equal(fm.average_velocity(z, tt / 2, tt, cond), pred.eps - pred.x0)
+    if which == "pixel":  # CFG on a jump: one batched call, u + s (c − u) on x0̂ and ε̂
+        null = Cond(class_labels=torch.full((2,), bb.null_class))
+        with torch.no_grad():
+            g = fm.jump(xn, tau, Cond(**kw, uncond=null), 0.1, guidance_scale=2.5)
+            c, u = fm.jump(xn, tau, Cond(**kw), 0.1), fm.jump(xn, tau, null, 0.1)
+        assert torch.allclose(g.x0, u.x0 + 2.5 * (c.x0 - u.x0), rtol=1e-5, atol=1e-4)
+        assert torch.allclose(g.eps, u.eps + 2.5 * (c.eps - u.eps), rtol=1e-5, atol=1e-4)
     if which == "sd":
         from diffusers import UNet2DConditionModel
 
