@@ -400,7 +400,7 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
                 "image.save(\"sample.png\")\n")
 
     def _pixel_card_code(self, folder: str, net: TwoTimeUNet2D) -> str:
-        res = self.cfg.data.resolution
+        res, m = self.cfg.data.resolution, self.cfg.meanflow.two_step_t
         ch = net.unet.config.in_channels
         label = "e['class_embedding.weight'][y] + " if net.class_table is not None else ""
         return (
@@ -418,7 +418,8 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
             "    return unet(z, 1000 * t, class_labels=c).sample\n"
             f"z = torch.randn(1, {ch}, {res}, {res}, generator=torch.Generator().manual_seed(0))"
             "\n"
-            "with torch.no_grad():  # one step (two: z -= .5 * u(z, .5, 1, y), then from t = .5)\n"
+            f"with torch.no_grad():  # one step (two: z -= {1 - m:g} * u(z, {m:g}, 1, y), then "
+            f"from t = {m:g})\n"
             "    x = (z - u(z, torch.zeros(1), torch.ones(1), torch.tensor([0]))).clamp(-1, 1)\n"
             "image = ((x[0] + 1) * 127.5).round().to(torch.uint8)\n")
 
