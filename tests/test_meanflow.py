@@ -243,6 +243,14 @@ def test_r_equal_t_is_flow_matching_and_the_step_is_its_formula(pixel_dir, tmp_p
     assert torch.allclose(terms["dudt"], dudt, rtol=1e-5, atol=1e-5)
     hand = terms["v"] - (tr - r).float().reshape(-1, 1, 1, 1) * dudt
     assert torch.allclose(terms["target"], hand, atol=1e-4)
+    # meanflow.jvp=finite_difference: the same draws, du/dt by central differences (at the
+    # default step 1e-4; 1e-3 is 11 % off here: the 1000·t time embedding's fast sinusoids)
+    fd = built(pixel_dir, tmp_path / "fd", meanflow={"init": "scratch", "r_neq_t_ratio": 1.0,
+                                                    "jvp": "finite_difference"})
+    fd_terms = fd.loss_terms(next(fd._batches()))
+    assert torch.equal(fd_terms["t"], tr) and torch.equal(fd_terms["z"], terms["z"])
+    err = (fd_terms["dudt"] - terms["dudt"]).abs().max() / terms["dudt"].abs().max()
+    assert float(err) < 1e-2, float(err)
 
 
 def test_guided_targets_data_eq19_and_the_teachers_cfg(pixel_dir, tmp_path):

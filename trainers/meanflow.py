@@ -124,7 +124,9 @@ class MeanFlowSection:
     adaptive_p: float = 1.0  # w = 1/(‖Δ‖² + c)^p (0: plain L2)
     adaptive_c: float = 1.0e-3
     jvp: str = "autograd"  # autograd (forward-mode AD) | finite_difference
-    jvp_fd_eps: float = 1.0e-3  # finite_difference: step along (v, 0, 1)
+    # finite_difference: step along (v, 0, 1); diffusers embed 1000·t, whose fastest sinusoid
+    # turns 1 rad per 1e-3 of t: 1e-3 was 11 % off the forward-mode JVP, 1e-4 0.1 % (tested)
+    jvp_fd_eps: float = 1.0e-4
     delta_embedding_dim: Optional[int] = None  # Δ-embedding width (None: the time projection's)
     two_step_t: float = 0.5  # the 2-NFE sampler's intermediate flow time
 
