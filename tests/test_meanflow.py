@@ -147,7 +147,14 @@ def test_flow_time_round_trips_on_a_vp_table():
     t = torch.tensor([0.05, 0.3, 0.5, 0.9], dtype=F64)
     assert torch.allclose(flow_time(sched, native_time(sched, t)), t, atol=1e-9)
     alpha, sigma = sched.alpha_sigma(torch.tensor(999.0))
-    assert math.isclose(float(flow_time(sched, 999)), float(sigma / (alpha + sigma)))
+    t_hi = float(sigma / (alpha + sigma))
+    assert math.isclose(float(flow_time(sched, 999)), t_hi)
+    # the sampler's default grid: even in flow time from t_max to 0 (t_max itself exact)
+    from diffdistill.sampling import default_timesteps
+
+    grid = default_timesteps("meanflow", sched, 2)
+    assert float(grid[0]) == 999.0 and math.isclose(float(flow_time(sched, grid[1])), t_hi / 2)
+    assert default_timesteps("meanflow", FlowSchedule(1000), 4).tolist() == [1000, 750, 500, 250]
 
 
 # ----------------------------------------------------------------------------- the second time
