@@ -345,71 +345,47 @@ def sample_meanflow(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Co
     raise AssertionError("unreachable")
 
 
-def _ve_grid(model: DenoiserBase, timesteps) -> tuple[list[float], list[float]]:
-    ts = _times(timesteps)
-    sigmas = [float(model.schedule.sigma_of_t(t)) for t in ts] + [0.0]  # Karras: sigma_N = 0
-    return ts, sigmas
-
-
 def _karras_ode(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond],
                 guidance_scale: float, callback: Callback, second_order: bool) -> Tensor:
-    """dx/dσ = (x − D(x; σ))/σ stepped in VE-equivalent sigma (Karras et al. 2022, Alg. 1/2):
-    an Euler step, plus Heun's correction at the next grid point when ``second_order``.
-    A flow schedule is stepped in its own sigma instead: its VE sigma is infinite at s = 1."""
+    """dy/dσ = (y − D(y; σ))/σ (Karras et al. 2022, Alg. 1/2): an Euler step, plus Heun's
+    correction at the next grid point when ``second_order``; a step to σ = 0 is exactly x0̂
+    (Alg. 2 line 8). y is the sample in the schedule's VE-equivalent form, y = x/α with
+    σ = σ_t/α_t — except on a rectified flow, x = (1 − s) x0 + s ε, which is stepped in its
+    own s (y = x, σ = s): its VE sigma is infinite at s = 1, yet dx/ds = (x − x0̂)/s is the
+    same equation, and its Euler step is ``flow_euler``'s (FlowMatchEulerDiscreteScheduler)."""
     schedule = model.schedule
+    ts = _times(timesteps)
     if schedule.kind == "flow":
-        return _flow_ode(model, x, timesteps, cond, guidance_scale, callback, second_order)
-    ts, sigmas = _ve_grid(model, timesteps)
-    x_ve = _work(x) / _alpha_sigma(schedule, ts[0])[0]
+        T = float(schedule.num_train_timesteps)
+        sigmas = [t / T for t in ts] + [0.0]
+
+        def scale(t):
+            return 1.0
+    else:
+        sigmas = [float(schedule.sigma_of_t(t)) for t in ts] + [0.0]  # Karras: sigma_N = 0
+
+        def scale(t):
+            return _alpha_sigma(schedule, t)[0]
+    y = _work(x) / scale(ts[0])
     for i, t in enumerate(ts):
-        alpha = _alpha_sigma(schedule, t)[0]
-        x_native = alpha * x_ve
+        x_native = scale(t) * y
         x0, _ = _denoise(model, x_native, t, cond, guidance_scale)
         if callback is not None:
             callback(i, t, x_native, x0)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if sigma_next == 0:  # a step to sigma = 0 is exactly x0_hat (Alg. 2 line 8: no
-            x_ve = x0        # correction there)
+        if sigma_next == 0:
+            y = x0
             continue
-        d = (x_ve - x0) / sigma
-        x_pred = x_ve + (sigma_next - sigma) * d
+        d = (y - x0) / sigma
+        y_pred = y + (sigma_next - sigma) * d
         if not second_order:
-            x_ve = x_pred
+            y = y_pred
             continue
         t_next = ts[i + 1]  # sigma_next is a grid point: evaluate at its native time
-        alpha_next = _alpha_sigma(schedule, t_next)[0]
-        x0_next, _ = _denoise(model, alpha_next * x_pred, t_next, cond, guidance_scale)
-        d_next = (x_pred - x0_next) / sigma_next
-        x_ve = x_ve + (sigma_next - sigma) * 0.5 * (d + d_next)
-    return x_ve
-
-
-def _flow_ode(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond],
-              guidance_scale: float, callback: Callback, second_order: bool) -> Tensor:
-    """The same ODE on a rectified flow x = (1 − s) x0 + s ε, in s itself: dx/ds = v =
-    (x − x0̂)/s, finite at s = 1 where the VE form divides by α = 0. Its Euler step is
-    ``flow_euler``'s (FlowMatchEulerDiscreteScheduler.step); Heun adds the correction."""
-    ts = _times(timesteps)
-    T = float(model.schedule.num_train_timesteps)
-    s_grid = [t / T for t in ts] + [0.0]
-    x = _work(x)
-    for i, t in enumerate(ts):
-        x0, _ = _denoise(model, x, t, cond, guidance_scale)
-        if callback is not None:
-            callback(i, t, x, x0)
-        s, s_next = s_grid[i], s_grid[i + 1]
-        if s_next == 0 and second_order:  # Alg. 2 line 8: no correction on the last step
-            x = x0
-            continue
-        d = (x - x0) / s
-        x_pred = x + (s_next - s) * d
-        if not second_order:
-            x = x_pred
-            continue
-        x0_next, _ = _denoise(model, x_pred, ts[i + 1], cond, guidance_scale)
-        d_next = (x_pred - x0_next) / s_next
-        x = x + (s_next - s) * 0.5 * (d + d_next)
-    return x
+        x0_next, _ = _denoise(model, scale(t_next) * y_pred, t_next, cond, guidance_scale)
+        d_next = (y_pred - x0_next) / sigma_next
+        y = y + (sigma_next - sigma) * 0.5 * (d + d_next)
+    return y
 
 
 def sample_euler(model: DenoiserBase, x: Tensor, timesteps, cond: Optional[Cond] = None, *,

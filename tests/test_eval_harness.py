@@ -398,9 +398,9 @@ def test_two_process_bench_equals_one_process(pixel_dir, tmp_path):
 # ----------------------------------------------------------------------------- trainer
 
 
-def test_trainer_periodic_eval_logs_the_harness_metric(pixel_dir, tmp_path):
-    from diffdistill.eval.harness import quick_eval
-    from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
+def _eval_pretrain_class():
+    """The pretraining trainer with its student as the periodic evaluation's model."""
+    from diffdistill.trainers.pretrain import PretrainTrainer
 
     class EvalPretrain(PretrainTrainer):
         def eval_spec(self):
@@ -408,20 +408,34 @@ def test_trainer_periodic_eval_logs_the_harness_metric(pixel_dir, tmp_path):
             return EvalModel("student", bb, bb.denoiser(self.generator_unet()), "ddim",
                              guidance_scale=self.cfg.eval.guidance_scale)
 
+    return EvalPretrain
+
+
+def _pretrain_cfg(pixel_dir, out, eval_section: dict, max_steps: int):
+    from diffdistill.trainers.pretrain import PretrainConfig
+
+    return build_config(PretrainConfig, {
+        "method": "pretrain", "output_dir": str(out), "seed": 1,
+        "model": {"path": str(pixel_dir)},
+        "data": {"kind": "fashion_mnist", "resolution": 16, "limit": 32},
+        "train": {"max_steps": max_steps, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 0,
+                  "cpu": True},
+        "eval": eval_section,
+        "log": {"every": 1, "progress": False, "tensorboard": False},
+    })
+
+
+def test_trainer_periodic_eval_logs_the_harness_metric(pixel_dir, tmp_path):
+    from diffdistill.eval.harness import quick_eval
+    from diffdistill.trainers.pretrain import PretrainTrainer
+
+    EvalPretrain = _eval_pretrain_class()
     det = ConvStandIn()
     ref_stats = reference_statistics(det, BenchReference(resolution=16, max_images=32))
     ref_file = ref_stats.save(tmp_path / "ref16.npz")
 
     def cfg(out, cls_eval):
-        return build_config(PretrainConfig, {
-            "method": "pretrain", "output_dir": str(out), "seed": 1,
-            "model": {"path": str(pixel_dir)},
-            "data": {"kind": "fashion_mnist", "resolution": 16, "limit": 32},
-            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 0,
-                      "cpu": True},
-            "eval": cls_eval,
-            "log": {"every": 1, "progress": False, "tensorboard": False},
-        })
+        return _pretrain_cfg(pixel_dir, out, cls_eval, max_steps=2)
 
     ev = {"every": 1, "num_samples": 8, "steps": [1, 2], "guidance_scale": 1.0,
           "detector": "dd-test-conv", "reference": str(ref_file)}
@@ -476,21 +490,11 @@ def test_periodic_precision_recall_against_the_validation_images(pixel_dir, tmp_
     num_samples validation images, equal to the metric recomputed from the features."""
     from diffdistill.eval.harness import quick_eval
     from diffdistill.eval.precision_recall import precision_recall
-    from diffdistill.trainers.pretrain import PretrainConfig, PretrainTrainer
 
-    class EvalPretrain(PretrainTrainer):
-        def eval_spec(self):
-            bb = self.backbone
-            return EvalModel("student", bb, bb.denoiser(self.generator_unet()), "ddim")
+    EvalPretrain = _eval_pretrain_class()
 
     def cfg(out, ev):
-        return build_config(PretrainConfig, {
-            "method": "pretrain", "output_dir": str(out), "seed": 1,
-            "model": {"path": str(pixel_dir)},
-            "data": {"kind": "fashion_mnist", "resolution": 16, "limit": 32},
-            "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 0,
-                      "cpu": True},
-            "eval": ev, "log": {"every": 1, "progress": False, "tensorboard": False}})
+        return _pretrain_cfg(pixel_dir, out, ev, max_steps=1)
 
     ev = {"every": 1, "num_samples": 12, "steps": [2], "detector": "dd-test-conv",
           "reference": "fashion_mnist_val", "precision_recall": True}

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_flow import SD3, VelocityNet  # the seeded stand-in flow network
 from torch import nn
 
 from diffdistill.denoiser import Denoiser
 from diffdistill.sampling import generate, sample_euler, sample_heun
 from diffdistill.schedule import FlowSchedule
-
-SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-       "shift": 3.0}
 
 
 class ExactVelocity(nn.Module):
@@ -25,20 +23,6 @@ class ExactVelocity(nn.Module):
 
     def forward(self, x, timestep, **kwargs):
         return (self.v.expand_as(x),)
-
-
-class SeededVelocity(nn.Module):
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        with torch.no_grad():
-            for p in self.conv.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-    def forward(self, x, timestep, **kwargs):
-        t = timestep.float().reshape(-1, 1, 1, 1) / 1000.0
-        return (torch.tanh(self.conv(x)) * (1 + t) - 0.3 * x,)
 
 
 @pytest.mark.parametrize("sampler", [sample_euler, sample_heun])
@@ -55,7 +39,7 @@ def test_flow_ode_from_s1_lands_on_x0_of_a_straight_path(sampler, grid):
 
 
 def test_flow_euler_and_heun_through_generate():
-    den = Denoiser(SeededVelocity(), FlowSchedule.from_config(SD3), prediction_type="flow")
+    den = Denoiser(VelocityNet(), FlowSchedule.from_config(SD3), prediction_type="flow")
     kw = dict(seeds=[0, 1], shape=(4, 8, 8), cond_fn=lambda sl: None, output="latents",
               progress=False)
     euler = generate(den, sampler="euler", num_steps=6, **kw)
