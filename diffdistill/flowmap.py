@@ -39,8 +39,12 @@ meaning); the extra input is Δ = t − r, embedded as LCM embeds its guidance s
   loads with stock ``UNet2DModel``; the class table and g are a documented extra file
   (:data:`TWO_TIME_FILE`) of a few tensors. (An unconditional pixel UNet gets the same module
   with no class table.)
-* SD3 / Flux transformers: no stock slot carries a second continuous input
-  (``CombinedTimestepTextProjEmbeddings`` takes the time and the pooled text only); refused.
+* ``SD3Transformer2DModel`` (flow transformers): its time embedding takes the time and the
+  pooled text only (``CombinedTimestepTextProjEmbeddings``), so the Δ-embedding rides on the
+  pooled text: ``pooled_projection_dim`` widened by the Δ-width, the new input columns of
+  ``text_embedder.linear_1`` zero — the teacher exactly at the start, a stock class, and the
+  stock ``StableDiffusion3Pipeline`` samples it with
+  ``pooled_prompt_embeds = [pooled text, Δ-embedding]``. (Flux: not yet.)
 
 The JVP of u_θ along (v, 0, 1) over (z, r, t) (Eq. 8) differentiates through all of this —
 the native time τ(t), the input scale and Δ — with :func:`diffdistill.jvp.jvp`.
@@ -53,7 +57,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .denoiser import Cond, Denoiser, DenoiserBase, Prediction, guidance_scale_embedding
+from .denoiser import (
+    Cond,
+    Denoiser,
+    DenoiserBase,
+    Prediction,
+    guidance_scale_embedding,
+    is_transformer,
+)
 from .schedule import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -156,6 +167,17 @@ class TwoTimeUNet2D(nn.Module):
         return sd
 
 
+def _is_sd3(net: nn.Module) -> bool:
+    return type(net).__name__ == "SD3Transformer2DModel"
+
+
+def default_delta_dim(net: nn.Module) -> int:
+    """The Δ-embedding's default width: that of the network's own time projection."""
+    if _is_sd3(net):
+        return net.time_text_embed.time_proj.num_channels
+    return int(net.config["block_out_channels"][0])
+
+
 def second_time_dim(net: nn.Module) -> Optional[int]:
     """The width of the Δ-embedding a network reads (None: it has no second time)."""
     if isinstance(net, TwoTimeUNet2D):
@@ -176,8 +198,19 @@ def add_second_time(net: nn.Module, dim: Optional[int] = None) -> nn.Module:
     # without the private keys: ``_use_default_values`` would make from_config ignore the
     # very entries changed here
     cfg = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
-    dim = int(dim or cfg["block_out_channels"][0])
+    dim = int(dim or default_delta_dim(net))
     state = net.state_dict()
+    if _is_sd3(net):
+        from diffusers import SD3Transformer2DModel
+
+        key = "time_text_embed.text_embedder.linear_1.weight"
+        new = SD3Transformer2DModel.from_config(
+            {**cfg, "pooled_projection_dim": cfg["pooled_projection_dim"] + dim})
+        w = state[key]
+        state = {**state, key: torch.cat([w, w.new_zeros(w.shape[0], dim)], dim=1)}
+        new.load_state_dict(state, strict=True)
+        p = next(net.parameters())
+        return new.to(p.device, p.dtype)
     if isinstance(net, UNet2DConditionModel):
         if cfg.get("time_cond_proj_dim") is not None:
             raise ValueError("this UNet2DConditionModel already embeds a timestep_cond "
@@ -206,8 +239,8 @@ def add_second_time(net: nn.Module, dim: Optional[int] = None) -> nn.Module:
         p = next(net.parameters())
         return TwoTimeUNet2D(unet, table, dim).to(p.device, p.dtype)
     raise ValueError(f"{type(net).__name__}: MeanFlow's second time is implemented for "
-                     "UNet2DModel and UNet2DConditionModel (no stock slot in SD3/Flux "
-                     "transformers yet)")
+                     "UNet2DModel, UNet2DConditionModel and SD3Transformer2DModel (not Flux "
+                     "yet)")
 
 
 # ----------------------------------------------------------------------------- the flow map
@@ -227,16 +260,23 @@ class FlowMap(DenoiserBase):
         super().__init__()
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
+        #: SD3: the Δ-embedding is appended to the pooled text (its width must then be given)
+        self.pooled = is_transformer(denoiser.unet)
         dim = delta_dim or second_time_dim(denoiser.unet)
         if dim is None:
             raise ValueError("FlowMap needs a network with a second time input "
-                             "(diffdistill.flowmap.add_second_time)")
+                             "(diffdistill.flowmap.add_second_time) and, for a transformer, "
+                             "the width of its Δ-embedding")
         self.delta_dim = int(dim)
         self.t_lo, self.t_hi = flow_range(self.schedule)
 
     def _cond(self, cond: Optional[Cond], delta: Tensor, device) -> Cond:
         emb = delta_embedding(delta, self.delta_dim).to(device)
-        return (cond or Cond()).replace(timestep_cond=emb, uncond=None)
+        cond = (cond or Cond()).replace(uncond=None)
+        if self.pooled:
+            pooled = cond.pooled_projections
+            return cond.replace(pooled_projections=torch.cat([pooled, emb.to(pooled.dtype)], 1))
+        return cond.replace(timestep_cond=emb)
 
     def jump(self, x: Tensor, tau, cond: Optional[Cond], r, guidance_scale=1.0) -> Prediction:
         """(x0̂, ε̂) at native (x, τ) with Δ = t(τ) − r: the jump lands on
@@ -300,5 +340,5 @@ def meanflow_loss(u: Tensor, target: Tensor, p: float = 1.0, c: float = 1e-3
 
 
 __all__ = ["FlowMap", "TWO_TIME_FILE", "TwoTimeUNet2D", "adaptive_weight", "add_second_time",
-           "delta_embedding", "flow_range", "flow_time", "meanflow_loss", "meanflow_target",
+           "default_delta_dim", "delta_embedding", "flow_range", "flow_time", "meanflow_loss", "meanflow_target",
            "native_time", "second_time_dim"]

@@ -387,6 +387,50 @@ def test_latent_export_is_the_stock_lcm_pipeline_at_guidance_1_plus_t(sd_dir, tm
     assert (ours.int() - theirs.int()).abs().max() <= 1 and float(ours.float().std()) > 1
 
 
+def test_sd3_student_starts_as_the_teacher_and_its_export_is_the_stock_sd3_pipeline(
+        sd3_dir, tmp_path, monkeypatch):
+    """SD3-structured flow teacher: the Δ-embedding appended to the pooled text through
+    zero-initialised columns gives the teacher's velocity exactly (stock SD3Transformer2DModel
+    with a wider pooled_projection_dim); after training, the card's one call of the stock
+    StableDiffusion3Pipeline (sigmas [1.0], pooled = [text, Δ-embedding]) reproduces the
+    trainer's 1-NFE image."""
+    import numpy as np
+    from diffusers import SD3Transformer2DModel
+
+    from diffdistill.backbone import load_backbone
+    from diffdistill.export import card_code
+
+    bb = load_backbone(str(sd3_dir))
+    teacher = bb.unet.eval()
+    student = add_second_time(teacher, 16).eval()
+    assert type(student) is SD3Transformer2DModel
+    cond = bb.encode_prompts(["a photo of a bag", "a photo of a shirt"], with_uncond=False)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    tt = torch.tensor([0.7, 0.2], dtype=F64)
+    with torch.no_grad():
+        pred = bb.denoiser(teacher)(x, tt * 1000, cond)
+        u = FlowMap(bb.denoiser(student), 16).average_velocity(x, tt / 3, tt, cond)
+    assert torch.equal(u, pred.eps - pred.x0)
+
+    t = MeanFlowTrainer(build_config(MeanFlowConfig, mf_data(
+        sd3_dir, tmp_path / "run", resolution=32, train={"lr": 1e-2},
+        meanflow={"source": "teacher", "guidance_scale": 2.0, "r_neq_t_ratio": 1.0,
+                  "delta_embedding_dim": 16})))
+    t.fit()
+    export = tmp_path / "run" / "export"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(card_code(export / "README.md"), scope)
+    c = t.backbone.encode_prompts([t.card_prompt()], with_uncond=False)
+    img = t.backbone.decode_latents(t.sample_latents([0], c, 1))
+    ours = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0)
+    theirs = torch.from_numpy(np.array(scope["image"]))
+    assert (ours.int() - theirs.int()).abs().max() <= 1 and float(ours.float().std()) > 1
+    tr = SD3Transformer2DModel.from_pretrained(str(export), subfolder="transformer")
+    cols = tr.time_text_embed.text_embedder.linear_1.weight.detach()[:, -16:]
+    assert float(cols.abs().max()) > 0  # the Δ columns trained off zero
+
+
 # ----------------------------------------------------------------------------- resume, configs
 
 
@@ -465,12 +509,13 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("name", ["toy_pixel", "toy"])
-def test_shipped_configs_run_a_few_steps(name, pixel_dir, sd_dir, tmp_path):
+@pytest.mark.parametrize("name", ["toy_pixel", "toy", "toy_flow"])
+def test_shipped_configs_run_a_few_steps(name, pixel_dir, sd_dir, sd3_dir, tmp_path):
     from diffdistill.trainers import load_run_config
 
     out = tmp_path / name
-    model, res = (pixel_dir, 16) if name == "toy_pixel" else (sd_dir, 32)
+    model, res = {"toy_pixel": (pixel_dir, 16), "toy": (sd_dir, 32),
+                  "toy_flow": (sd3_dir, 32)}[name]
     cls, cfg = load_run_config(ROOT / "configs" / "meanflow" / f"{name}.yaml", [
         f"model.path={model}", f"output_dir={out}", f"data.resolution={res}", "data.limit=8",
         "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=0",

@@ -36,7 +36,7 @@ Sampling (:func:`diffdistill.sampling.sample_meanflow`): one step x = z − t·u
 from the schedule's t_max (z = ε on a flow; a VP teacher's x_T = ε, as its own samplers
 start), two steps through the flow time ``meanflow.two_step_t`` (0.5).
 
-Not here yet: LoRA students, SD3 / Flux transformers (no stock slot for a second time), the
+Not here yet: LoRA students, Flux transformers, the
 flow-map term inside distribution-matching trainers, the guidance interval and κ of App. B.
 """
 
@@ -58,6 +58,7 @@ from diffdistill.flowmap import (
     FlowMap,
     TwoTimeUNet2D,
     add_second_time,
+    default_delta_dim,
     meanflow_loss,
     meanflow_target,
     native_time,
@@ -181,6 +182,7 @@ class MeanFlowConfig(BaseConfig):
 class MeanFlowTrainer(BackboneMixin, Trainer):
     method = "meanflow"
     config_class = MeanFlowConfig
+    trains_flow_transformers = True  # SD3-class (Flux is refused in build)
     resume_must_match = Trainer.resume_must_match + (
         "meanflow.source", "meanflow.init", "meanflow.delta_embedding_dim")
 
@@ -189,6 +191,9 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
         bb = self.load_backbone()
         from diffdistill.adapters import clone_unet, make_trainable, set_attention_backend
 
+        if bb.kind == "flux":
+            raise ConfigError(f"model.path={cfg.model.path!r} holds a Flux transformer: meanflow "
+                              "trains UNets and SD3-class transformers (Flux not yet)")
         if c.init == "scratch" and bb.kind != "pixel":
             raise ConfigError(f"meanflow.init=scratch trains pixel models only (model.path holds"
                               f" a {bb.kind!r} model; its export has no stock route yet): use "
@@ -201,8 +206,9 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
             net = net.to(self.device, torch.float32)
         else:
             net = clone_unet(bb.unet)
+        self.delta_dim = int(c.delta_embedding_dim or default_delta_dim(net))
         try:
-            net = add_second_time(net, c.delta_embedding_dim)
+            net = add_second_time(net, self.delta_dim)
         except ValueError as e:
             raise ConfigError(f"model.path={cfg.model.path!r}: {e}") from None
         set_attention_backend(net.unet if isinstance(net, TwoTimeUNet2D) else net,
@@ -226,8 +232,9 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
         self.unet = self.add_optimizer("unet", net)
         self.add_eval_ema("unet", self.unet)
         den = self.backbone.denoiser
-        self.student = FlowMap(den(self.unet))
-        self.side = FlowMap(den(self.side_pass(self.unet)))  # same weights, no DDP reduction
+        self.student = FlowMap(den(self.unet), self.delta_dim)
+        # same weights, no DDP reduction
+        self.side = FlowMap(den(self.side_pass(self.unet)), self.delta_dim)
         self.t_range = (self.student.t_lo, self.student.t_hi)
 
     def fsdp_unsupported(self) -> Optional[str]:
@@ -325,7 +332,7 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
 
         bb = self.backbone
         net = unet if unet is not None else self.generator_unet()
-        return EvalModel(self.method, bb, FlowMap(bb.denoiser(net)), "meanflow",
+        return EvalModel(self.method, bb, FlowMap(bb.denoiser(net), self.delta_dim), "meanflow",
                          timesteps=self.sample_timesteps,
                          sampler_opts={"clip_denoised": bb.kind == "pixel"})
 
@@ -349,8 +356,10 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
     def export(self, out_dir: Path) -> Optional[Path]:
         """SD-class: the stock ``LatentConsistencyModelPipeline`` folder (the UNet with
         ``time_cond_proj_dim``), whose one step at ``guidance_scale = 1 + t_hi`` is the 1-NFE
-        sample. Pixel: the stock ``UNet2DModel`` folder (``class_embed_type="identity"``),
-        its scheduler and :data:`~diffdistill.flowmap.TWO_TIME_FILE` (class table and Δ-MLP)."""
+        sample. SD3-class: the stock ``StableDiffusion3Pipeline`` folder (the wider pooled
+        input), one Euler step from σ = 1 with the Δ-embedding appended to the pooled text.
+        Pixel: the stock ``UNet2DModel`` folder (``class_embed_type="identity"``), its
+        scheduler and :data:`~diffdistill.flowmap.TWO_TIME_FILE` (class table and Δ-MLP)."""
         from diffdistill.export import save_full_pipeline, write_export_info, write_model_card
 
         bb, c = self.backbone, self.cfg.meanflow
@@ -379,6 +388,10 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
                 "# a VP-parameterised pixel flow map has no stock snippet yet: the UNet folder\n"
                 "# loads with UNet2DModel; see diffdistill.flowmap.FlowMap for its use\n")
             scheduler = cls.__name__
+        elif bb.kind == "sd3":  # the teacher's FlowMatchEuler: one Euler step from σ = 1
+            save_full_pipeline(bb, net, out, scheduler="teacher")
+            code = self._sd3_card_code(str(out))
+            scheduler = "FlowMatchEulerDiscreteScheduler"
         else:
             save_full_pipeline(bb, net, out, scheduler="lcm")
             code = self._latent_card_code(str(out), t_hi)
@@ -399,6 +412,25 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
                 f"image = pipe({self.card_prompt()!r}, num_inference_steps=1, "
                 f"guidance_scale={1.0 + t_hi!r},\n"
                 f"             generator=torch.Generator().manual_seed(0)).images[0]\n"
+                "image.save(\"sample.png\")\n")
+
+    def _sd3_card_code(self, folder: str) -> str:
+        bb = self.backbone
+        extra = "" if bb.text_encoder_3 is not None else ", text_encoder_3=None, tokenizer_3=None"
+        length = ("" if bb.max_sequence_length is None
+                  else f", max_sequence_length={bb.max_sequence_length}")
+        return ("import torch\n"
+                "from diffusers import StableDiffusion3Pipeline\n"
+                "from diffusers.models.embeddings import get_timestep_embedding\n"
+                f"pipe = StableDiffusion3Pipeline.from_pretrained({folder!r}{extra})\n"
+                f"text, _, pooled, _ = pipe.encode_prompt({self.card_prompt()!r}, None, None, "
+                f"do_classifier_free_guidance=False{length})\n"
+                "# one MeanFlow step x = z - u(z, 0, 1): Δ = t - r = 1 rides on the pooled text\n"
+                "d = get_timestep_embedding(torch.tensor([1000.0]), "
+                f"{self.delta_dim}, flip_sin_to_cos=False, downscale_freq_shift=1)\n"
+                "image = pipe(prompt_embeds=text, pooled_prompt_embeds=torch.cat([pooled, d], 1),"
+                f" sigmas=[1.0],\n             guidance_scale=1.0{length}, "
+                "generator=torch.Generator().manual_seed(0)).images[0]\n"
                 "image.save(\"sample.png\")\n")
 
     def _pixel_card_code(self, folder: str, net: TwoTimeUNet2D) -> str:
