@@ -509,6 +509,52 @@ def _same(a, b) -> bool:
     return a == b
 
 
+DDP_PROBE = """
+import hashlib, json, sys, torch
+from diffdistill.config import build_config
+from diffdistill.trainers.meanflow import MeanFlowConfig, MeanFlowTrainer
+
+def digest(ts):
+    h = hashlib.sha256()
+    for t in ts:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+t = MeanFlowTrainer(build_config(MeanFlowConfig, json.load(open(sys.argv[1]))))
+t.fit()
+out = {"rank": t.rank, "world": t.world, "weights": digest(t.trainable["unet"]),
+       "ema": digest(t.emas["unet"][0].shadow.values()), "noise": digest([t.generator.get_state()])}
+(t.out / f"probe-{t.rank}.json").write_text(json.dumps(out))
+"""
+
+
+def test_two_processes_hold_the_same_student(pixel_dir, tmp_path):
+    """DDP on 2 CPU processes (Eq. 19 guidance, r ≠ t, EMA): both ranks see world size 2, end
+    with identical weights and EMA from different noise streams; one export is written."""
+    from helpers import free_port
+
+    out = tmp_path / "ddp"
+    data = mf_data(pixel_dir, out, meanflow={"init": "scratch", "guidance_scale": 2.0,
+                                             "r_neq_t_ratio": 0.5},
+                   train={"ema_decay": 0.9, "cpu": False})
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    (tmp_path / "probe.py").write_text(DDP_PROBE)
+    accel = Path(sys.executable).with_name("accelerate")
+    r = subprocess.run([str(accel), "launch", "--config_file",
+                        str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port",
+                        str(free_port()), str(tmp_path / "probe.py"), str(tmp_path / "cfg.json")],
+                       env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a, b = (json.loads((out / f"probe-{k}.json").read_text()) for k in (0, 1))
+    assert a["world"] == b["world"] == 2 and (a["rank"], b["rank"]) == (0, 1)
+    assert a["weights"] == b["weights"] and a["ema"] == b["ema"] and a["noise"] != b["noise"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+    assert {row["world_size"] for row in rows if "loss" in row} == {2}
+    assert (out / "export" / "two_time_embedding.safetensors").is_file()
+
+
 @pytest.mark.parametrize("name", ["toy_pixel", "toy", "toy_flow"])
 def test_shipped_configs_run_a_few_steps(name, pixel_dir, sd_dir, sd3_dir, tmp_path):
     from diffdistill.trainers import load_run_config
