@@ -1,7 +1,8 @@
-"""MeanFlow (Geng et al. 2025): the second time input on stock backbones (zero-init = the
-teacher), the target on a network whose u is known in closed form, r = t as flow matching,
-the sampler, the exports against the trainer's own samples (the model card's code run),
-one-line config refusals, SIGKILL + resume bit-identical, the shipped configs."""
+"""MeanFlow (Geng et al. 2025): the second time input on stock backbones (UNet2DModel,
+UNet2DConditionModel, SD3 transformer; zero-init = the teacher), the target on a network
+whose u is known in closed form, r = t as flow matching, the guided targets, the sampler, the
+exports against the trainer's own samples (the model cards' code run), one-line config
+refusals, SIGKILL + resume bit-identical, 2 processes, the shipped configs."""
 
 from __future__ import annotations
 

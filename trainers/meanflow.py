@@ -3,7 +3,8 @@ for One-step Generative Modeling", Alg. 1; equation numbers are the paper's).
 
 The student u_θ(z, r, t | c) is the folder's network with a second time input Δ = t − r
 (:mod:`diffdistill.flowmap`: the stock ``time_cond_proj_dim`` path of ``UNet2DConditionModel``,
-or :class:`~diffdistill.flowmap.TwoTimeUNet2D` around a ``UNet2DModel``), zero-initialised so
+:class:`~diffdistill.flowmap.TwoTimeUNet2D` around a ``UNet2DModel``, the widened pooled-text
+input of an ``SD3Transformer2DModel``), zero-initialised so
 that a pretrained student starts as its teacher: u_θ(z, t, t) = v_teacher(z, t). All MeanFlow
 arithmetic happens in the flow frame z_t = (1 − t)·x + t·ε (the native time and input scale
 of a VP teacher are derived from t, :class:`~diffdistill.flowmap.FlowMap`).
@@ -36,8 +37,10 @@ Sampling (:func:`diffdistill.sampling.sample_meanflow`): one step x = z − t·u
 from the schedule's t_max (z = ε on a flow; a VP teacher's x_T = ε, as its own samplers
 start), two steps through the flow time ``meanflow.two_step_t`` (0.5).
 
-Not here yet: LoRA students, Flux transformers, the
-flow-map term inside distribution-matching trainers, the guidance interval and κ of App. B.
+Not here yet: LoRA students, Flux transformers, the flow-map loss as a term inside the
+distribution-matching trainers (its pieces — :class:`~diffdistill.flowmap.FlowMap`,
+:func:`~diffdistill.flowmap.meanflow_target`, :func:`~diffdistill.flowmap.meanflow_loss` — are
+shared), the paper's CFG refinements (a guidance interval in t, mixing in the conditional u).
 """
 
 from __future__ import annotations
