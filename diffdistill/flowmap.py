@@ -16,12 +16,12 @@ signal-to-noise ratio (as :mod:`diffdistill.trigflow` does for TrigFlow):
 then z_t = (1 − t)·x0̂ + t·ε̂ holds exactly. So a jump to r is the DDIM step with (x0̂, ε̂):
 x_r = α_r·x0̂ + σ_r·ε̂ on the native grid, and x0̂ itself at r = 0.
 
-**The second time.** MeanFlow embeds (t, t − r) and sums the two embeddings (its "conditioning on (r, t)"). The
-backbone's own timestep input keeps t (as the native τ(t), so a teacher's weights keep their
-meaning); the extra input is Δ = t − r, embedded as LCM embeds its guidance scale
-(:func:`delta_embedding`: sinusoids of 1000·Δ, diffusers'
+**The second time.** MeanFlow embeds (t, t − r) and sums the two embeddings (its
+"conditioning on (r, t)"). The backbone's own timestep input keeps t (as the native τ(t), so a
+teacher's weights keep their meaning); the extra input is Δ = t − r, embedded as LCM embeds
+its guidance scale (:func:`delta_embedding`: sinusoids of 1000·Δ, diffusers'
 ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``) and carried as
-``Cond.timestep_cond``:
+``Cond.timestep_cond`` (UNets) or appended to ``Cond.pooled_projections`` (SD3):
 
 * ``UNet2DConditionModel`` (SD-class latents): its stock ``time_cond_proj_dim`` /
   ``timestep_cond`` path — ``TimestepEmbedding.cond_proj`` (a bias-free linear map) adds the
