@@ -320,6 +320,19 @@ def test_bad_configs_are_refused_in_one_line(pixel_dir, tmp_path):
         build_config(MeanFlowConfig, data)
     with pytest.raises(ConfigError, match="meanflow.bogus"):
         build_config(MeanFlowConfig, mf_data(pixel_dir, tmp_path / "x", meanflow={"bogus": 1}))
+    # guidance on an unconditional pixel UNet: refused when the run starts, in one line
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from diffdistill.backbone import load_backbone
+
+    bb = load_backbone(str(pixel_dir))
+    cfg = {k: v for k, v in dict(bb.unet.config).items() if not k.startswith("_")}
+    unc = tmp_path / "unconditional"
+    DDPMPipeline(unet=UNet2DModel.from_config({**cfg, "num_class_embeds": None}),
+                 scheduler=DDPMScheduler.from_config(
+                     bb.scheduler_config)).save_pretrained(str(unc))
+    with pytest.raises(ConfigError, match="meanflow.guidance_scale=2.0 needs an unconditional"):
+        built(unc, tmp_path / "u", meanflow={"init": "scratch", "guidance_scale": 2.0})
 
 
 # ----------------------------------------------------------------------------- exports

@@ -197,6 +197,10 @@ class MeanFlowTrainer(BackboneMixin, Trainer):
         if bb.kind == "flux":
             raise ConfigError(f"model.path={cfg.model.path!r} holds a Flux transformer: meanflow "
                               "trains UNets and SD3-class transformers (Flux not yet)")
+        if c.guidance_scale != 1.0 and bb.kind == "pixel" and bb.null_class is None:
+            raise ConfigError(f"meanflow.guidance_scale={c.guidance_scale} needs an unconditional "
+                              f"branch, which model.path's UNet lacks (no class labels or no "
+                              "null-class embedding): set meanflow.guidance_scale=1")
         if c.init == "scratch" and bb.kind != "pixel":
             raise ConfigError(f"meanflow.init=scratch trains pixel models only (model.path holds"
                               f" a {bb.kind!r} model; its export has no stock route yet): use "
