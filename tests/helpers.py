@@ -221,3 +221,53 @@ def randomize_lora_b(net, std: float = 0.2, seed: int = 1) -> None:
         for m in net.modules():
             if isinstance(m, LoraLayer):
                 m.lora_B["default"].weight.normal_(0, std, generator=g)
+
+
+
+def sigkill_and_resume(write, root, *, kill_after: int, total: int):
+    """A run killed with SIGKILL once checkpoint ``kill_after`` exists (a separate
+    ``diffdistill train`` process), resumed with ``--resume latest``, and the same run
+    uninterrupted; ``write(out) -> config path`` writes the run's config for output folder
+    ``out``. Returns the final checkpoints ``(uninterrupted, resumed)`` for the caller to
+    compare; fails if the run ended before the kill or was killed too late."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+    from diffdistill.trainers.checkpointing import list_checkpoints
+
+    from diffdistill.cli import main as cli
+
+    def step_of(path) -> int:
+        return int(path.name.rsplit("-", 1)[1])
+
+    out, ref = root / "crash", root / "ref"
+    proc = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", "train", str(write(out))],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed: "
+                            f"{proc.stderr.read().decode()[-2000:]}")
+            done = list_checkpoints(out) if (out / "checkpoints").exists() else []
+            if done and step_of(done[-1]) >= kill_after:
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    killed_at = step_of(list_checkpoints(out)[-1])
+    assert kill_after <= killed_at < total, "killed too late: slow the run down"
+    assert cli(["train", str(write(out)), "--resume", "latest"]) == 0
+    assert cli(["train", str(write(ref))]) == 0
+    a, b = list_checkpoints(ref)[-1], list_checkpoints(out)[-1]
+    assert a.name == b.name == f"checkpoint-{total}"
+    return a, b

@@ -9,17 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from diffdistill.trainers.checkpointing import list_checkpoints
 from diffdistill.trainers.meanflow import MeanFlowConfig, MeanFlowTrainer, draw_t_r
 from safetensors.torch import load_file
 from torch import nn
@@ -462,7 +459,7 @@ def test_sigkill_then_resume_latest_is_bit_identical(pixel_dir, tmp_path):
     """Killed with SIGKILL after checkpoint 3 of 8 (a separate process), resumed with
     ``diffdistill train CFG --resume latest``: the final weights, EMA and optimizer state, and
     every logged row, equal an uninterrupted run's (Eq. 19 guidance: dropout draws included)."""
-    from diffdistill.cli import main as cli
+    from helpers import sigkill_and_resume
 
     def write(out):
         data = mf_data(pixel_dir, out, meanflow={"init": "scratch", "guidance_scale": 2.0,
@@ -473,32 +470,8 @@ def test_sigkill_then_resume_latest_is_bit_identical(pixel_dir, tmp_path):
         path.write_text(yaml.safe_dump(data))
         return path
 
+    a, b = sigkill_and_resume(write, tmp_path, kill_after=3, total=8)
     out, ref = tmp_path / "crash", tmp_path / "ref"
-    proc = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", "train", str(write(out))],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed: "
-                            f"{proc.stderr.read().decode()[-2000:]}")
-            done = list_checkpoints(out) if (out / "checkpoints").exists() else []
-            if done and int(done[-1].name.rsplit("-", 1)[1]) >= 3:
-                break
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    killed_at = int(list_checkpoints(out)[-1].name.rsplit("-", 1)[1])
-    assert 3 <= killed_at < 8, "killed too late: slow the run down"
-    assert cli(["train", str(write(out)), "--resume", "latest"]) == 0
-    assert cli(["train", str(write(ref))]) == 0
-    a, b = list_checkpoints(ref)[-1], list_checkpoints(out)[-1]
-    assert a.name == b.name == "checkpoint-8"
     files = sorted(p.name for p in a.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
     assert files
     for name in files:
@@ -506,8 +479,8 @@ def test_sigkill_then_resume_latest_is_bit_identical(pixel_dir, tmp_path):
             sa, sb = load_file(str(a / name)), load_file(str(b / name))
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
         else:
-            sa = torch.load(a / name, map_location="cpu", weights_only=False)
-            sb = torch.load(b / name, map_location="cpu", weights_only=False)
+            sa = torch.load(a / name, map_location="cpu", weights_only=True)
+            sb = torch.load(b / name, map_location="cpu", weights_only=True)
             assert _same(sa, sb), name
     rows = _rows(ref)
     assert _rows(out) == rows and sorted(rows) == list(range(1, 9))
