@@ -250,9 +250,10 @@ def test_min_snr_weight_is_the_same_x0_space_weight_for_every_target(t):
     denoiser's own conversion — so the pixel teacher's switch from ε to v (its ε form has
     x0̂ error ×1/α ≈ 160 at t = 999, configs/pretrain/toy_pixel.yaml) keeps the loss balance
     over t. SNR by hand from the linear β of the DDPM config."""
+    from diffdistill.trainers.pretrain import min_snr_weight
+
     from diffdistill.denoiser import Denoiser
     from diffdistill.schedule import schedule_from_scheduler_config
-    from diffdistill.trainers.pretrain import min_snr_weight
 
     config = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 1e-4,
               "beta_end": 0.02, "num_train_timesteps": 1000}
