@@ -61,24 +61,39 @@ def export_run(run_dir: PathLike, out: PathLike | None = None, *,
     LoRA or a full pipeline folder with its model card; ``out`` defaults to
     ``RUN_DIR/export``. Returns the export folder. (``Trainer.fit`` already exports at
     the end of a run; this is for an earlier checkpoint or a run that was stopped.)"""
+    return _export_checkpoint(run_dir, out, checkpoint)[1]
+
+
+def _export_checkpoint(run_dir: PathLike, out: PathLike | None, checkpoint: str):
+    """``export_run``'s work: returns (the checkpoint exported, the export folder). Holds the
+    run folder's lock (no export while a run trains there) and writes the export atomically
+    (the previous one stays whole if the write fails)."""
     import yaml
 
     from diffdistill.config import ConfigError, build_config
     from diffdistill.trainers import get_trainer_class
+    from diffdistill.trainers.checkpointing import list_checkpoints
+    from diffdistill.trainers.run_guard import guard_output_dir
 
     run = Path(run_dir)
     cfg_file = run / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run} has no config.yaml; is it a training output_dir?")
+    if checkpoint == "latest" and not list_checkpoints(run):
+        raise FileNotFoundError(f"no checkpoint found in {run / 'checkpoints'}")
     data = yaml.safe_load(cfg_file.read_text())
     if not isinstance(data, dict) or "method" not in data:
         raise ConfigError(f"{cfg_file} has no 'method' key")
     cls = get_trainer_class(data["method"])
-    trainer = cls(build_config(cls.config_class, data))
-    trainer.setup(resume=checkpoint)
-    if trainer.last_checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint found in {run / 'checkpoints'}")
-    return Path(trainer.export(Path(out) if out is not None else run / "export"))
+    cfg = build_config(cls.config_class, data)
+    cfg.output_dir = str(run)  # the folder as it is now (it may have been moved)
+    trainer = cls(cfg)
+    with guard_output_dir(trainer.accelerator, run, check_reuse=False):
+        trainer.setup(resume=checkpoint)
+        if trainer.last_checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint found in {run / 'checkpoints'}")
+        folder = trainer.write_export(Path(out) if out is not None else run / "export")
+    return trainer.last_checkpoint, Path(folder)
 
 
 def load_bench_config(config: PathLike | Mapping[str, Any],

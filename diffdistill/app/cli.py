@@ -170,32 +170,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import yaml
+    from diffdistill.app.api import _export_checkpoint
 
-    from diffdistill.config import build_config
-    from diffdistill.trainers import get_trainer_class
-
-    run = Path(args.run_dir)
-    cfg_file = run / "config.yaml"
-    if not cfg_file.exists():
-        print(f"error: {run} has no config.yaml; is it a training output_dir?", file=sys.stderr)
-        return 2
-    from diffdistill.trainers.checkpointing import list_checkpoints
-    from diffdistill.trainers.run_guard import guard_output_dir
-
-    if args.checkpoint == "latest" and not list_checkpoints(run):
-        print(f"error: no checkpoint found in {run / 'checkpoints'}", file=sys.stderr)
-        return 2
-    data = yaml.safe_load(cfg_file.read_text())
-    cls = get_trainer_class(data["method"])
-    cfg = build_config(cls.config_class, data)
-    cfg.output_dir = str(run)
-    trainer = cls(cfg)
-    # the run's lock: no export while a run trains into this folder
-    with guard_output_dir(trainer.accelerator, run, check_reuse=False):
-        trainer.setup(resume=args.checkpoint)
-        out = trainer.write_export(Path(args.out) if args.out else run / "export")
-    print(f"exported {trainer.last_checkpoint} -> {out}")
+    ckpt, out = _export_checkpoint(args.run_dir, args.out or None, args.checkpoint)
+    print(f"exported {ckpt} -> {out}")
     return 0
 
 
