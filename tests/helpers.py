@@ -224,11 +224,10 @@ def randomize_lora_b(net, std: float = 0.2, seed: int = 1) -> None:
 
 
 
-def sigkill_and_resume(write, root, *, kill_after: int, total: int):
+def sigkill_and_resume(run_data, root, *, kill_after: int, total: int):
     """A run killed with SIGKILL once checkpoint ``kill_after`` exists (a separate
     ``diffdistill train`` process), resumed with ``--resume latest``, and the same run
-    uninterrupted; ``write(out) -> config path`` writes the run's config for output folder
-    ``out``. Returns the final checkpoints ``(uninterrupted, resumed)`` for the caller to
+    uninterrupted; ``run_data(out) -> dict`` is the run's config for output folder ``out``. Returns the final checkpoints ``(uninterrupted, resumed)`` for the caller to
     compare; fails if the run ended before the kill or was killed too late."""
     import os
     import signal
@@ -237,12 +236,18 @@ def sigkill_and_resume(write, root, *, kill_after: int, total: int):
     import time
 
     import pytest
+    import yaml
     from diffdistill.trainers.checkpointing import list_checkpoints
 
     from diffdistill.cli import main as cli
 
     def step_of(path) -> int:
         return int(path.name.rsplit("-", 1)[1])
+
+    def write(out):
+        path = out.parent / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(run_data(out)))
+        return path
 
     out, ref = root / "crash", root / "ref"
     proc = subprocess.Popen([sys.executable, "-m", "diffdistill.cli", "train", str(write(out))],

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from diffdistill.trainers.meanflow import MeanFlowConfig, MeanFlowTrainer, draw_t_r
 from safetensors.torch import load_file
 from torch import nn
@@ -461,16 +460,14 @@ def test_sigkill_then_resume_latest_is_bit_identical(pixel_dir, tmp_path):
     every logged row, equal an uninterrupted run's (Eq. 19 guidance: dropout draws included)."""
     from helpers import sigkill_and_resume
 
-    def write(out):
+    def run_data(out):
         data = mf_data(pixel_dir, out, meanflow={"init": "scratch", "guidance_scale": 2.0,
                                                  "r_neq_t_ratio": 0.5},
                        train={"max_steps": 8, "checkpoint_every": 1, "keep_checkpoints": 2,
                               "ema_decay": 0.9})
-        path = out.parent / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return path
+        return data
 
-    a, b = sigkill_and_resume(write, tmp_path, kill_after=3, total=8)
+    a, b = sigkill_and_resume(run_data, tmp_path, kill_after=3, total=8)
     out, ref = tmp_path / "crash", tmp_path / "ref"
     files = sorted(p.name for p in a.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
     assert files

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from diffdistill.trainers.rcm import RCMConfig, RCMTrainer
 from diffdistill.trainers.scm import SCMTrainer
 from safetensors.torch import load_file
@@ -177,15 +176,13 @@ def test_sigkill_then_resume_latest_is_bit_identical(pixel_dir, tmp_path):
     phase and the 1-/2-step cycle included — equal an uninterrupted run's."""
     from helpers import sigkill_and_resume
 
-    def write(out):
+    def run_data(out):
         data = rcm_data(pixel_dir, out, scm={"tangent_warmup_steps": 2},
                         train={"max_steps": 6, "checkpoint_every": 1, "keep_checkpoints": 2,
                                "ema_decay": 0.9})
-        path = out.parent / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return path
+        return data
 
-    a, b = sigkill_and_resume(write, tmp_path, kill_after=3, total=6)
+    a, b = sigkill_and_resume(run_data, tmp_path, kill_after=3, total=6)
     out, ref = tmp_path / "crash", tmp_path / "ref"
     names = sorted(p.name for p in a.glob("*.safetensors"))
     assert names == sorted(p.name for p in b.glob("*.safetensors")) and names
